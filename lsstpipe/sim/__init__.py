@@ -1,0 +1,1 @@
+"""The camera and sky simulator."""
