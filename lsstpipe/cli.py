@@ -1,0 +1,109 @@
+"""The ``lsstpipe`` command line: one subcommand per job, each with ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from lsstpipe import __version__
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="simulate raw LSSTCam exposures, calibrations, templates and truth into a data repository",
+        description=(
+            "Simulate a night of LSSTCam (or the scaled 'mini' camera) data into REPO: raws as the camera "
+            "writes them, the Camera Data System buffer, calibration exposures, templates, a reference "
+            "catalogue and truth tables. Deterministic for a seed. The layout is described in "
+            "REPO/README.txt and in lsstpipe.repo."
+        ),
+    )
+    p.add_argument("--repo", required=True, help="data repository directory (created if missing)")
+    p.add_argument("--camera", choices=("mini", "lsstcam"), default="mini", help="camera model (default: mini)")
+    p.add_argument("--detectors", default=None,
+                   help="comma-separated detector names or ids, e.g. R22_S11,R22_S12 (default: all)")  # fmt: skip
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--visits", type=int, default=None, help="number of visits from the built-in generator")
+    src.add_argument("--opsim", default=None, help="Rubin simulated-survey SQLite database to take visits from")
+    p.add_argument("--night", type=int, default=1, help="night number in the --opsim database (1 = first)")
+    p.add_argument("--max-visits", type=int, default=None, help="use at most this many visits of the night")
+    p.add_argument("--snaps", type=int, choices=(1, 2), default=2, help="2 × 15 s snaps (default) or 1 × 30 s")
+    p.add_argument("--calibs", action="store_true", help="also simulate bias, dark and flat exposures")
+    p.add_argument("--no-templates", action="store_true", help="do not make templates")
+    p.add_argument("--no-cds", action="store_true", help="do not fill the Camera Data System buffer")
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _add_camera(sub) -> None:
+    p = sub.add_parser("camera", help="describe a camera model", description="Print a camera's detectors.")
+    p.add_argument("--name", choices=("mini", "lsstcam"), default="lsstcam")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lsstpipe",
+        description="Automated operation of an LSST-class survey data-management system on MPI.",
+    )
+    parser.add_argument("--version", action="version", version=f"lsstpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_simulate(sub)
+    _add_camera(sub)
+    return parser
+
+
+def _cmd_camera(args) -> int:
+    from lsstpipe.camera import get_camera
+
+    cam = get_camera(args.name)
+    rows = [
+        {"id": d.id, "name": d.name, "type": d.type.value, "vendor": d.vendor.name,
+         "shape": list(d.shape), "center_mm": [round(c, 3) for c in d.center_mm]}
+        for d in cam
+    ]  # fmt: skip
+    if args.json:
+        print(json.dumps({"camera": cam.name, "detectors": rows}, indent=1))
+    else:
+        print(f"{cam.name}: {len(cam.science)} science detectors, {len(cam.wavefront)} wavefront sensors")
+        for r in rows:
+            print(f"{r['id']:4d} {r['name']:8s} {r['type']:9s} {r['vendor']:4s} {r['shape'][1]}x{r['shape'][0]}")
+    return 0
+
+
+def _cmd_simulate(args) -> int:
+    from lsstpipe.sim.simulate import SimulationRequest, run_simulation
+
+    request = SimulationRequest(
+        repo=args.repo, camera=args.camera,
+        detectors=tuple(s.strip() for s in args.detectors.split(",") if s.strip()) if args.detectors else (),
+        n_visits=args.visits, opsim=args.opsim, night=args.night, max_visits=args.max_visits,
+        n_snaps=args.snaps, calibs=args.calibs, templates=not args.no_templates, cds=not args.no_cds,
+        seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    summary = run_simulation(request)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+COMMANDS = {"simulate": _cmd_simulate, "camera": _cmd_camera}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lsstpipe`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"lsstpipe {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
