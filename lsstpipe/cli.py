@@ -35,7 +35,18 @@ def _add_simulate(sub) -> None:
     p.add_argument("--no-templates", action="store_true", help="do not make templates")
     p.add_argument("--no-cds", action="store_true", help="do not fill the Camera Data System buffer")
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--bands", default=None, help="bands to cycle through in the built-in generator, e.g. 'riz'")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    par = p.add_mutually_exclusive_group()
+    par.add_argument(
+        "-n",
+        "--ranks",
+        type=int,
+        default=None,
+        help="run on this many MPI ranks (launches mpiexec; the result is identical for any number)",
+    )
+    par.add_argument("--mpi", action="store_true", help="share the work among the ranks of MPI_COMM_WORLD "
+                     "(set when started under mpiexec, e.g. by jobs/simulate.py)")  # fmt: skip
 
 
 def _add_camera(sub) -> None:
@@ -78,16 +89,52 @@ def _cmd_camera(args) -> int:
 def _cmd_simulate(args) -> int:
     from lsstpipe.sim.simulate import SimulationRequest, run_simulation
 
+    if args.ranks is not None:
+        return _relaunch_under_mpiexec(args.ranks, "simulate")
+
     request = SimulationRequest(
         repo=args.repo, camera=args.camera,
         detectors=tuple(s.strip() for s in args.detectors.split(",") if s.strip()) if args.detectors else (),
         n_visits=args.visits, opsim=args.opsim, night=args.night, max_visits=args.max_visits,
         n_snaps=args.snaps, calibs=args.calibs, templates=not args.no_templates, cds=not args.no_cds,
-        seed=args.seed, progress=not args.quiet,
+        seed=args.seed, progress=not args.quiet, bands=args.bands,
     )  # fmt: skip
-    summary = run_simulation(request)
-    print(json.dumps(summary, indent=1))
+    comm = None
+    if args.mpi:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    summary = run_simulation(request, comm)
+    if comm is None or comm.rank == 0:
+        print(json.dumps(summary, indent=1))
     return 0
+
+
+def _relaunch_under_mpiexec(ranks: int, command: str) -> int:
+    """Run this same command line again on ``ranks`` MPI ranks (``python -m mpi4py`` so that one rank's
+    unhandled exception aborts the job instead of hanging it)."""
+    import shutil
+    import subprocess
+
+    if ranks < 1:
+        raise ValueError(f"-n must be at least 1, not {ranks}")
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        raise FileNotFoundError("mpiexec not found; install MPI with 'pip install mpich' (or 'pip install -e .')")
+    argv = sys.argv[1:]
+    cleaned, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("-n", "--ranks"):
+            skip = True
+            continue
+        if a.startswith("--ranks=") or (a.startswith("-n") and a[2:].isdigit()):
+            continue
+        cleaned.append(a)
+    cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "lsstpipe", *cleaned, "--mpi"]
+    return subprocess.call(cmd)
 
 
 COMMANDS = {"simulate": _cmd_simulate, "camera": _cmd_camera}

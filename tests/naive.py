@@ -41,7 +41,9 @@ def compose_expectation(signal, flat, dark_rate, sky_grid, step, exptime, dark_t
     j, i = fy.astype(int), fx.astype(int)
     ty, tx = (fy - j)[:, None], (fx - i)[None, :]
     g = sky_grid
-    sky = ((1 - ty) * ((1 - tx) * g[j][:, i] + tx * g[j][:, i + 1]) + ty * ((1 - tx) * g[j + 1][:, i] + tx * g[j + 1][:, i + 1]))
+    sky = (1 - ty) * ((1 - tx) * g[j][:, i] + tx * g[j][:, i + 1]) + ty * (
+        (1 - tx) * g[j + 1][:, i] + tx * g[j + 1][:, i + 1]
+    )
     sky = sky * exptime
     if fringe is not None:
         sky = sky + fringe_amp * sky * fringe
@@ -49,7 +51,13 @@ def compose_expectation(signal, flat, dark_rate, sky_grid, step, exptime, dark_t
 
 
 def digitize(segs, bias, row_offsets, col_pattern, read_noise, noise, adc_max=2**18 - 1):
-    v = segs + bias[:, None, None] + row_offsets[:, :, None] + col_pattern[:, None, :] + read_noise[:, None, None] * noise
+    v = (
+        segs
+        + bias[:, None, None]
+        + row_offsets[:, :, None]
+        + col_pattern[:, None, :]
+        + read_noise[:, None, None] * noise
+    )
     return np.floor(np.clip(v, 0, adc_max) + 0.5).astype(np.int32)
 
 

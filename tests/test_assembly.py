@@ -213,9 +213,7 @@ def test_overscan_regions_from_raw_without_biassec(tmp_path, name):
         )  # fmt: skip
     rows, cols = regions["Segment10"].serial_overscan
     with_bias = read_raw(write_raw(tmp_path / "b.fits", det, segs, _header()))
-    assert (
-        with_bias.segment_headers["Segment10"]["BIASSEC"] == f"[{cols.start + 1}:{cols.stop},1:{rows.stop}]"
-    )
+    assert with_bias.segment_headers["Segment10"]["BIASSEC"] == f"[{cols.start + 1}:{cols.stop},1:{rows.stop}]"
 
 
 def test_overscan_regions_vendor_identification():

@@ -167,9 +167,7 @@ def test_overwrite_requires_consent_and_replaces(buffer, client):
 def test_blocked_client_receives_image_written_later_by_another_thread(buffer, client):
     ccds = make_ccds(9)
     result = {}
-    reader = threading.Thread(
-        target=lambda: result.setdefault("image", client.retrieve(IMAGE, RAFT, XTC, 10))
-    )
+    reader = threading.Thread(target=lambda: result.setdefault("image", client.retrieve(IMAGE, RAFT, XTC, 10)))
     reader.start()
     time.sleep(0.2)
     assert reader.is_alive(), "retrieve returned before the image was written"
@@ -185,9 +183,7 @@ def _write_in_child(root: str, seed: int, delay: float) -> None:
 
 
 def test_blocked_client_receives_image_written_by_another_process(buffer, client):
-    process = multiprocessing.get_context("spawn").Process(
-        target=_write_in_child, args=(str(buffer.root), 10, 0.3)
-    )
+    process = multiprocessing.get_context("spawn").Process(target=_write_in_child, args=(str(buffer.root), 10, 0.3))
     process.start()
     try:
         assert not client.available(IMAGE, RAFT, RAW)

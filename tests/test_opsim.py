@@ -46,9 +46,7 @@ def test_read_extract():
     assert v0.visit == 2023093000001 and visits[1].visit == 2023093000003
     assert v0.obsid(0) == "MC_O_20230930_000001" and v0.obsid(1) == "MC_O_20230930_000002"
     assert v0.exposure_id(1) == 2023093000002
-    assert (v0.ra, v0.dec, v0.rot_sky_pos) == pytest.approx(
-        (310.02448010095446, -60.81292801655155, 62.7507746)
-    )
+    assert (v0.ra, v0.dec, v0.rot_sky_pos) == pytest.approx((310.02448010095446, -60.81292801655155, 62.7507746))
     assert v0.seeing_fwhm == pytest.approx(0.7486257803188012)
     assert (v0.exptime, v0.n_snaps, v0.snap_exptime, v0.visit_time) == (30.0, 2, 15.0, 34.0)
     mjd = np.array([v.mjd for v in visits])
@@ -182,9 +180,7 @@ def test_synthetic_visits_are_deterministic_and_realistic():
 
 
 def test_synthetic_options():
-    v = synthetic_visits(
-        6, seed=1, n_snaps=1, bands="gr", block_size=1, ra=0.05, dec=-30.0, start_mjd=60218.25
-    )
+    v = synthetic_visits(6, seed=1, n_snaps=1, bands="gr", block_size=1, ra=0.05, dec=-30.0, start_mjd=60218.25)
     assert [x.band for x in v] == ["g", "g", "r", "r", "g", "g"]
     assert all(x.n_snaps == 1 and x.snap_exptime == 30.0 for x in v)
     assert [x.seq_num for x in v] == [1, 2, 3, 4, 5, 6]

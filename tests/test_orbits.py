@@ -91,9 +91,7 @@ def test_earth_within_2e4_au_of_erfa():
     pvh, _ = erfa.epv00(2400000.5, mjd)
     eq = np.asarray(pvh["p"] if pvh.dtype.names else pvh[..., 0, :]).T
     eps = np.deg2rad(OBLIQUITY_J2000_DEG)
-    ecl = np.stack(
-        [eq[0], np.cos(eps) * eq[1] + np.sin(eps) * eq[2], -np.sin(eps) * eq[1] + np.cos(eps) * eq[2]]
-    )
+    ecl = np.stack([eq[0], np.cos(eps) * eq[1] + np.sin(eps) * eq[2], -np.sin(eps) * eq[1] + np.cos(eps) * eq[2]])
     assert np.linalg.norm(earth_position(mjd) - ecl, axis=0).max() < 2e-4
 
 

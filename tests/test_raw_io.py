@@ -165,9 +165,7 @@ def _camera_style(path, det, segs, *, compress):
     for amp in det.amps:
         hdr = fits.Header([("EXTNAME", amp.segment), ("DATASEC", amp.datasec), ("DETSEC", amp.detsec)])
         data = segs[amp.hdu - 1]
-        hdu = (
-            fits.CompImageHDU(data, hdr, compression_type="RICE_1") if compress else fits.ImageHDU(data, hdr)
-        )
+        hdu = fits.CompImageHDU(data, hdr, compression_type="RICE_1") if compress else fits.ImageHDU(data, hdr)
         hdus.append(hdu)
         if amp.hdu == 8:
             hdus.append(fits.ImageHDU(header=fits.Header([("EXTNAME", "WREB")])))
@@ -341,9 +339,7 @@ def test_raw_exposure_missing_keyword_message(raw_file):
     raw = read_raw(path)
     header = raw.header.copy()
     del header["RAFTBAY"]
-    bare = RawExposure(
-        path=raw.path, header=header, segments=raw.segments, segment_headers=raw.segment_headers
-    )
+    bare = RawExposure(path=raw.path, header=header, segments=raw.segments, segment_headers=raw.segment_headers)
     with pytest.raises(RawFormatError, match="no RAFTBAY"):
         _ = bare.detector_name
 

@@ -146,9 +146,7 @@ class CDSBuffer(_BufferView):
     ) -> None:
         super().__init__(root)
         if capacity_bytes is not None and (isinstance(capacity_bytes, bool) or int(capacity_bytes) <= 0):
-            raise ValueError(
-                f"capacity_bytes must be a positive number of bytes or None, not {capacity_bytes!r}"
-            )
+            raise ValueError(f"capacity_bytes must be a positive number of bytes or None, not {capacity_bytes!r}")
         if compression not in _COMPRESSIONS:
             raise ValueError(f"compression must be one of {_COMPRESSIONS}, not {compression!r}")
         self._capacity = None if capacity_bytes is None else int(capacity_bytes)

@@ -158,8 +158,7 @@ def raft_of_detector(detector: str) -> str:
     m = _DETECTOR_RE.fullmatch(detector) if isinstance(detector, str) else None
     if m is None:
         raise ValueError(
-            f"detector name {detector!r} is not of the form R22_S11 "
-            "(raft, underscore, slot such as S11 or SW)"
+            f"detector name {detector!r} is not of the form R22_S11 (raft, underscore, slot such as S11 or SW)"
         )
     return m.group(1)
 
@@ -355,14 +354,8 @@ def prepare_image(
     pixels: dict[str, np.ndarray] = {}
     shape: tuple[int, ...] | None = None
     for name in sorted(ccds):
-        if (
-            not isinstance(name, str)
-            or _DETECTOR_RE.fullmatch(name) is None
-            or raft_of_detector(name) != raft
-        ):
-            raise ValueError(
-                f"detector {name!r} does not belong to raft {raft}; names must look like {raft}_S11"
-            )
+        if not isinstance(name, str) or _DETECTOR_RE.fullmatch(name) is None or raft_of_detector(name) != raft:
+            raise ValueError(f"detector {name!r} does not belong to raft {raft}; names must look like {raft}_S11")
         if expected is not None and name not in expected:
             raise ValueError(
                 f"detector {name} is not in raft {raft} of camera {camera_name}; "
@@ -392,9 +385,7 @@ def prepare_image(
     headers_json = {}
     for name in pixels:
         if not isinstance(headers[name], Mapping):
-            raise TypeError(
-                f"header of {name} must be a dict of FITS keyword to value, not {type(headers[name])}"
-            )
+            raise TypeError(f"header of {name} must be a dict of FITS keyword to value, not {type(headers[name])}")
         headers_json[name] = canonical_json(dict(headers[name]), f"header of {name}")
     if telemetry is not None and not isinstance(telemetry, Mapping):
         raise TypeError(f"telemetry must be a dict (or None), not {type(telemetry).__name__}")

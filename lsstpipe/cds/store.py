@@ -149,9 +149,7 @@ def read_file(path: Path, image_id: str, raft: str, kind: ImageKind) -> RaftImag
             if attrs.get("format") != FORMAT_NAME:
                 raise ValueError(f"no '{FORMAT_NAME}' format marker")
             if int(attrs["format_version"]) != FORMAT_VERSION:
-                raise ValueError(
-                    f"format version {attrs['format_version']}, this reader reads {FORMAT_VERSION}"
-                )
+                raise ValueError(f"format version {attrs['format_version']}, this reader reads {FORMAT_VERSION}")
             found = (str(attrs["image_id"]), str(attrs["raft"]), str(attrs["kind"]))
             if found != (image_id, raft, kind.value):
                 raise ValueError(f"it holds image {found}, not {(image_id, raft, kind.value)}")
@@ -164,9 +162,7 @@ def read_file(path: Path, image_id: str, raft: str, kind: ImageKind) -> RaftImag
                 dataset = f["ccds"][name]
                 pixels = np.asarray(dataset[()])
                 if pixels.dtype != np.int32 or pixels.ndim != 3:
-                    raise ValueError(
-                        f"detector {name} holds {pixels.dtype} {pixels.shape}, not int32 segments"
-                    )
+                    raise ValueError(f"detector {name} holds {pixels.dtype} {pixels.shape}, not int32 segments")
                 pixels.setflags(write=False)
                 ccds[name] = pixels
                 headers[name] = json.loads(dataset.attrs["header"])
@@ -187,9 +183,7 @@ def read_file(path: Path, image_id: str, raft: str, kind: ImageKind) -> RaftImag
 
 def checksum_problem(image: RaftImage, path: Path) -> str | None:
     """Why ``image``, read from ``path``, fails verification (content, file, sidecar); None if it passes."""
-    actual = compute_checksum(
-        image.image_id, image.raft, image.kind, image.ccds, image.headers, image.telemetry
-    )
+    actual = compute_checksum(image.image_id, image.raft, image.kind, image.ccds, image.headers, image.telemetry)
     if actual != image.checksum:
         return f"content checksum {actual[:16]}… does not match the stored {image.checksum[:16]}…"
     try:
@@ -236,9 +230,7 @@ class Lister:
         found.sort(key=lambda s: (s.entry.mjd, s.entry.image_id, s.entry.raft, _KIND_ORDER[s.entry.kind]))
         return found
 
-    def _stored(
-        self, path: Path, image_id: str, raft: str, kind: ImageKind, cache: dict
-    ) -> StoredFile | None:
+    def _stored(self, path: Path, image_id: str, raft: str, kind: ImageKind, cache: dict) -> StoredFile | None:
         try:
             st = path.stat()
             key = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -247,9 +239,7 @@ class Lister:
         except FileNotFoundError:
             return None  # evicted or replaced while we looked
         except (OSError, KeyError, ValueError, TypeError) as exc:
-            _log.warning(
-                "skipping unreadable CDS buffer file %s (%s); remove it or have it re-written", path, exc
-            )
+            _log.warning("skipping unreadable CDS buffer file %s (%s); remove it or have it re-written", path, exc)
             return None
         cache[path] = (key, mjd)
         try:

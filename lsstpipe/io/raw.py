@@ -188,9 +188,7 @@ def _primary_header(detector: Detector, header: Mapping) -> fits.Header:
             else:
                 hdr[key] = value
         except Exception as exc:  # astropy raises several types for a bad card
-            raise ValueError(
-                f"raw header keyword {key!r} = {value!r} is not a valid FITS card: {exc}"
-            ) from exc
+            raise ValueError(f"raw header keyword {key!r} = {value!r} is not a valid FITS card: {exc}") from exc
     for key, value in derived.items():
         if key not in hdr:
             hdr[key] = value
@@ -324,8 +322,7 @@ def _check_structure(path: Path) -> None:
         raise RawFormatError(f"{path}: not a FITS file (it does not start with 'SIMPLE  =')")
     if not gzipped and size % _FITS_BLOCK:
         raise RawFormatError(
-            f"{path}: file is truncated: its size {size} is not a multiple of the "
-            f"{_FITS_BLOCK}-byte FITS block"
+            f"{path}: file is truncated: its size {size} is not a multiple of the {_FITS_BLOCK}-byte FITS block"
         )
     hdul, caught = _open_quietly(path, checksum=False)
     with hdul:
@@ -375,9 +372,7 @@ def _segment_array(path: Path, hdu: fits.hdu.base.ExtensionHDU) -> np.ndarray:
     try:
         data = hdu.data
     except Exception as exc:
-        raise RawFormatError(
-            f"{path}: pixels of {name} cannot be read ({exc}); the file may be truncated"
-        ) from exc
+        raise RawFormatError(f"{path}: pixels of {name} cannot be read ({exc}); the file may be truncated") from exc
     if data is None or data.ndim != 2:
         shape = None if data is None else data.shape
         raise RawFormatError(f"{path}: {name} must hold a 2-D image, found data of shape {shape}")
@@ -395,9 +390,7 @@ def _segment_array(path: Path, hdu: fits.hdu.base.ExtensionHDU) -> np.ndarray:
 
 def _check_section(path: Path, name: str, hdr: fits.Header, key: str) -> tuple:
     if key not in hdr:
-        raise RawFormatError(
-            f"{path}: {name} has no {key} keyword; every raw segment needs DATASEC and DETSEC"
-        )
+        raise RawFormatError(f"{path}: {name} has no {key} keyword; every raw segment needs DATASEC and DETSEC")
     try:
         return parse_section(hdr[key])
     except ValueError as exc:
@@ -436,9 +429,7 @@ def read_raw(path: str | os.PathLike) -> RawExposure:
                 continue
             name = "Segment" + name[7:]
             if name not in SEGMENT_ORDER:
-                raise RawFormatError(
-                    f"{path}: unexpected segment HDU {name}; segments are {', '.join(SEGMENT_ORDER)}"
-                )
+                raise RawFormatError(f"{path}: unexpected segment HDU {name}; segments are {', '.join(SEGMENT_ORDER)}")
             if name in segments:
                 raise RawFormatError(f"{path}: segment {name} appears twice")
             segments[name] = _segment_array(path, hdu)
@@ -458,7 +449,5 @@ def read_raw(path: str | os.PathLike) -> RawExposure:
         _check_section(path, name, hdr, "DETSEC")
         rows, cols = shapes[name]
         if x1 > cols or y1 > rows:
-            raise RawFormatError(
-                f"{path}: {name} DATASEC {hdr['DATASEC']} lies outside the {rows}×{cols} segment"
-            )
+            raise RawFormatError(f"{path}: {name} DATASEC {hdr['DATASEC']} lies outside the {rows}×{cols} segment")
     return RawExposure(path=path, header=primary, segments=segments, segment_headers=segment_headers)

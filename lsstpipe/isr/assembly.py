@@ -56,9 +56,7 @@ def _ccd_size(raw: RawExposure, detsecs: dict[str, tuple]) -> tuple[int, int]:
             except ValueError as exc:
                 raise RawFormatError(f"{raw.path}: DETSIZE in {where}: {exc}") from exc
             if x0 or y0 or fx or fy:
-                raise RawFormatError(
-                    f"{raw.path}: DETSIZE {hdr['DETSIZE']} in {where} must start at [1:…,1:…]"
-                )
+                raise RawFormatError(f"{raw.path}: DETSIZE {hdr['DETSIZE']} in {where} must start at [1:…,1:…]")
             return y1, x1
     return max(d[3] for d in detsecs.values()), max(d[1] for d in detsecs.values())
 
@@ -66,7 +64,7 @@ def _ccd_size(raw: RawExposure, detsecs: dict[str, tuple]) -> tuple[int, int]:
 def _check_coverage(raw: RawExposure, detsecs: dict[str, tuple], ny: int, nx: int) -> None:
     """Every DETSEC inside the CCD, no two overlapping, together covering it: each pixel exactly once."""
     items = list(detsecs.items())
-    for name, (x0, x1, y0, y1, _, _) in items:
+    for name, (_x0, x1, _y0, y1, _, _) in items:
         if x1 > nx or y1 > ny:
             raise RawFormatError(
                 f"{raw.path}: {name} DETSEC {raw.segment_headers[name]['DETSEC']} lies outside the "
@@ -75,14 +73,10 @@ def _check_coverage(raw: RawExposure, detsecs: dict[str, tuple], ny: int, nx: in
     for i, (a, (ax0, ax1, ay0, ay1, _, _)) in enumerate(items):
         for b, (bx0, bx1, by0, by1, _, _) in items[i + 1 :]:
             if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
-                raise RawFormatError(
-                    f"{raw.path}: DETSECs of {a} and {b} overlap; each CCD pixel needs one amplifier"
-                )
+                raise RawFormatError(f"{raw.path}: DETSECs of {a} and {b} overlap; each CCD pixel needs one amplifier")
     covered = sum((x1 - x0) * (y1 - y0) for x0, x1, y0, y1, _, _ in detsecs.values())
     if covered != nx * ny:
-        raise RawFormatError(
-            f"{raw.path}: DETSECs cover {covered} of the CCD's {nx}×{ny} pixels; they leave gaps"
-        )
+        raise RawFormatError(f"{raw.path}: DETSECs cover {covered} of the CCD's {nx}×{ny} pixels; they leave gaps")
 
 
 def assemble_ccd(raw: RawExposure | str | os.PathLike, dtype: DTypeLike = None) -> np.ndarray:
@@ -164,18 +158,14 @@ def disassemble_ccd(image: np.ndarray, detector: Detector, out: np.ndarray | Non
     """
     image = np.asarray(image)
     if image.shape != detector.shape:
-        raise ValueError(
-            f"image has shape {image.shape}; detector {detector.name} assembles to {detector.shape}"
-        )
+        raise ValueError(f"image has shape {image.shape}; detector {detector.name} assembles to {detector.shape}")
     shape = (len(SEGMENT_ORDER), *detector.raw_shape)
     if out is None:
         out = np.zeros(shape, dtype=image.dtype)
     elif out.shape != shape:
         raise ValueError(f"out has shape {out.shape}; detector {detector.name} needs {shape}")
     elif not np.can_cast(image.dtype, out.dtype, casting="same_kind"):
-        raise ValueError(
-            f"cannot store {image.dtype} pixels in out of dtype {out.dtype}; convert the image first"
-        )
+        raise ValueError(f"cannot store {image.dtype} pixels in out of dtype {out.dtype}; convert the image first")
     for amp in detector.amps:
         y0, y1, x0, x1 = amp.bbox
         block = image[y0:y1, x0:x1][:: 1 if amp.flip_y else -1, :: -1 if amp.flip_x else 1]
@@ -256,9 +246,7 @@ def overscan_regions(raw_or_detector: RawExposure | Detector | str | os.PathLike
     """
     if isinstance(raw_or_detector, Detector):
         return {
-            amp.segment: AmpRegions(
-                amp.raw_data, amp.raw_serial_overscan, amp.raw_parallel_overscan, amp.raw_prescan
-            )
+            amp.segment: AmpRegions(amp.raw_data, amp.raw_serial_overscan, amp.raw_parallel_overscan, amp.raw_prescan)
             for amp in sorted(raw_or_detector.amps, key=lambda a: a.hdu)
         }
     regions = _vendor_regions(_raw_vendor(_as_raw(raw_or_detector)))

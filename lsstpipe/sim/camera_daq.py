@@ -38,12 +38,19 @@ def read_crosstalk_truth(repo: Repository, detector: Detector) -> np.ndarray:
         return np.array(hdul["CROSSTALK"].data, dtype=np.float64)
 
 
-def fill_cds(repo: Repository, camera: Camera, detectors, specs: list[ExposureSpec], seed: int, log) -> int:
-    """Write every raft image of every exposure, in time order, into ``repo.cds_root``; returns the count."""
+def fill_cds(repo: Repository, camera: Camera, detectors, specs: list[ExposureSpec], log,
+             part: tuple[int, int] = (0, 1)) -> int:  # fmt: skip
+    """Write every raft image of every exposure, in time order, into ``repo.cds_root``; returns the count.
+
+    With ``part = (rank, size)`` this rank writes the rafts ``k % size == rank`` (rafts are separate files,
+    so ranks never write the same one)."""
     buffer = CDSBuffer(repo.cds_root)
     by_raft: dict[str, list[Detector]] = defaultdict(list)
     for d in detectors:
         by_raft[d.raft].append(d)
+    rank, size = part
+    by_raft = {r: dets for k, (r, dets) in enumerate(sorted(by_raft.items())) if k % size == rank}
+    detectors = [d for dets in by_raft.values() for d in dets]
     matrices = {d.name: read_crosstalk_truth(repo, d) for d in detectors}
     n = 0
     for spec in sorted(specs, key=lambda s: (s.mjd, s.obsid)):
@@ -66,5 +73,5 @@ def fill_cds(repo: Repository, camera: Camera, detectors, specs: list[ExposureSp
                     continue
                 buffer.write(spec.obsid, raft, kind, ccds, headers, telemetry, mjd=readout_mjd)
                 n += 1
-    log(f"CDS buffer: {n} raft images")
+    log(f"CDS buffer: {n} raft images written by this rank")
     return n

@@ -83,7 +83,13 @@ def cosmic_rays(detector: Detector, dark_time: float, rng: np.random.Generator) 
     length = rng.exponential(8.0, n).clip(0.5, 60.0)
     angle = rng.uniform(0, 2 * np.pi, n)
     charge = length * rng.uniform(400.0, 1200.0, n) + rng.uniform(300.0, 1500.0, n)
-    return {"x0": x0, "y0": y0, "x1": x0 + length * np.cos(angle), "y1": y0 + length * np.sin(angle), "charge_e": charge}
+    return {
+        "x0": x0,
+        "y0": y0,
+        "x1": x0 + length * np.cos(angle),
+        "y1": y0 + length * np.sin(angle),
+        "charge_e": charge,
+    }
 
 
 def render_exposure(camera: Camera, sig: DetectorSignature, spec: ExposureSpec, sources: Sources | None,

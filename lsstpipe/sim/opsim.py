@@ -272,8 +272,7 @@ def _connect_opsim(db_path: Path) -> sqlite3.Connection:
     with open(db_path, "rb") as f:
         if f.read(16) != _SQLITE_MAGIC:
             raise ValueError(
-                f"{db_path} is not an SQLite database; pass an opsim output file (.db) with a "
-                f"{OPSIM_TABLE!r} table"
+                f"{db_path} is not an SQLite database; pass an opsim output file (.db) with a {OPSIM_TABLE!r} table"
             )
     con = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
     tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
@@ -295,9 +294,7 @@ def _connect_opsim(db_path: Path) -> sqlite3.Connection:
 
 
 def _night_error(con: sqlite3.Connection, db_path: Path, night: int, day0: int) -> ValueError:
-    rows = con.execute(
-        f"SELECT DISTINCT CAST(observationStartMJD - 0.5 AS INTEGER) FROM {OPSIM_TABLE}"
-    ).fetchall()
+    rows = con.execute(f"SELECT DISTINCT CAST(observationStartMJD - 0.5 AS INTEGER) FROM {OPSIM_TABLE}").fetchall()
     nights = np.array(sorted(r[0] - day0 + 1 for r in rows))
     if nights.size == 0:
         return ValueError(f"{db_path} has no visits")

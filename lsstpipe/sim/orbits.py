@@ -358,9 +358,7 @@ _DES_COLUMNS = ("a", "e", "inc", "node", "argPeri", "ma", "epochMJD_TDB", "FORMA
 _COLOUR_COLUMNS = ("H_r", "GS", "u-r", "g-r", "i-r", "z-r", "y-r")
 
 
-def _read_table(
-    path: str | Path, required: tuple[str, ...], what: str
-) -> tuple[Path, list[str], list[list[str]]]:
+def _read_table(path: str | Path, required: tuple[str, ...], what: str) -> tuple[Path, list[str], list[list[str]]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")

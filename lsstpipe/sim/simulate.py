@@ -25,7 +25,7 @@ from lsstpipe.sim import sky as skymod
 from lsstpipe.sim.exposure import ExposureSpec, raw_header, render_exposure
 from lsstpipe.sim.instrument import FRINGE_BANDS, DetectorSignature, make_signature, stable_seed
 from lsstpipe.sim.solar_system import Ephemerides, make_ssos, write_sso_truth
-from lsstpipe.sim.truth import source_rows, write_instrument_truth, SOURCE_COLUMNS
+from lsstpipe.sim.truth import SOURCE_COLUMNS, source_rows, write_instrument_truth
 from lsstpipe.sim.wcs import DetectorSkyModel, FocalPlaneSkyModel
 
 #: Calibration sequence numbers start here so they never collide with the night's exposures.
@@ -54,6 +54,7 @@ class SimulationRequest:
     progress: bool = True
     noise: bool = True
     sky: skymod.SkyConfig | None = None
+    bands: str | None = None
 
 
 def default_sky(camera: Camera) -> skymod.SkyConfig:
@@ -68,7 +69,7 @@ def visits_for(request: SimulationRequest) -> list[opsim.VisitSpec]:
     if request.opsim:
         return opsim.read_opsim(request.opsim, night=request.night, visits=request.max_visits)
     n = request.n_visits if request.n_visits is not None else 4
-    return opsim.synthetic_visits(n, seed=request.seed, n_snaps=request.n_snaps)
+    return opsim.synthetic_visits(n, seed=request.seed, n_snaps=request.n_snaps, bands=request.bands or None)
 
 
 class _Progress:
@@ -131,10 +132,33 @@ def calibration_specs(visits: list[opsim.VisitSpec]) -> list[ExposureSpec]:
     return specs
 
 
-def run_simulation(request: SimulationRequest) -> dict:
-    """Simulate into ``request.repo``; returns a summary (counts, paths, timings)."""
+class _SelfComm:
+    """The one-rank stand-in for an MPI communicator when mpi4py is not wanted."""
+
+    rank, size = 0, 1
+
+    def Barrier(self) -> None:  # noqa: N802 (MPI's name)
+        pass
+
+    def allreduce(self, value):
+        return value
+
+    def bcast(self, value, root=0):
+        return value
+
+
+def run_simulation(request: SimulationRequest, comm=None) -> dict:
+    """Simulate into ``request.repo``; returns a summary (counts, paths, timings).
+
+    With an MPI communicator, detectors (then template patches, then rafts for the CDS) are dealt
+    round-robin to its ranks; every random stream is keyed by what it draws (seed, detector, exposure),
+    so the repository is byte-identical for any number of ranks. Rank 0 writes the shared truth and the
+    registry's exposure table; every rank must call this with the same request.
+    """
+    comm = comm if comm is not None else _SelfComm()
+    rank, size = comm.rank, comm.size
     t_start = time.perf_counter()
-    log = _Progress(request.progress)
+    log = _Progress(request.progress and rank == 0)
     camera = get_camera(request.camera)
     detectors = camera.select(list(request.detectors))
     sky_cfg = request.sky or default_sky(camera)
@@ -142,12 +166,20 @@ def run_simulation(request: SimulationRequest) -> dict:
     if not visits:
         raise ValueError("no visits to simulate; ask for --visits N ≥ 1 or a night with visits")
     repo = Repository(request.repo)
-    repo.create({
-        "camera": camera.name, "seed": request.seed, "software": f"lsstpipe {__version__}",
-        "sky": asdict(sky_cfg), "noise": request.noise,
-    })  # fmt: skip
-    write_csv(repo.root / "visits.csv", (asdict(v) for v in visits), list(asdict(visits[0])))
-    log(f"{len(visits)} visits, {len(detectors)} detectors of {camera.name}, seed {request.seed}")
+    error = None
+    if rank == 0:
+        try:
+            repo.create({
+                "camera": camera.name, "seed": request.seed, "software": f"lsstpipe {__version__}",
+                "sky": asdict(sky_cfg), "noise": request.noise,
+            })  # fmt: skip
+            write_csv(repo.root / "visits.csv", (asdict(v) for v in visits), list(asdict(visits[0])))
+        except (ValueError, OSError) as exc:
+            error = exc
+    error = comm.bcast(error, root=0)
+    if error is not None:
+        raise error
+    log(f"{len(visits)} visits, {len(detectors)} detectors of {camera.name}, seed {request.seed}, {size} rank(s)")
 
     # The sky over the footprint.
     radius = camera.field_radius_deg + 0.05
@@ -156,43 +188,53 @@ def run_simulation(request: SimulationRequest) -> dict:
     mjds = (min(v.mjd for v in visits), max(v.mjd for v in visits))
     transients = skymod.transients_in_cells(cells, request.seed, sky_cfg, mjds)
     ssos = make_ssos(visits, camera, sky_cfg, request.seed)
-    write_reference_catalog(repo, stars)
-    write_transient_truth(repo, transients)
-    write_sso_truth(repo.root / "truth" / "ssos.csv", ssos)
+    if rank == 0:
+        write_reference_catalog(repo, stars)
+        write_transient_truth(repo, transients)
+        write_sso_truth(repo.root / "truth" / "ssos.csv", ssos)
     log(f"sky: {len(stars)} stars, {len(transients)} transients, {len(ssos)} solar system objects")
 
     calibs = calibration_specs(visits) if request.calibs else []
-    exposures = [(None, s) for s in calibs] + [(v, s) for v in visits for s in science_specs(v, request.seed)]
-    science = [s for _, s in exposures if s.imgtype == "OBJECT"]
+    exposures = calibs + [s for v in visits for s in science_specs(v, request.seed)]
+    science = [s for s in exposures if s.imgtype == "OBJECT"]
     ephem = Ephemerides(ssos, [t for s in science for t in (s.mjd, s.mjd + s.exptime / 86400.0)])
-    for spec in [s for _, s in exposures]:
-        repo.register_exposure(_exposure_row(spec))
+    if rank == 0:
+        for spec in exposures:
+            repo.register_exposure(_exposure_row(spec))
+    comm.Barrier()
     n_raw = 0
-    for det in detectors:
+    for det in detectors[rank::size]:
         t_det = time.perf_counter()
         sig = make_signature(camera, det, request.seed)
-        write_instrument_truth(repo.instrument_truth_path(det.name), sig, sorted({s.band for _, s in exposures if s.band != "NONE"}))
-        for visit, spec in exposures:
+        bands = sorted({s.band for s in exposures if s.band != "NONE"})
+        write_instrument_truth(repo.instrument_truth_path(det.name), sig, bands)
+        for spec in exposures:
             simulate_one(repo, camera, sig, spec, stars, transients, ephem, request)
             n_raw += 1
         log(f"{det.name}: {len(exposures)} exposures in {time.perf_counter() - t_det:.1f}s")
 
+    n_raw = comm.allreduce(n_raw)
     n_templates = 0
     if request.templates:
         from lsstpipe.sim.templates import make_templates
 
-        n_templates = make_templates(repo, camera, detectors, visits, stars, request.seed, log)
+        n_templates = comm.allreduce(make_templates(repo, camera, detectors, visits, stars, request.seed, log,
+                                                    part=(rank, size)))  # fmt: skip
+    comm.Barrier()
     n_cds = 0
     if request.cds:
         from lsstpipe.sim.camera_daq import fill_cds
 
-        n_cds = fill_cds(repo, camera, detectors, [s for _, s in exposures], request.seed, log)
+        n_cds = comm.allreduce(fill_cds(repo, camera, detectors, exposures, log, part=(rank, size)))
+    comm.Barrier()
     summary = {
-        "repo": str(repo.root), "camera": camera.name, "seed": request.seed, "visits": len(visits),
+        "camera": camera.name, "seed": request.seed, "visits": len(visits),
         "exposures": len(exposures), "detectors": len(detectors), "raws": n_raw, "templates": n_templates,
         "cds_raft_images": n_cds, "seconds": round(time.perf_counter() - t_start, 2),
     }  # fmt: skip
-    write_json(repo.root / "simulation.json", summary)
+    if rank == 0:
+        write_json(repo.root / "simulation.json", {k: v for k, v in summary.items() if k != "seconds"})
+    summary["repo"] = str(repo.root)
     log("done")
     return summary
 

@@ -126,24 +126,27 @@ def render_patch(tract: WCS, i: int, j: int, size: int, overlap: int, stars: sky
     return image, variance, w
 
 
-def make_templates(repo: Repository, camera: Camera, detectors, visits, stars, seed: int, log) -> int:
-    """Render and register every template patch the simulated visits need; returns how many."""
+def make_templates(repo: Repository, camera: Camera, detectors, visits, stars, seed: int, log,
+                   part: tuple[int, int] = (0, 1)) -> int:  # fmt: skip
+    """Render and register every template patch the simulated visits need (this rank's share, patch ``k``
+    going to rank ``k % size`` of ``part = (rank, size)``); returns how many this rank made."""
     size, overlap = patch_geometry(camera)
     fields = group_fields(visits, TRACT_RADIUS_DEG)
     need = needed_patches(camera, detectors, visits, fields, size, overlap)
     count = 0
-    for (band, tract), cells in sorted(need.items()):
+    jobs = [(band, tract, i, j) for (band, tract), cells in sorted(need.items()) for i, j in sorted(cells)]
+    rank, nranks = part
+    for band, tract, i, j in jobs[rank::nranks]:
         tw = tract_wcs(*fields[tract], camera.pixel_scale_arcsec)
-        for i, j in sorted(cells):
-            patch = f"{i},{j}"
-            path = repo.template_path(band, tract, patch)
-            image, variance, w = render_patch(tw, i, j, size, overlap, stars, band, camera.pixel_scale_arcsec,
-                                              seed, tract)  # fmt: skip
-            write_template(path, image, variance, w, band, tract, patch, camera.pixel_scale_arcsec)
-            ra, dec = w.all_pix2world((image.shape[1] - 1) / 2, (image.shape[0] - 1) / 2, 0)
-            repo.register_template(band, tract, patch, path, float(ra), float(dec), image.shape[0])
-            count += 1
-    log(f"templates: {count} patches in {len(fields)} tracts")
+        patch = f"{i},{j}"
+        path = repo.template_path(band, tract, patch)
+        image, variance, w = render_patch(tw, i, j, size, overlap, stars, band, camera.pixel_scale_arcsec, seed,
+                                          tract)  # fmt: skip
+        write_template(path, image, variance, w, band, tract, patch, camera.pixel_scale_arcsec)
+        ra, dec = w.all_pix2world((image.shape[1] - 1) / 2, (image.shape[0] - 1) / 2, 0)
+        repo.register_template(band, tract, patch, path, float(ra), float(dec), image.shape[0])
+        count += 1
+    log(f"templates: {len(jobs)} patches in {len(fields)} tracts")
     return count
 
 

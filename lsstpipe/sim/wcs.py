@@ -250,9 +250,7 @@ class DetectorSkyModel:
             raise ValueError(f"SIP orders must be within 2..9 (forward) and 1..9 (inverse); got {order}, "
                              f"{inverse_order}")  # fmt: skip
         if grid < max(order, inverse_order) + 2:
-            raise ValueError(
-                f"grid {grid} is too coarse for order {max(order, inverse_order)}; use more points"
-            )
+            raise ValueError(f"grid {grid} is too coarse for order {max(order, inverse_order)}; use more points")
         ny, nx = self.detector.shape
         x0, y0 = self.center_pixel
         gx, gy = np.meshgrid(np.linspace(-0.5, nx - 0.5, grid), np.linspace(-0.5, ny - 0.5, grid))
