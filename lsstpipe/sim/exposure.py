@@ -14,10 +14,10 @@ import numpy as np
 
 from kernels.crosstalk import apply_crosstalk
 from kernels.render import add_tracks, bleed_saturation, compose_exposure, digitize_segments
-from lsstpipe.camera import Camera, Detector
+from lsstpipe.camera import Camera, Detector, DetectorType
 from lsstpipe.isr.assembly import disassemble_ccd
 from lsstpipe.sim.instrument import FRINGE_BANDS, DetectorSignature, stable_seed
-from lsstpipe.sim.scene import Sources, mm_scale, render_sources
+from lsstpipe.sim.scene import DONUT_RADIUS_PIX, Sources, mm_scale, render_sources
 
 #: Cosmic-ray rate at Cerro Pachón altitude, per cm² per second (muons and secondaries).
 COSMIC_RATE_CM2_S = 0.6
@@ -107,7 +107,8 @@ def render_exposure(camera: Camera, sig: DetectorSignature, spec: ExposureSpec, 
     rng = np.random.default_rng(key)
     signal = np.zeros((ny, nx), np.float32)
     if sources is not None:
-        render_sources(signal, sources)
+        donut = DONUT_RADIUS_PIX if det.type is DetectorType.WAVEFRONT else 0.0
+        render_sources(signal, sources, donut_radius=donut)
     if spec.imgtype == "FLAT":
         signal += np.float32(spec.flat_level_e)
     band = spec.band if spec.band in ("u", "g", "r", "i", "z", "y") else "r"

@@ -16,6 +16,10 @@ from lsstpipe.camera import Camera, Detector
 from lsstpipe.sim import sky as skymod
 
 PSF_BETA = 3.5
+#: Wavefront sensors sit 1.5 mm out of focus in the f/1.23 beam: each star is a donut of 1.5/1.234 mm
+#: (122 pixels) outer diameter, with the central obscuration's hole (61 % of the diameter).
+DONUT_RADIUS_PIX = 61.0
+DONUT_OBSCURATION = 0.61
 #: LSSTCam field radius in mm used to normalise the PSF variation.
 FIELD_EDGE_MM = 317.0
 
@@ -159,9 +163,46 @@ def _empty() -> Sources:
                    mag=z, flux_e=z, fwhm=z, e1=z, e2=z)  # fmt: skip
 
 
-def render_sources(image: np.ndarray, sources: Sources) -> None:
-    """Add every source to ``image`` (electrons before the flat field); trails are drawn as a chain of
-    PSFs, one per 0.5 pixel of motion, sharing the flux."""
+def donut_template(radius: float, fwhm: float, e1: float, e2: float) -> np.ndarray:
+    """The image of a defocused star, normalised to unit sum: the pupil (an annulus of outer ``radius``
+    pixels with the central obscuration) seen through the seeing (an elliptical Moffat)."""
+    from scipy.signal import fftconvolve
+
+    from kernels.render import add_moffat_sources
+
+    half = int(np.ceil(radius + 3.0 * fwhm)) + 2
+    n = 2 * half + 1
+    sub = 4
+    g = (np.arange(n * sub) + 0.5) / sub - half - 0.5
+    r = np.hypot(g[:, None], g[None, :])
+    pupil = ((r <= radius) & (r >= DONUT_OBSCURATION * radius)).astype(np.float64)
+    pupil = pupil.reshape(n, sub, n, sub).mean(axis=(1, 3))
+    psf = np.zeros((4 * int(np.ceil(fwhm)) + 1,) * 2)
+    c = psf.shape[0] // 2
+    add_moffat_sources(psf, [float(c)], [float(c)], [1.0], fwhm, PSF_BETA, e1, e2, radius=c)
+    out = np.clip(fftconvolve(pupil, psf, mode="same"), 0.0, None)
+    return out / out.sum()
+
+
+def _add_template(image: np.ndarray, template: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray) -> None:
+    ny, nx = image.shape
+    h = template.shape[0] // 2
+    for xi, yi, f in zip(np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int), flux):
+        x0, x1, y0, y1 = xi - h, xi + h + 1, yi - h, yi + h + 1
+        if x1 <= 0 or y1 <= 0 or x0 >= nx or y0 >= ny:
+            continue
+        cx0, cy0 = max(x0, 0), max(y0, 0)
+        cx1, cy1 = min(x1, nx), min(y1, ny)
+        image[cy0:cy1, cx0:cx1] += (f * template[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]).astype(image.dtype)
+
+
+def render_sources(image: np.ndarray, sources: Sources, donut_radius: float = 0.0) -> None:
+    """Add every source to ``image`` (electrons before the flat field).
+
+    Trails are drawn as a chain of PSFs, one per 0.5 pixel of motion, sharing the flux. With
+    ``donut_radius`` > 0 (wavefront sensors) each source is the defocused pupil
+    (:func:`donut_template` at the detector's median PSF), placed to the nearest pixel.
+    """
     from kernels.render import add_moffat_sources, stamp_radius
 
     if len(sources) == 0:
@@ -172,5 +213,11 @@ def render_sources(image: np.ndarray, sources: Sources) -> None:
     x = sources.x[idx] + offs * (sources.x_end - sources.x)[idx]
     y = sources.y[idx] + offs * (sources.y_end - sources.y)[idx]
     flux = sources.flux_e[idx] / n_sub[idx]
-    radius = stamp_radius(sources.flux_e, sources.fwhm, PSF_BETA)[idx]
+    if donut_radius > 0:
+        template = donut_template(
+            donut_radius, float(np.median(sources.fwhm)), float(np.median(sources.e1)), float(np.median(sources.e2))
+        )
+        _add_template(image, template, x, y, flux)
+        return
+    radius = stamp_radius(flux, sources.fwhm[idx], PSF_BETA)
     add_moffat_sources(image, x, y, flux, sources.fwhm[idx], PSF_BETA, sources.e1[idx], sources.e2[idx], radius)
