@@ -241,9 +241,10 @@ def bench_copy(repeat: int) -> tuple[float, float]:
     return t, 2 * src.nbytes / t / 1e9
 
 
-def bench_mini_night(root: Path, n_visits: int, seed: int, lam: np.ndarray, repeat: int) -> dict:
+def bench_mini_night(root: Path, n_visits: int, seed: int, lam: np.ndarray, repeat: int,
+                     detectors: tuple[str, ...] = ()) -> dict:  # fmt: skip
     """Untimed one-visit warm-up night, then the timed night; anchor: numpy Poisson on as many pixels."""
-    base = dict(camera="mini", calibs=True, progress=False, seed=seed)
+    base = dict(camera="mini", detectors=detectors, calibs=True, progress=False, seed=seed)
     t0 = time.perf_counter()
     run_simulation(SimulationRequest(repo=str(root / "warmup"), n_visits=1, **base))
     warmup = time.perf_counter() - t0
@@ -255,9 +256,9 @@ def bench_mini_night(root: Path, n_visits: int, seed: int, lam: np.ndarray, repe
     stages = dict(clock.seconds)
     stages["sky_and_setup"] = seconds - sum(stages.values())
     camera = get_camera("mini")
-    det_pixels = sum(d.shape[0] * d.shape[1] for d in camera.select([]))
-    total_pixels = summary["exposures"] * det_pixels
-    ny, nx = max(d.shape for d in camera.select([]))
+    night_dets = camera.select(list(detectors))
+    total_pixels = summary["exposures"] * sum(d.shape[0] * d.shape[1] for d in night_dets)
+    ny, nx = max(d.shape for d in night_dets)
     cut = np.ascontiguousarray(lam[:ny, :nx])
     per_pixel = _median_time(lambda: np.random.default_rng(seed).poisson(cut), max(repeat, 5)) / cut.size
     return {
@@ -285,11 +286,14 @@ def run(args: argparse.Namespace) -> dict:
         setup_seconds = time.perf_counter() - t0
         per_det = [bench_detector(env, name, args.repeat) for name in detectors]
         copy_s, copy_gbps = bench_copy(args.repeat)
-        night = bench_mini_night(root / "mini", args.mini_visits, args.seed, per_det[0]["lam"], args.repeat)
+        night_dets = QUICK_DETECTORS if args.quick else ()  # quick: two CCDs, all of the mini camera otherwise
+        night = bench_mini_night(root / "mini", args.mini_visits, args.seed, per_det[0]["lam"], args.repeat,
+                                 night_dets)  # fmt: skip
     names = [d["detector"] for d in per_det]
     out = {
         "machine": machine(),
         "config": {"camera": camera_name, "detectors": names, "repeat": args.repeat, "mini_visits": args.mini_visits,
+                   "mini_night_detectors": night["detectors"],
                    "seed": args.seed, "quick": args.quick, "obsid": env["spec"].obsid, "band": env["spec"].band,
                    "exptime": env["spec"].exptime},
         "target_seconds": TARGET_SECONDS,
@@ -383,13 +387,18 @@ def report(r: dict) -> str:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r["signature_parts_seconds"][d].items())
         lines.append(f"  {d}: signature {r['signature_seconds'][d]:.2f} s ({parts}); "
                      f"first exposure (warm-up, JIT on the first) {r['warmup_seconds'][d]:.2f} s")  # fmt: skip
-    lines.append(f"  sky, asteroids, ephemerides for the field: {r['sky_setup_seconds']:.2f} s ({r['sky_stars']} stars)")
-    lines.append(f"  numpy copy of 4k² float32: {r['copy_seconds'] * 1e3:.1f} ms = {r['copy_gbps']:.1f} GB/s (read+write)")
+    lines.append(
+        f"  sky, asteroids, ephemerides for the field: {r['sky_setup_seconds']:.2f} s ({r['sky_stars']} stars)"
+    )
+    lines.append(
+        f"  numpy copy of 4k² float32: {r['copy_seconds'] * 1e3:.1f} ms = {r['copy_gbps']:.1f} GB/s (read+write)"
+    )
     n = r["mini_night_ccd_exposures"]
     st = r["mini_night_stage_seconds"]
     lines += [
         "",
-        f"mini night: {r['config']['mini_visits']} visits + calibrations, {n} CCD exposures, "
+        f"mini night: {r['config']['mini_visits']} visits + calibrations, {r['config']['mini_night_detectors']} "
+        f"CCDs, {n} CCD exposures, "
         f"{r['mini_night_pixels'] / 1e6:.0f} Mpx: {r['mini_night_seconds']:.2f} s "
         f"(warm-up night {r['mini_night_warmup_seconds']:.1f} s, untimed)",
         f"  per CCD exposure {r['mini_night_seconds_per_ccd_exposure'] * 1e3:.1f} ms; "
@@ -409,7 +418,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the numbers here")
     p.add_argument("--tmpdir", help="where the temporary repositories go (local disk); default: the system's")
-    p.add_argument("--quick", action="store_true", help="smoke test: mini camera, 1 repeat, 2 mini visits")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: mini camera, 1 repeat, a 2-visit mini night on 2 CCDs"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.repeat, args.mini_visits = 1, 2

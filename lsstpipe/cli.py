@@ -34,6 +34,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--calibs", action="store_true", help="also simulate bias, dark and flat exposures")
     p.add_argument("--no-templates", action="store_true", help="do not make templates")
     p.add_argument("--no-cds", action="store_true", help="do not fill the Camera Data System buffer")
+    p.add_argument("--no-compress", action="store_true",
+                   help="write plain FITS raws instead of RICE tile-compressed ones (lossless, ~4x smaller)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     p.add_argument("--bands", default=None, help="bands to cycle through in the built-in generator, e.g. 'riz'")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -97,7 +99,7 @@ def _cmd_simulate(args) -> int:
         detectors=tuple(s.strip() for s in args.detectors.split(",") if s.strip()) if args.detectors else (),
         n_visits=args.visits, opsim=args.opsim, night=args.night, max_visits=args.max_visits,
         n_snaps=args.snaps, calibs=args.calibs, templates=not args.no_templates, cds=not args.no_cds,
-        seed=args.seed, progress=not args.quiet, bands=args.bands,
+        seed=args.seed, progress=not args.quiet, bands=args.bands, compress=not args.no_compress,
     )  # fmt: skip
     comm = None
     if args.mpi:

@@ -223,6 +223,7 @@ def write_raw(
     *,
     biassec: bool = True,
     overwrite: bool = False,
+    compress: bool = False,
 ) -> Path:
     """Write one CCD's raw exposure as an LSSTCam multi-extension FITS file.
 
@@ -244,6 +245,9 @@ def write_raw(
         Add BIASSEC (the serial overscan) to each segment header. Real LSSTCam raws have none.
     overwrite : bool, optional
         Replace an existing file. Raw files are immutable data, so this is off by default.
+    compress : bool, optional
+        Store each segment tile-compressed with RICE_1 (lossless for integers, about 4× smaller), as
+        Rubin archives LSSTCam raws; the pixels read back are identical.
 
     Returns
     -------
@@ -283,6 +287,9 @@ def write_raw(
         hdr["CHANNEL"] = (amp.hdu, "readout channel")
         if biassec:
             hdr["BIASSEC"] = (_section_of(*amp.raw_serial_overscan), "serial overscan section")
+        if compress:
+            hdus.append(fits.CompImageHDU(data=segments[amp.hdu - 1], header=hdr, compression_type="RICE_1"))
+            continue
         data = segments[amp.hdu - 1].astype(">i4")  # a big-endian copy: astropy writes it without swapping
         hdus.append(fits.ImageHDU(data=data, header=hdr))
     hdul = fits.HDUList(hdus)

@@ -55,6 +55,7 @@ class SimulationRequest:
     noise: bool = True
     sky: skymod.SkyConfig | None = None
     bands: str | None = None
+    compress: bool = True
 
 
 def default_sky(camera: Camera) -> skymod.SkyConfig:
@@ -274,7 +275,7 @@ def simulate_one(repo: Repository, camera: Camera, sig: DetectorSignature, spec:
     rendered = render_exposure(camera, sig, spec, sources, sky_rate, request.seed, noise=request.noise)
     path = repo.raw_path(spec.day_obs, spec.obsid, det.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_raw(path, det, rendered.segments, raw_header(camera, spec), overwrite=True)
+    write_raw(path, det, rendered.segments, raw_header(camera, spec), overwrite=True, compress=request.compress)
     repo.register_raw(spec.obsid, det.name, path, sha256_file(path))
     if spec.imgtype == "OBJECT":
         tdir = repo.truth_dir(spec.day_obs, spec.obsid)

@@ -159,9 +159,10 @@ def write_template(path, image, variance, wcs: WCS, band, tract, patch, scale_ar
         "ORIGIN": "lsstpipe simulator",
     })  # fmt: skip
     hdus = [primary]
-    for name, data in (("IMAGE", image), ("VARIANCE", variance), ("MASK", np.zeros(image.shape, np.int32))):
-        h = fits.ImageHDU(data, header=hdr, name=name)
-        hdus.append(h)
+    hdus.append(fits.ImageHDU(image, header=hdr, name="IMAGE"))
+    # The variance and mask planes are smooth: lossless tile compression stores them in almost nothing.
+    for name, data in (("VARIANCE", variance), ("MASK", np.zeros(image.shape, np.int32))):
+        hdus.append(fits.CompImageHDU(data, header=hdr, name=name, compression_type="GZIP_2", quantize_level=0.0))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fits.HDUList(hdus).writeto(tmp, overwrite=True)

@@ -1,0 +1,81 @@
+"""The simulator benchmark runs end to end in its quick configuration and writes complete, sane numbers.
+
+Correctness only: no timing is asserted (that would depend on the machine).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = (
+    "ccd_exposure_seconds", "stage_seconds", "numpy_poisson_seconds", "ratio_to_numpy_poisson", "signature_seconds",
+    "mini_night_seconds", "mini_night_ccd_exposures", "mini_night_seconds_per_ccd_exposure", "copy_gbps",
+    "peak_rss_mb",
+)  # fmt: skip
+
+
+def _numbers(value, where=""):
+    """Every number in a JSON value (booleans excluded), with where it sits."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{where}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield where, value
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tmp" / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "simulate.py"), "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_quick_run_writes_every_key(quick):
+    _, result = quick
+    missing = [k for k in KEYS if k not in result]
+    assert not missing, f"benchmark JSON lacks {missing}"
+    dets = result["config"]["detectors"]
+    assert len(dets) == 2
+    for key in ("ccd_exposure_seconds", "stage_seconds", "numpy_poisson_seconds", "ratio_to_numpy_poisson",
+                "signature_seconds"):  # fmt: skip
+        assert sorted(result[key]) == sorted(dets), key
+
+
+def test_quick_run_numbers_are_finite_and_positive(quick):
+    _, result = quick
+    numbers = list(_numbers(result))
+    assert len(numbers) > 50
+    bad = [(where, v) for where, v in numbers if not (math.isfinite(v) and v > 0)]
+    assert not bad, bad
+
+
+def test_quick_run_is_consistent(quick):
+    _, result = quick
+    for det, total in result["ccd_exposure_seconds"].items():
+        stages = result["stage_seconds"][det]
+        top = sum(stages[k] for k in ("scene", "render", "write", "truth", "other"))
+        assert top == pytest.approx(total, rel=1e-6)  # exclusive stages partition the exposure (one repeat)
+        assert result["ratio_to_numpy_poisson"][det] == pytest.approx(total / result["numpy_poisson_seconds"][det])
+    n = result["mini_night_ccd_exposures"]
+    assert isinstance(n, int)
+    assert result["mini_night_seconds_per_ccd_exposure"] == pytest.approx(result["mini_night_seconds"] / n)
+
+
+def test_quick_run_prints_the_table(quick):
+    stdout, result = quick
+    assert "simulate_one / numpy poisson" in stdout
+    assert "PASS" in stdout or "MISS" in stdout
+    for det in result["config"]["detectors"]:
+        assert det in stdout
