@@ -57,6 +57,18 @@ def _add_camera(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _add_slurm(sub) -> None:
+    p = sub.add_parser("slurm", help="render an sbatch template from slurm/",
+                       description="Render an sbatch template with validated values (see lsstpipe.slurm).")  # fmt: skip
+    ssub = p.add_subparsers(dest="slurm_command", metavar="ACTION")
+    ssub.required = True
+    r = ssub.add_parser("render", help="print or write a rendered sbatch script",
+                        description="Fill a template's ${placeholders}; unknown or missing values are errors.")  # fmt: skip
+    r.add_argument("template", help="template name, e.g. simulate")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a placeholder value (repeatable)")
+    r.add_argument("--out", default=None, help="write the script here instead of printing it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lsstpipe",
@@ -67,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_simulate(sub)
     _add_camera(sub)
+    _add_slurm(sub)
     return parser
 
 
@@ -139,7 +152,27 @@ def _relaunch_under_mpiexec(ranks: int, command: str) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS = {"simulate": _cmd_simulate, "camera": _cmd_camera}
+def _cmd_slurm(args) -> int:
+    from pathlib import Path
+
+    from lsstpipe.slurm import render
+
+    values = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, not {item!r}")
+        values[key.strip()] = value
+    script = render(args.template, values)
+    if args.out:
+        Path(args.out).write_text(script)
+        Path(args.out).chmod(0o755)
+    else:
+        print(script, end="")
+    return 0
+
+
+COMMANDS = {"simulate": _cmd_simulate, "camera": _cmd_camera, "slurm": _cmd_slurm}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -131,7 +131,9 @@ def write_file(path: Path, image: PreparedImage, mjd: float, compression: str | 
         for name, pixels in image.ccds.items():
             # Byte-shuffling puts the constant high bytes of the counts together: lzf then stores a raft
             # in ~30 % of its size at about the speed of a copy.
-            extra = {"compression": compression, "shuffle": True, "chunks": (1, *pixels.shape[1:])} if compression else {}
+            extra = (
+                {"compression": compression, "shuffle": True, "chunks": (1, *pixels.shape[1:])} if compression else {}
+            )
             dataset = group.create_dataset(name, data=pixels, **extra)
             dataset.attrs["header"] = image.headers_json[name]
 

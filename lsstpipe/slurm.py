@@ -1,0 +1,77 @@
+"""Render the sbatch templates in ``slurm/`` with validated values.
+
+A template is a shell script with ``${name}`` placeholders (Python ``string.Template``). Rendering
+checks that every placeholder gets a value, that no unknown value is passed, and that values are safe
+to paste into a shell line (no quotes, backquotes, ``$`` or newlines), then writes the script.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from importlib import resources
+from pathlib import Path
+
+#: Defaults per template; a value of None must be given by the caller.
+DEFAULTS: dict[str, dict[str, str | None]] = {
+    "simulate": {
+        "job_name": "lsstpipe-simulate",
+        "nodes": "1",
+        "ranks": "16",
+        "time_limit": "01:00:00",
+        "log_dir": ".",
+        "partition_line": "",
+        "numba_cache_dir": "/tmp/lsstpipe-numba-cache",
+        "srun_mpi": "pmi2",
+        "repo": None,
+        "camera": "lsstcam",
+        "visit_args": "--visits 4",
+        "seed": "1",
+        "extra_args": "--calibs",
+    },
+}
+_SAFE = re.compile(r"^[A-Za-z0-9_./:,=@%+ -]*$")
+
+
+def template_dir() -> Path:
+    """The repository's ``slurm/`` folder (next to the package in a source checkout)."""
+    here = Path(__file__).resolve().parent.parent / "slurm"
+    if here.is_dir():
+        return here
+    return Path(str(resources.files("lsstpipe") / "slurm"))
+
+
+def render(name: str, values: dict[str, str]) -> str:
+    """The script of template ``name`` with ``values`` filled in (defaults for the rest).
+
+    Raises
+    ------
+    ValueError
+        Unknown template, unknown or missing placeholder, or a value that is not shell-safe.
+    """
+    if name not in DEFAULTS:
+        raise ValueError(f"unknown sbatch template {name!r}; templates are {', '.join(sorted(DEFAULTS))}")
+    text = (template_dir() / f"{name}.sbatch").read_text()
+    tmpl = string.Template(text)
+    placeholders = {m.group("named") or m.group("braced") for m in tmpl.pattern.finditer(text)} - {None}
+    defaults = DEFAULTS[name]
+    if placeholders != set(defaults):
+        raise ValueError(f"template {name}.sbatch and its defaults disagree: {sorted(placeholders ^ set(defaults))}")
+    unknown = set(values) - placeholders
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {', '.join(sorted(unknown))} for {name}.sbatch; it takes {', '.join(sorted(placeholders))}"
+        )
+    merged = {**defaults, **{k: str(v) for k, v in values.items()}}
+    missing = sorted(k for k, v in merged.items() if v is None)
+    if missing:
+        raise ValueError(f"{name}.sbatch needs a value for {', '.join(missing)}: pass --set {missing[0]}=…")
+    for k, v in merged.items():
+        if not _SAFE.match(v):
+            raise ValueError(f"value of {k} ({v!r}) is not shell-safe: use letters, digits, spaces and ./:,=@%+-_")
+    for k in ("nodes", "ranks", "seed"):
+        if not merged[k].isdigit() or int(merged[k]) < (0 if k == "seed" else 1):
+            raise ValueError(f"{k} must be a positive integer, not {merged[k]!r}")
+    if merged["partition_line"] and not merged["partition_line"].startswith("#SBATCH --partition="):
+        merged["partition_line"] = f"#SBATCH --partition={merged['partition_line']}"
+    return tmpl.substitute(merged)
