@@ -13,7 +13,9 @@ before numpy is imported; the kernels are serial anyway):
 2. Anchors from the same run: numpy drawing the same image's Poisson noise
    (``default_rng(seed).poisson(lam)`` with ``lam`` the exposure's expected electrons, computed by
    ``compose_exposure(..., noise=False)`` on the very inputs the simulator used), and a numpy copy of a
-   4k×4k float32 image (memory bandwidth, counting bytes read + written as STREAM's Copy does).
+   4k×4k float32 image (memory bandwidth, counting bytes read + written as STREAM's Copy does). As a
+   reference for the write stage, the same segments are also written as plain (uncompressed) FITS. Each
+   exposure's CPU time is reported next to its wall time: a gap means I/O waits (``write_raw`` fsyncs).
 3. A whole ``mini`` night (``run_simulation`` with calibrations, templates and the CDS buffer) after an
    untimed one-visit warm-up night, per CCD exposure, against numpy Poisson noise on the same number of
    pixels (per-pixel cost measured on a mini-CCD-sized cut of the full-size ``lam``).
@@ -49,6 +51,7 @@ import lsstpipe.sim.simulate as simulate_mod  # noqa: E402
 import lsstpipe.sim.templates  # noqa: E402
 from lsstpipe import __version__  # noqa: E402
 from lsstpipe.camera import get_camera  # noqa: E402
+from lsstpipe.io.raw import write_raw  # noqa: E402
 from lsstpipe.repo import Repository  # noqa: E402
 from lsstpipe.sim import sky as skymod  # noqa: E402
 from lsstpipe.sim.instrument import FRINGE_BANDS, make_signature  # noqa: E402
@@ -68,6 +71,7 @@ from lsstpipe.sim.wcs import DetectorSkyModel  # noqa: E402
 TARGET_SECONDS = 3.0
 FULL_DETECTORS = ("R22_S11", "R01_S00")  # e2v, ITL
 QUICK_DETECTORS = ("R11_S11", "R10_S00")  # the mini camera's e2v and ITL centre/corner CCDs
+WARMUP_DETECTORS = (*QUICK_DETECTORS, "R00_SW")  # and its wavefront sensor
 
 #: (module, attribute, stage) timed inside ``simulate_one``; nested stages are separated in ``_stages``.
 EXPOSURE_PROBES = (
@@ -205,17 +209,23 @@ def bench_detector(env: dict, det_name: str, repeat: int) -> dict:
     simulate_one(*args)  # warm-up: JIT compilation (first detector), page cache, file system
     warmup = time.perf_counter() - t0
 
-    totals, stage_runs = [], []
+    totals, cpu, stage_runs = [], [], []
     clock = Clock()
     with clock.probing(EXPOSURE_PROBES):
         for _ in range(repeat):
             clock.seconds.clear()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             simulate_one(*args)
             total = time.perf_counter() - t0
+            cpu.append(time.process_time() - c0)
             totals.append(total)
             stage_runs.append(_stages(total, clock.seconds))
     n_sources = len(clock.last_call["render_sources"][0][1])
+    # Reference: the same segments written as plain (uncompressed) FITS.
+    w_args, w_kwargs = clock.last_call["write_raw"]
+    plain = {**w_kwargs, "compress": False, "overwrite": True}
+    plain_path = Path(w_args[0]).with_name(f"plain_{Path(w_args[0]).name}")
+    t_plain = _median_time(lambda: write_raw(plain_path, *w_args[1:], **plain), repeat)
 
     # Anchor: numpy Poisson noise on the same expected-electron image the simulator drew from.
     c_args, c_kwargs = clock.last_call["compose_exposure"]
@@ -228,7 +238,8 @@ def bench_detector(env: dict, det_name: str, repeat: int) -> dict:
         "detector": det.name, "vendor": det.vendor.name, "shape": list(det.shape), "band": spec.band,
         "n_sources": n_sources, "lam_median_e": float(np.median(lam[:: 8, :: 8])),
         "signature_parts": sig_parts, "signature_seconds": sum(sig_parts.values()), "warmup_seconds": warmup,
-        "totals": totals, "total": median_total, "stages": stages, "numpy_poisson": t_numpy,
+        "totals": totals, "total": median_total, "cpu": statistics.median(cpu), "write_plain": t_plain,
+        "compress": bool(w_kwargs.get("compress", False)), "stages": stages, "numpy_poisson": t_numpy,
         "lam": lam,
     }  # fmt: skip
 
@@ -244,15 +255,20 @@ def bench_copy(repeat: int) -> tuple[float, float]:
 def bench_mini_night(root: Path, n_visits: int, seed: int, lam: np.ndarray, repeat: int,
                      detectors: tuple[str, ...] = ()) -> dict:  # fmt: skip
     """Untimed one-visit warm-up night, then the timed night; anchor: numpy Poisson on as many pixels."""
-    base = dict(camera="mini", detectors=detectors, calibs=True, progress=False, seed=seed)
+    base = dict(camera="mini", calibs=True, progress=False, seed=seed)
+    # Warm-up: one visit on a CCD of each kind compiles every kernel (donuts, templates, CDS included);
+    # calibration frames run the same kernels with the same types, so they are left out of it.
     t0 = time.perf_counter()
-    run_simulation(SimulationRequest(repo=str(root / "warmup"), n_visits=1, **base))
+    run_simulation(SimulationRequest(repo=str(root / "warmup"), n_visits=1, detectors=WARMUP_DETECTORS,
+                                     **{**base, "calibs": False}))  # fmt: skip
     warmup = time.perf_counter() - t0
     clock = Clock()
     with clock.probing(NIGHT_PROBES):
-        t0 = time.perf_counter()
-        summary = run_simulation(SimulationRequest(repo=str(root / "night"), n_visits=n_visits, **base))
+        t0, c0 = time.perf_counter(), time.process_time()
+        request = SimulationRequest(repo=str(root / "night"), n_visits=n_visits, detectors=detectors, **base)
+        summary = run_simulation(request)
         seconds = time.perf_counter() - t0
+        cpu = time.process_time() - c0
     stages = dict(clock.seconds)
     stages["sky_and_setup"] = seconds - sum(stages.values())
     camera = get_camera("mini")
@@ -262,7 +278,7 @@ def bench_mini_night(root: Path, n_visits: int, seed: int, lam: np.ndarray, repe
     cut = np.ascontiguousarray(lam[:ny, :nx])
     per_pixel = _median_time(lambda: np.random.default_rng(seed).poisson(cut), max(repeat, 5)) / cut.size
     return {
-        "seconds": seconds, "warmup_seconds": warmup, "ccd_exposures": summary["raws"],
+        "seconds": seconds, "cpu_seconds": cpu, "warmup_seconds": warmup, "ccd_exposures": summary["raws"],
         "visits": summary["visits"], "exposures": summary["exposures"], "detectors": summary["detectors"],
         "templates": summary["templates"], "pixels": total_pixels, "stages": stages,
         "numpy_poisson_seconds": per_pixel * total_pixels,
@@ -295,10 +311,11 @@ def run(args: argparse.Namespace) -> dict:
         "config": {"camera": camera_name, "detectors": names, "repeat": args.repeat, "mini_visits": args.mini_visits,
                    "mini_night_detectors": night["detectors"],
                    "seed": args.seed, "quick": args.quick, "obsid": env["spec"].obsid, "band": env["spec"].band,
-                   "exptime": env["spec"].exptime},
+                   "exptime": env["spec"].exptime, "compress": per_det[0]["compress"]},
         "target_seconds": TARGET_SECONDS,
         "ccd_exposure_seconds": {d["detector"]: d["total"] for d in per_det},
         "ccd_exposure_seconds_runs": {d["detector"]: d["totals"] for d in per_det},
+        "ccd_exposure_cpu_seconds": {d["detector"]: d["cpu"] for d in per_det},
         "target_met": {d["detector"]: d["total"] <= TARGET_SECONDS for d in per_det},
         "stage_seconds": {d["detector"]: d["stages"] for d in per_det},
         "stage_fraction": {d["detector"]: {k: v / d["total"] for k, v in d["stages"].items()} for d in per_det},
@@ -316,9 +333,11 @@ def run(args: argparse.Namespace) -> dict:
         "sky_stars": env["n_stars"],
         "copy_seconds": copy_s,
         "copy_gbps": copy_gbps,
+        "write_raw_plain_seconds": {d["detector"]: d["write_plain"] for d in per_det},
         "ratio_to_copy": {d["detector"]: d["total"] / copy_s for d in per_det},
         "mini_night_seconds": night["seconds"],
         "mini_night_warmup_seconds": night["warmup_seconds"],
+        "mini_night_cpu_seconds": night["cpu_seconds"],
         "mini_night_ccd_exposures": night["ccd_exposures"],
         "mini_night_seconds_per_ccd_exposure": night["seconds"] / night["ccd_exposures"],
         "mini_night_stage_seconds": night["stages"],
@@ -343,7 +362,7 @@ STAGE_ROWS = (
     ("render.digitize", "  digitize_segments"),
     ("render.other", "  other (flat, sky grid, gains)"),
     ("write", "write"),
-    ("write.fits", "  write_raw (FITS, fsync)"),
+    ("write.fits", "  write_raw (FITS, checksums, fsync)"),
     ("write.sha256", "  sha256 of the file"),
     ("write.register", "  registry insert"),
     ("truth", "truth"),
@@ -360,7 +379,8 @@ def report(r: dict) -> str:
     w = 14
     lines = [
         f"lsstpipe simulator benchmark — {r['config']['camera']} {r['config']['obsid']} (band {r['config']['band']}, "
-        f"{r['config']['exptime']:g} s snap), median of {r['config']['repeat']}, one thread",
+        f"{r['config']['exptime']:g} s snap, {'RICE-compressed' if r['config']['compress'] else 'plain'} raws), "
+        f"median of {r['config']['repeat']}, one thread",
         f"machine: {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}; python {m['python']}, "
         f"numpy {m['numpy']}, numba {m['numba']} ({m['numba_threads']} thread)",
         "",
@@ -368,6 +388,7 @@ def report(r: dict) -> str:
     ]
     rows = [
         ("simulate_one (s)", [f"{r['ccd_exposure_seconds'][d]:.3f}" for d in dets]),
+        ("  of which CPU time of this process (s)", [f"{r['ccd_exposure_cpu_seconds'][d]:.3f}" for d in dets]),
         (f"target ≤ {r['target_seconds']:g} s", ["PASS" if r["target_met"][d] else "MISS" for d in dets]),
         ("numpy poisson, same lam (s)", [f"{r['numpy_poisson_seconds'][d]:.3f}" for d in dets]),
         ("simulate_one / numpy poisson", [f"{r['ratio_to_numpy_poisson'][d]:.2f}×" for d in dets]),
@@ -390,6 +411,8 @@ def report(r: dict) -> str:
     lines.append(
         f"  sky, asteroids, ephemerides for the field: {r['sky_setup_seconds']:.2f} s ({r['sky_stars']} stars)"
     )
+    lines.append("  write_raw of the same segments as plain FITS: "
+                 + ", ".join(f"{d} {r['write_raw_plain_seconds'][d]:.3f} s" for d in dets))  # fmt: skip
     lines.append(
         f"  numpy copy of 4k² float32: {r['copy_seconds'] * 1e3:.1f} ms = {r['copy_gbps']:.1f} GB/s (read+write)"
     )
@@ -400,7 +423,7 @@ def report(r: dict) -> str:
         f"mini night: {r['config']['mini_visits']} visits + calibrations, {r['config']['mini_night_detectors']} "
         f"CCDs, {n} CCD exposures, "
         f"{r['mini_night_pixels'] / 1e6:.0f} Mpx: {r['mini_night_seconds']:.2f} s "
-        f"(warm-up night {r['mini_night_warmup_seconds']:.1f} s, untimed)",
+        f"(CPU {r['mini_night_cpu_seconds']:.2f} s; warm-up night {r['mini_night_warmup_seconds']:.1f} s, untimed)",
         f"  per CCD exposure {r['mini_night_seconds_per_ccd_exposure'] * 1e3:.1f} ms; "
         f"night / numpy poisson on as many pixels {r['mini_night_ratio_to_numpy_poisson']:.1f}× "
         f"(exposures only {r['mini_night_exposures_ratio_to_numpy_poisson']:.1f}×)",

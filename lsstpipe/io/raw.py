@@ -288,7 +288,8 @@ def write_raw(
         if biassec:
             hdr["BIASSEC"] = (_section_of(*amp.raw_serial_overscan), "serial overscan section")
         if compress:
-            hdus.append(fits.CompImageHDU(data=segments[amp.hdu - 1], header=hdr, compression_type="RICE_1"))
+            seg = segments[amp.hdu - 1]
+            hdus.append(fits.CompImageHDU(data=seg, header=hdr, compression_type="RICE_1", tile_shape=seg.shape))
             continue
         data = segments[amp.hdu - 1].astype(">i4")  # a big-endian copy: astropy writes it without swapping
         hdus.append(fits.ImageHDU(data=data, header=hdr))
@@ -319,8 +320,8 @@ def _open_quietly(path: Path, checksum: bool) -> tuple[fits.HDUList, list[warnin
             raise RawFormatError(f"{path}: cannot be read as FITS: {exc}") from exc
 
 
-def _check_structure(path: Path) -> None:
-    """Headers readable and, for plain files, every HDU's data inside the file (astropy only warns)."""
+def _check_structure(path: Path) -> bool:
+    """Cheap checks before opening: FITS magic and whole FITS blocks. Returns whether it is gzipped."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         magic = f.read(9)
@@ -331,14 +332,16 @@ def _check_structure(path: Path) -> None:
         raise RawFormatError(
             f"{path}: file is truncated: its size {size} is not a multiple of the {_FITS_BLOCK}-byte FITS block"
         )
-    hdul, caught = _open_quietly(path, checksum=False)
-    with hdul:
-        end = max(hdul.fileinfo(i)["datLoc"] + hdul.fileinfo(i)["datSpan"] for i in range(len(hdul)))
-    if not gzipped and end > size:
+    return gzipped
+
+
+def _check_extent(path: Path, hdul: fits.HDUList) -> None:
+    """Every HDU's data lies inside the file (astropy only warns about a short file)."""
+    size = path.stat().st_size
+    end = max(hdul.fileinfo(i)["datLoc"] + hdul.fileinfo(i)["datSpan"] for i in range(len(hdul)))
+    if end > size:
+        hdul.close()
         raise RawFormatError(f"{path}: file is truncated: its headers describe {end} bytes but it has {size}")
-    for w in caught:
-        if "truncated" in str(w.message):
-            raise RawFormatError(f"{path}: file is truncated: {str(w.message).strip()}")
 
 
 def _open_checked(path: Path) -> fits.HDUList:
@@ -350,8 +353,10 @@ def _open_checked(path: Path) -> fits.HDUList:
         raise RawFormatError(f"{path}: no such raw file")
     if not path.is_file():
         raise RawFormatError(f"{path}: not a regular file")
-    _check_structure(path)
+    gzipped = _check_structure(path)
     hdul, caught = _open_quietly(path, checksum=True)
+    if not gzipped:
+        _check_extent(path, hdul)
     failed, problems = [], []
     for w in caught:
         text = str(w.message).strip()
