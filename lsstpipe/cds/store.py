@@ -134,7 +134,8 @@ def write_file(path: Path, image: PreparedImage, mjd: float, compression: str | 
             extra = (
                 {"compression": compression, "shuffle": True, "chunks": (1, *pixels.shape[1:])} if compression else {}
             )
-            dataset = group.create_dataset(name, data=pixels, **extra)
+            # No modification times in the file: the same image always gives the same bytes.
+            dataset = group.create_dataset(name, data=pixels, track_times=False, **extra)
             dataset.attrs["header"] = image.headers_json[name]
 
 

@@ -160,9 +160,11 @@ def write_template(path, image, variance, wcs: WCS, band, tract, patch, scale_ar
     })  # fmt: skip
     hdus = [primary]
     hdus.append(fits.ImageHDU(image, header=hdr, name="IMAGE"))
-    # The variance and mask planes are smooth: lossless tile compression stores them in almost nothing.
-    for name, data in (("VARIANCE", variance), ("MASK", np.zeros(image.shape, np.int32))):
-        hdus.append(fits.CompImageHDU(data, header=hdr, name=name, compression_type="GZIP_2", quantize_level=0.0))
+    hdus.append(fits.ImageHDU(variance, header=hdr, name="VARIANCE"))
+    # The mask plane is integer: RICE tiles store it losslessly in almost nothing (astropy's GZIP tiles
+    # would embed the write time and break byte-reproducibility).
+    mask = np.zeros(image.shape, np.int32)
+    hdus.append(fits.CompImageHDU(mask, header=hdr, name="MASK", compression_type="RICE_1", tile_shape=mask.shape))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fits.HDUList(hdus).writeto(tmp, overwrite=True)
