@@ -400,7 +400,8 @@ def _segment_array(path: Path, hdu: fits.hdu.base.ExtensionHDU) -> np.ndarray:
     return data
 
 
-def _check_section(path: Path, name: str, hdr: fits.Header, key: str) -> tuple:
+def check_section(path: Path, name: str, hdr: fits.Header, key: str) -> tuple:
+    """The parsed section ``key`` (DATASEC, DETSEC) of segment ``name``, or a RawFormatError naming the file."""
     if key not in hdr:
         raise RawFormatError(f"{path}: {name} has no {key} keyword; every raw segment needs DATASEC and DETSEC")
     try:
@@ -457,8 +458,8 @@ def read_raw(path: str | os.PathLike) -> RawExposure:
         listing = ", ".join(f"{n} {s}" for n, s in shapes.items())
         raise RawFormatError(f"{path}: segments have different shapes ({listing}); all must match")
     for name, hdr in segment_headers.items():
-        _, x1, _, y1, _, _ = _check_section(path, name, hdr, "DATASEC")
-        _check_section(path, name, hdr, "DETSEC")
+        _, x1, _, y1, _, _ = check_section(path, name, hdr, "DATASEC")
+        check_section(path, name, hdr, "DETSEC")
         rows, cols = shapes[name]
         if x1 > cols or y1 > rows:
             raise RawFormatError(f"{path}: {name} DATASEC {hdr['DATASEC']} lies outside the {rows}×{cols} segment")

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from lsstpipe.camera.geometry import E2V, E2V_MINI, ITL, ITL_MINI, SEGMENT_ORDER, Detector, VendorGeometry
-from lsstpipe.io.raw import RawExposure, RawFormatError, parse_section, read_raw
+from lsstpipe.io.raw import RawExposure, RawFormatError, check_section, parse_section, read_raw
 
 __all__ = ["AmpRegions", "assemble_ccd", "disassemble_ccd", "overscan_regions", "parse_section"]
 
@@ -35,13 +35,7 @@ def _as_raw(raw: RawExposure | str | os.PathLike) -> RawExposure:
 
 
 def _section(raw: RawExposure, name: str, key: str) -> tuple[int, int, int, int, bool, bool]:
-    hdr = raw.segment_headers[name]
-    if key not in hdr:
-        raise RawFormatError(f"{raw.path}: {name} has no {key} keyword")
-    try:
-        return parse_section(hdr[key])
-    except ValueError as exc:
-        raise RawFormatError(f"{raw.path}: {name} {key}: {exc}") from exc
+    return check_section(raw.path, name, raw.segment_headers[name], key)
 
 
 def _ccd_size(raw: RawExposure, detsecs: dict[str, tuple]) -> tuple[int, int]:
