@@ -16,7 +16,7 @@ setup(
     version="0.1.0",
     description="Automated operation of an LSST-class data-management system on MPI",
     packages=find_packages(include=["lsstpipe", "lsstpipe.*", "kernels", "kernels.*"]),
-    package_data={"lsstpipe": ["data/*", "configs/*"]},
+    package_data={"lsstpipe": ["data/*", "configs/*/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.24",

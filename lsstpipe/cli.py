@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from lsstpipe import __version__
+from lsstpipe.control import cli_control
 
 
 def _add_simulate(sub) -> None:
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_camera(sub)
     _add_slurm(sub)
+    cli_control.add_parsers(sub)  # config, ocs, dmcs
     return parser
 
 
@@ -172,7 +174,7 @@ def _cmd_slurm(args) -> int:
     return 0
 
 
-COMMANDS = {"simulate": _cmd_simulate, "camera": _cmd_camera, "slurm": _cmd_slurm}
+COMMANDS = {"simulate": _cmd_simulate, "camera": _cmd_camera, "slurm": _cmd_slurm, **cli_control.HANDLERS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

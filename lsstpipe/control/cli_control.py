@@ -1,0 +1,218 @@
+"""Command-line handlers of the control plane: ``config``, ``ocs`` and ``dmcs``.
+
+Wiring into :mod:`lsstpipe.cli`::
+
+    from lsstpipe.control import cli_control
+    ...
+    cli_control.add_parsers(sub)          # in build_parser(), adds 'config', 'ocs', 'dmcs'
+    COMMANDS.update(cli_control.HANDLERS)  # each handler takes the parsed args and returns an exit code
+
+Settings are resolved here, in the entry point: ``--state-dir`` > ``$LSSTPIPE_STATE_DIR`` > ``~/.lsstpipe``;
+``--secret`` > ``$LSSTPIPE_SECRET_FILE`` > a fresh random secret (in-process, both ends share it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lsstpipe.control.cluster import SimulatedCluster
+from lsstpipe.control.config import load_configuration, schema_text
+from lsstpipe.control.dmcs import BaseDMCS, LockoutFlag, resolve_state_dir
+from lsstpipe.control.errors import ControlError
+from lsstpipe.control.ocs import OCSClient
+from lsstpipe.control.protocol import Codec, ErrorEvent, Response, create_secret, load_secret
+from lsstpipe.control.recorder import InMemoryRecorder
+from lsstpipe.control.script import load_script, play, transcript_line
+from lsstpipe.control.states import Command, EntityName
+from lsstpipe.control.transport import InProcessTransport
+
+SECRET_ENV = "LSSTPIPE_SECRET_FILE"
+
+
+def _common(p: argparse.ArgumentParser, cluster: bool = True) -> None:
+    p.add_argument("--state-dir", default=None,
+                   help="state directory with the lockout flag (default: $LSSTPIPE_STATE_DIR, else ~/.lsstpipe)")  # fmt: skip
+    if cluster:
+        p.add_argument("--cluster", default=None, help="YAML description of the simulated cluster (default: one "
+                       "the shipped configurations fit; fields: lsstpipe.control.cluster.ClusterDescription)")  # fmt: skip
+        p.add_argument("--config-root", default=None,
+                       help="folder of named configurations {entity}/{name}.yaml (default: the shipped ones)")  # fmt: skip
+        p.add_argument("--secret", default=None, help="shared-secret file, private to its owner "
+                       "(default: $LSSTPIPE_SECRET_FILE, else a fresh in-process secret)")  # fmt: skip
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Add the ``config``, ``ocs`` and ``dmcs`` subcommands to an ``argparse`` subparsers object."""
+    entities = [e.value for e in EntityName]
+    p = subparsers.add_parser("config", help="check entity configurations, print their schema",
+                              description="Validate named configurations of the OCS commandable entities.")  # fmt: skip
+    s = p.add_subparsers(dest="config_command", metavar="ACTION")
+    s.required = True
+    c = s.add_parser("check", help="validate configuration files", description="Validate each FILE: schema "
+                     "(unknown keys are errors), types, ranges, consistency. Exit 1 if any is invalid.")  # fmt: skip
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c = s.add_parser("schema", help="print the fields of an entity's configurations with defaults and docs")
+    c.add_argument("entity", choices=entities)
+
+    p = subparsers.add_parser("ocs", help="act as the OCS: send commands, play scripts",
+                              description="Commands to the Base DMCS (an in-process one for now).")  # fmt: skip
+    s = p.add_subparsers(dest="ocs_command", metavar="ACTION")
+    s.required = True
+    c = s.add_parser("send", help="boot an in-process DMCS, send one command, print its results",
+                     description="Boot an in-process Base DMCS, send ENTITY COMMAND [ARG], print the ACK and the "
+                     "final result as JSON lines. Exit 0 if COMPLETE or IGNORED, 1 otherwise.")  # fmt: skip
+    c.add_argument("entity", choices=entities)
+    c.add_argument("entity_command", metavar="COMMAND", choices=[m.value for m in Command])
+    c.add_argument("arg", nargs="?", default=None, help="the configuration (name or YAML path) for configure")
+    c.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the final result")
+    _common(c)
+    c = s.add_parser("script", help="play a timed OCS script against an in-process DMCS",
+                     description="Send the steps of SCRIPT.yaml at their times (not waiting for results) to an "
+                     "in-process Base DMCS and write one JSON line per ACK/result to --transcript.")  # fmt: skip
+    c.add_argument("script", metavar="SCRIPT.yaml")
+    c.add_argument("--transcript", required=True, metavar="OUT.jsonl")
+    c.add_argument("--settle-timeout", type=float, default=60.0,
+                   help="seconds to wait for the last results after the last step")  # fmt: skip
+    _common(c)
+    c = s.add_parser("secret", help="create a shared-secret file readable only by you")
+    c.add_argument("file")
+
+    p = subparsers.add_parser("dmcs", help="Base DMCS administration (DM-engineering lockout)",
+                              description="Administration of the Base DMCS.")  # fmt: skip
+    s = p.add_subparsers(dest="dmcs_command", metavar="ACTION")
+    s.required = True
+    c = s.add_parser("lockout", help="lock OCS control out (init fails), lift the lockout, or show it",
+                     description="DM engineering's lockout of OCS control: while on, init fails with the reason.")  # fmt: skip
+    c.add_argument("action", choices=("on", "off", "status"))
+    c.add_argument("--reason", default="", help="why (shown to the OCS in the init failure)")
+    _common(c, cluster=False)
+
+
+def _error(args: argparse.Namespace, exc: Exception) -> int:
+    print(f"lsstpipe {args.command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "schema":
+        print(schema_text(EntityName(args.entity)))
+        return 0
+    bad = 0
+    for f in args.files:
+        try:
+            cfg = load_configuration(f if f.endswith((".yaml", ".yml")) or "/" in f else f"./{f}")
+        except ControlError as exc:
+            print(f"INVALID {exc}", file=sys.stderr)
+            bad += 1
+            continue
+        s = cfg.settings
+        print(f"OK {f}: {s.entity.value} {s.mode.value}, software {s.software_version}, "
+              f"install {s.install_seconds:g} s{' — ' + s.description if s.description else ''}")  # fmt: skip
+    return 1 if bad else 0
+
+
+@contextlib.contextmanager
+def in_process_session(
+    args: argparse.Namespace, recorder: InMemoryRecorder | None = None
+) -> Iterator[tuple[BaseDMCS, OCSClient]]:
+    """Boot an in-process Base DMCS and an OCS client on one in-process transport (settings resolved here)."""
+    secret_file = args.secret or os.environ.get(SECRET_ENV)
+    secret = load_secret(secret_file) if secret_file else os.urandom(32).hex().encode()
+    codec = Codec(secret)
+    cluster = SimulatedCluster.from_yaml(Path(args.cluster)) if args.cluster else SimulatedCluster()
+    transport = InProcessTransport("ocs")
+    try:
+        dmcs = BaseDMCS(transport, codec, cluster, lockout=LockoutFlag(resolve_state_dir(args.state_dir)),
+                        config_root=Path(args.config_root) if args.config_root else None, recorder=recorder)  # fmt: skip
+        dmcs.boot()
+        client = OCSClient(transport, codec)
+        try:
+            yield dmcs, client
+        finally:
+            client.close()
+            dmcs.close()
+    finally:
+        transport.close()
+
+
+def cmd_ocs(args: argparse.Namespace) -> int:
+    try:
+        if args.ocs_command == "secret":
+            create_secret(args.file)
+            print(f"wrote a new secret to {args.file} (mode 0600)")
+            return 0
+        if args.ocs_command == "send":
+            return _send(args)
+        return _script(args)
+    except (ControlError, TimeoutError, OSError) as exc:
+        return _error(args, exc)
+
+
+def _send(args: argparse.Namespace) -> int:
+    with in_process_session(args) as (_dmcs, client):
+        lines: list[Response | ErrorEvent] = []
+        client.listeners.append(lambda item, t: lines.append(item))
+        seq = client.send(EntityName(args.entity), Command(args.entity_command), args.arg)
+        client.wait(seq, args.timeout)
+    final = "FAILED"
+    for item in lines:
+        row = transcript_line(item, 0.0, {})
+        del row["t"], row["at"]
+        row.update(entity=args.entity, command=args.entity_command, arg=args.arg)
+        print(json.dumps(row))
+        final = row["result"]
+    return 0 if final in ("COMPLETE", "IGNORED") else 1
+
+
+def _script(args: argparse.Namespace) -> int:
+    steps = load_script(args.script)
+    Path(args.transcript).parent.mkdir(parents=True, exist_ok=True)
+    with in_process_session(args) as (_dmcs, client), open(args.transcript, "w") as out:
+        rows = play(steps, client, out, settle_timeout=args.settle_timeout)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["result"]] = counts.get(r["result"], 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    print(f"{len(steps)} steps played, {len(rows)} responses ({summary}) written to {args.transcript}")
+    return 0
+
+
+def cmd_dmcs(args: argparse.Namespace) -> int:
+    flag = LockoutFlag(resolve_state_dir(args.state_dir))
+    try:
+        if args.action == "on":
+            flag.set(args.reason)
+            print(f"OCS control locked out ({flag.reason()}); init will fail until 'lsstpipe dmcs lockout off'")
+        elif args.action == "off":
+            print("lockout lifted" if flag.clear() else "OCS control was not locked out")
+        else:
+            reason = flag.reason()
+            print(f"locked out {reason}" if reason else "not locked out")
+    except OSError as exc:
+        return _error(args, exc)
+    return 0
+
+
+#: Subcommand name → handler, to merge into :data:`lsstpipe.cli.COMMANDS`.
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {"config": cmd_config, "ocs": cmd_ocs, "dmcs": cmd_dmcs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m lsstpipe.control.cli_control …``) until lsstpipe.cli wires these in."""
+    parser = argparse.ArgumentParser(prog="lsstpipe")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_parsers(sub)
+    args = parser.parse_args(argv)
+    return HANDLERS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

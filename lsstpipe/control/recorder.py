@@ -1,0 +1,83 @@
+"""What the Base DMCS records: the :class:`ControlRecorder` protocol and an in-memory implementation.
+
+The Alert Production control database (a later session: SQLite by default, PostgreSQL) implements this
+same protocol; the DMCS and its entities only ever call these methods. Methods are called from the
+DMCS's threads, possibly concurrently, and must not block for long.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lsstpipe.control.protocol import CommandMessage, OCSEventMessage, Response
+from lsstpipe.control.states import EntityName, SummaryState
+
+
+class ControlRecorder(Protocol):
+    """The history the control database keeps."""
+
+    def command_received(self, msg: CommandMessage) -> None:
+        """A well-formed, authenticated command arrived."""
+
+    def response_sent(self, resp: Response) -> None:
+        """An acknowledgement or final result was published."""
+
+    def state_changed(self, entity: EntityName, state: SummaryState, configuration: str | None, enabled: bool) -> None:
+        """An entity's status changed."""
+
+    def configuration_installed(
+        self, entity: EntityName, configuration: str, software_version: str, checksum: str
+    ) -> None:
+        """A configure completed: this configuration is installed, with this verified software."""
+
+    def message_rejected(self, code: str, reason: str, seq: int | None) -> None:
+        """A message was rejected before reaching an entity (malformed, unauthenticated, duplicate)."""
+
+    def event_received(self, event: OCSEventMessage, handled_by: list[EntityName]) -> None:
+        """An OCS event arrived; ``handled_by`` lists the entities subscribed to it."""
+
+    def jobs_submitted(self, entity: EntityName, label: str, n_jobs: int) -> None:
+        """Jobs were submitted to the Orchestration Manager."""
+
+
+@dataclass
+class InMemoryRecorder:
+    """A :class:`ControlRecorder` that keeps ``(kind, time, fields)`` rows in a list (tests, one-shot CLI runs)."""
+
+    rows: list[tuple[str, float, dict[str, Any]]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _add(self, kind: str, **fields: Any) -> None:
+        with self._lock:
+            self.rows.append((kind, time.time(), fields))
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [f for k, _, f in self.rows if k == kind]
+
+    def command_received(self, msg: CommandMessage) -> None:
+        self._add("command", msg=msg)
+
+    def response_sent(self, resp: Response) -> None:
+        self._add("response", resp=resp)
+
+    def state_changed(self, entity: EntityName, state: SummaryState, configuration: str | None, enabled: bool) -> None:
+        self._add("state", entity=entity, state=state, configuration=configuration, enabled=enabled)
+
+    def configuration_installed(
+        self, entity: EntityName, configuration: str, software_version: str, checksum: str
+    ) -> None:
+        self._add("installed", entity=entity, configuration=configuration, software_version=software_version,
+                  checksum=checksum)  # fmt: skip
+
+    def message_rejected(self, code: str, reason: str, seq: int | None) -> None:
+        self._add("rejected", code=code, reason=reason, seq=seq)
+
+    def event_received(self, event: OCSEventMessage, handled_by: list[EntityName]) -> None:
+        self._add("event", event=event, handled_by=handled_by)
+
+    def jobs_submitted(self, entity: EntityName, label: str, n_jobs: int) -> None:
+        self._add("jobs", entity=entity, label=label, n_jobs=n_jobs)
