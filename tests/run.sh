@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: installs the package with its test tools, then runs the
+# The whole test suite, from a fresh clone: installs the package with its test tools, starts a throw-away
+# PostgreSQL on 127.0.0.1 for the control-database tests (stopped however the run ends), then runs the
 # serial tests and the MPI tests at 2 and 4 ranks (4 ranks on 2 cores is oversubscribed: correctness only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e '.[test]'
+python -m pip install -q -e '.[test,dds,postgres]'
+# Cyclone DDS must never discover peers beyond loopback, in tests too (the transport also pins this).
+export CYCLONEDDS_URI='<CycloneDDS><Domain><General><Interfaces><NetworkInterface address="127.0.0.1"/></Interfaces><AllowMulticast>false</AllowMulticast></General></Domain></CycloneDDS>'
+pg_env=$(.ci/postgres.sh start)   # kept apart from eval so that set -e catches a failed start
+eval "$pg_env"
+trap '.ci/postgres.sh stop "$LSSTPIPE_PG_DIR"' EXIT
+trap 'exit 130' INT TERM
 python -m pytest -q tests
 for n in 2 4; do
     echo "== MPI tests on $n ranks"

@@ -1,8 +1,9 @@
 """What the Base DMCS records: the :class:`ControlRecorder` protocol and an in-memory implementation.
 
-The Alert Production control database (a later session: SQLite by default, PostgreSQL) implements this
-same protocol; the DMCS and its entities only ever call these methods. Methods are called from the
-DMCS's threads, possibly concurrently, and must not block for long.
+The Alert Production control database (:class:`lsstpipe.db.ControlDatabase`: SQLite by default, PostgreSQL)
+implements this same protocol; the DMCS, its entities, and the roles that run jobs and move images only
+ever call these methods. Methods are called from the DMCS's threads, possibly concurrently, and must not
+block for long.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 
 from lsstpipe.control.protocol import CommandMessage, OCSEventMessage, Response
 from lsstpipe.control.states import EntityName, SummaryState
+from lsstpipe.db.records import ImageTransfer
 
 
 class ControlRecorder(Protocol):
@@ -41,6 +43,15 @@ class ControlRecorder(Protocol):
 
     def jobs_submitted(self, entity: EntityName, label: str, n_jobs: int) -> None:
         """Jobs were submitted to the Orchestration Manager."""
+
+    def job_started(self, entity: EntityName, label: str, index: int, node: str, rank: int) -> None:
+        """Job ``index`` (0-based) of the latest batch ``label`` of ``entity`` started on ``node``, MPI ``rank``."""
+
+    def job_finished(self, entity: EntityName, label: str, index: int, result: str, reason: str = "") -> None:
+        """Job ``index`` of the latest batch ``label`` of ``entity`` ended with ``result`` (once per job)."""
+
+    def image_transferred(self, transfer: ImageTransfer) -> None:
+        """An image (or a raft of it) was moved, or a move failed: every attempt is recorded."""
 
 
 @dataclass
@@ -81,3 +92,12 @@ class InMemoryRecorder:
 
     def jobs_submitted(self, entity: EntityName, label: str, n_jobs: int) -> None:
         self._add("jobs", entity=entity, label=label, n_jobs=n_jobs)
+
+    def job_started(self, entity: EntityName, label: str, index: int, node: str, rank: int) -> None:
+        self._add("job_started", entity=entity, label=label, index=index, node=node, rank=rank)
+
+    def job_finished(self, entity: EntityName, label: str, index: int, result: str, reason: str = "") -> None:
+        self._add("job_finished", entity=entity, label=label, index=index, result=result, reason=reason)
+
+    def image_transferred(self, transfer: ImageTransfer) -> None:
+        self._add("transfer", transfer=transfer)

@@ -1,0 +1,30 @@
+"""Databases of the data-management system: the Alert Production control database (SQLite or PostgreSQL).
+
+Modules: :mod:`~lsstpipe.db.sql` (one SQL code path over both backends, URLs, migrations),
+:mod:`~lsstpipe.db.records` (the rows, as frozen dataclasses) and :mod:`~lsstpipe.db.control` (the
+control database the Base DMCS records into). This package sits below the control plane: it imports
+nothing from it.
+"""
+
+from lsstpipe.db.control import CONTROL_DB_ENV, MIGRATIONS, ControlDatabase, resolve_control_db_url
+from lsstpipe.db.records import (
+    CommandRecord,
+    EntityStatusRecord,
+    HistoryEntry,
+    ImageTransfer,
+    InstalledConfiguration,
+    JobRecord,
+    JobSubmission,
+    Rejection,
+    ResultRecord,
+    SoftwareVersion,
+    StateChange,
+)
+from lsstpipe.db.sql import Database, DatabaseError, Migration, parse_url, redact
+
+__all__ = [
+    "CONTROL_DB_ENV", "CommandRecord", "ControlDatabase", "Database", "DatabaseError", "EntityStatusRecord",
+    "HistoryEntry", "ImageTransfer", "InstalledConfiguration", "JobRecord", "JobSubmission", "MIGRATIONS",
+    "Migration", "Rejection", "ResultRecord", "SoftwareVersion", "StateChange", "parse_url", "redact",
+    "resolve_control_db_url",
+]  # fmt: skip
