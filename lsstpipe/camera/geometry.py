@@ -323,7 +323,9 @@ def build_amps(vendor: VendorGeometry, detector_key: str) -> tuple[AmpInfo, ...]
         gain = vendor.typical_gain * (1.0 + 0.02 * rng.standard_normal())
         read_noise = vendor.typical_read_noise * (1.0 + 0.05 * rng.standard_normal())
         bias = vendor.typical_bias * (1.0 + 0.05 * rng.standard_normal())
-        saturation = min(bias + vendor.full_well_e / gain * (1.0 + 0.02 * rng.standard_normal()), 2**31 - 1)
+        # Flagged saturation sits at most a few per cent below the full well, never above it, so every pixel
+        # that reached full well (and bled) is flagged.
+        saturation = min(bias + vendor.full_well_e / gain * (1.0 - abs(0.02 * rng.standard_normal())), 2**31 - 1)
         amps.append(
             AmpInfo(
                 name=f"C{iy}{ix}", segment=seg, hdu=hdu, ix=ix, iy=iy, flip_x=flip_x, flip_y=flip_y,
