@@ -1,0 +1,385 @@
+"""Instrument signature removal: overscan, bias, crosstalk, gain, dark, flat, assembly, variance and mask.
+
+The raw of a CCD is ``(namp, rows, cols)`` integer segments in HDU order; every segment has the same
+layout (data region, serial overscan). :func:`~kernels.overscan.overscan_levels` estimates a robust level per amplifier and
+per row from the serial overscan (:mod:`kernels.overscan`): the bias drifts from row to row, and the drift
+is shared by the data and the overscan of that row, so a row-wise subtraction removes it. :func:`isr_ccd`
+then does, in one pass over
+each raw row of all amplifiers (all amplifiers are read at the same instant, so crosstalk couples pixels
+with the same raw ``(row, col)``):
+
+1. overscan subtraction (the row level of that amplifier);
+2. first-order crosstalk removal ``t_j = s_j - sum_i C[i, j] s_i`` on the overscan-subtracted signal
+   (fused: a block of raw rows of all 16 amplifiers stays in cache; the same correction as
+   :func:`kernels.crosstalk.remove_crosstalk`, which run separately costs a pass over the segments several
+   times the price of the whole fused pass). With ``crosstalk_tolerance`` > 0 the varying part of a weak
+   coupling from a faint row is skipped, within a bound on the error;
+3. assembly: the amplifier's pixel is written at its place in the CCD (``bbox`` with its flips);
+4. master bias subtraction (ADU, assembled frame: the 2-D structure left after overscan subtraction);
+5. gain to electrons, dark subtraction ``dark_rate * dark_time``, flat division;
+6. variance ``(max(e, 0) + read_noise_e**2 (1 + 1/n_overscan) + gain**2/12) / flat**2``, with ``e`` the
+   electrons before dark subtraction (dark current is Poisson too), the noise of the row's overscan level
+   and the ADC's rounding included;
+7. mask: ``sat_bit`` where the raw count reaches the amplifier's saturation, ``nodata_bit`` where the
+   result is not finite (NaN or non-positive flat, NaN calibrations), the image and variance set to NaN
+   there.
+
+Defects (bad columns, boxes) are ORed into the mask afterwards by :func:`mask_boxes`, which touches only
+their pixels. Fringes are fitted and subtracted after ISR by :mod:`kernels.fringe`.
+
+The fused pass reads each raw pixel and each calibration pixel once and writes each output pixel once:
+its floor is memory bandwidth (``benchmarks/isr.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from kernels.arrays import readonly
+from kernels.config import njit
+from kernels.overscan import as_raw_counts
+
+__all__ = ["isr_ccd", "mask_boxes", "AmpLayout"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fused pass
+# ---------------------------------------------------------------------------------------------------
+
+
+#: Raw rows per block of the fused pass: 16 amplifiers × 8 rows × 512 columns × 2 float32 scratch = 512 kB.
+_BLOCK = 8
+
+
+def _make_isr_row(reverse: bool):
+    """The per-row kernel reading its inputs forwards or backwards (``reverse`` is a compile-time constant,
+    so both loops vectorise)."""
+
+    @njit(error_model="numpy")  # no ZeroDivisionError checks: a zero flat gives inf → NO_DATA
+    def isr_row(src, rawrow, bias, dark, flat, img, var, msk, g, r2, sa, dt, sat_bit, nodata_bit):
+        """One output row of one amplifier from its overscan- and crosstalk-corrected signal ``src`` and its
+        raw counts ``rawrow`` (raw order); calibration rows (output order) may be None."""
+        nan = np.float32(np.nan)
+        inf = np.float32(np.inf)
+        zero = np.float32(0.0)
+        w = src.shape[0]
+        for k in range(w):
+            x = w - 1 - k if reverse else k
+            v = src[x]
+            if bias is not None:
+                v -= bias[k]
+            e = v * g
+            ve = max(e, zero) + r2
+            if dark is not None:
+                e -= dark[k] * dt
+            if flat is not None:
+                f = flat[k]
+                inv = np.float32(1.0) / f if f > zero else nan
+                e = e * inv
+                ve = ve * (inv * inv)
+            ok = (abs(e) < inf) & (abs(ve) < inf)
+            img[k] = e if ok else nan
+            var[k] = ve if ok else nan
+            msk[k] = (sat_bit if rawrow[x] >= sa else np.int32(0)) | (np.int32(0) if ok else nodata_bit)
+
+    return isr_row
+
+
+_isr_row_fwd = _make_isr_row(False)
+_isr_row_rev = _make_isr_row(True)
+
+
+@njit
+def _crosstalk_row(s, t, y, xt, pair_tol, mid, half):
+    """``t[j, y] = s[j, y] - sum_i xt[i, j] * s[i, y]``, skipping the varying part of weak couplings.
+
+    Each source row is split exactly into its mid-range ``mid[i]`` and the rest, ``|s_i - mid_i| <=
+    half[i]``; the constant part always goes in, the rest only where ``|xt[i, j]| * half[i] > pair_tol``,
+    so each victim pixel is off by at most ``(namp - 1) * pair_tol`` (exact for ``pair_tol = 0``).
+    """
+    namp, _, w = s.shape
+    for j in range(namp):
+        base = np.float32(0.0)
+        for i in range(namp):
+            c = xt[i, j]
+            if i != j and c != 0.0 and not (abs(c) * half[i] > pair_tol):
+                base += c * mid[i]
+        tr = t[j, y]
+        sr = s[j, y]
+        for x in range(w):
+            tr[x] = sr[x] - base
+        for i in range(namp):
+            c = xt[i, j]
+            if i != j and abs(c) * half[i] > pair_tol:
+                si = s[i, y]
+                for x in range(w):
+                    tr[x] -= c * si[x]
+
+
+@njit
+def _row_or_none(a, yy, x0, w):
+    return None if a is None else a[yy, x0 : x0 + w]
+
+
+@njit(error_model="numpy")
+def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, dark, flat, gains, rn2, sat, dark_time, oy0,
+              ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit, s, t):  # fmt: skip
+    """Raw rows ``[y_begin, y_end)`` of the data region of every amplifier → assembled outputs.
+
+    Works in blocks of ``s.shape[1]`` rows: the overscan-subtracted (``s``) and crosstalk-corrected
+    (``t``) signal of all amplifiers, ``(namp, block, w)`` float32 scratch that stays in cache, then the
+    block is written row by row.
+    ``xt``, ``bias``, ``dark`` and ``flat`` may be None: numba compiles a version without them.
+    """
+    namp = raw.shape[0]
+    nb = s.shape[1]
+    dt = np.float32(dark_time)
+    order = np.argsort(oy0 * (ox0.max() + 1) + ox0)
+    mid = np.empty((namp, nb), np.float32)
+    half = np.empty((namp, nb), np.float32)
+    for yb in range(y_begin, y_end, nb):
+        ye = min(yb + nb, y_end)
+        for a in range(namp):
+            for y in range(yb, ye):
+                lev = np.float32(oscan[a, y])
+                sr = s[a, y - yb]
+                rr = raw[a, dr0 + y, dc0 : dc0 + w]
+                lo = rr[0]
+                hi = rr[0]
+                for x in range(w):
+                    sr[x] = np.float32(rr[x]) - lev
+                    lo = min(lo, rr[x])  # integer reductions vectorise (float ones need fastmath)
+                    hi = max(hi, rr[x])
+                mid[a, y - yb] = np.float32(0.5 * (float(lo) + float(hi)) - oscan[a, y])
+                half[a, y - yb] = np.float32(0.5 * (float(hi) - float(lo)))
+        if xt is not None:
+            for y in range(ye - yb):
+                _crosstalk_row(s, t, y, xt, pair_tol, mid[:, y], half[:, y])
+        # Row by row, amplifiers in the order of their place in the image: each output row of a half of
+        # the CCD (and the same row of the calibrations) is then written in one sequential sweep.
+        for y in range(yb, ye):
+            for k in range(namp):
+                a = order[k]
+                src = t[a, y - yb] if xt is not None else s[a, y - yb]
+                rawrow = raw[a, dr0 + y, dc0 : dc0 + w]
+                yy = oy0[a] + y if flip_y[a] else oy0[a] + (h - 1 - y)
+                x0 = ox0[a]
+                calib = (_row_or_none(bias, yy, x0, w), _row_or_none(dark, yy, x0, w), _row_or_none(flat, yy, x0, w))
+                outs = (image[yy, x0 : x0 + w], variance[yy, x0 : x0 + w], mask[yy, x0 : x0 + w])
+                g = np.float32(gains[a])
+                r2 = np.float32(rn2[a])
+                if flip_x[a]:
+                    _isr_row_rev(src, rawrow, *calib, *outs, g, r2, sat[a], dt, sat_bit, nodata_bit)
+                else:
+                    _isr_row_fwd(src, rawrow, *calib, *outs, g, r2, sat[a], dt, sat_bit, nodata_bit)
+
+
+@njit(parallel=True)
+def _isr_parallel(nchunk, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, dark, flat, gains, rn2, sat, dark_time, oy0,
+                  ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit):  # fmt: skip
+    namp = raw.shape[0]
+    for k in numba.prange(nchunk):
+        y0 = k * h // nchunk
+        y1 = (k + 1) * h // nchunk
+        s = np.empty((namp, _BLOCK, w), np.float32)
+        t = np.empty((namp, _BLOCK, w), np.float32)
+        _isr_rows(y0, y1, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, dark, flat, gains, rn2, sat, dark_time, oy0,
+                  ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit, s, t)  # fmt: skip
+
+
+class AmpLayout:
+    """Where each amplifier's data lands in the assembled CCD (arrays in HDU order).
+
+    Parameters
+    ----------
+    data_rows, data_cols : slice
+        The data region of a raw segment (the same for every amplifier).
+    origins : sequence of (y0, x0)
+        Lower corner of each amplifier's box in the assembled image (``AmpInfo.bbox[0]``, ``bbox[2]``).
+    flip_x, flip_y : sequence of bool
+        ``AmpInfo.flip_x``/``flip_y``: raw row ``y`` lands at ``y0 + y`` when ``flip_y`` else at
+        ``y0 + h - 1 - y``; raw column ``x`` at ``x0 + w - 1 - x`` when ``flip_x`` else ``x0 + x`` (the
+        convention of :func:`lsstpipe.isr.assembly.assemble_ccd`).
+    shape : (ny, nx)
+        The assembled image shape.
+    """
+
+    def __init__(self, data_rows: slice, data_cols: slice, origins, flip_x, flip_y, shape) -> None:
+        self.data_rows = data_rows
+        self.data_cols = data_cols
+        self.oy0 = np.array([o[0] for o in origins], np.int64)
+        self.ox0 = np.array([o[1] for o in origins], np.int64)
+        self.flip_x = np.array(flip_x, np.bool_)
+        self.flip_y = np.array(flip_y, np.bool_)
+        self.shape = (int(shape[0]), int(shape[1]))
+        if not (len(self.oy0) == len(self.flip_x) == len(self.flip_y)):
+            raise ValueError("origins, flip_x and flip_y must have one entry per amplifier")
+
+
+def _calib(name: str, a, shape) -> np.ndarray | None:
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}; the assembled CCD is {shape}")
+    if a.dtype != np.float32 or not a.flags.c_contiguous or not a.dtype.isnative:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+    return readonly(a)
+
+
+def _per_amp(name: str, v, namp: int) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    if v.shape != (namp,):
+        raise ValueError(f"{name} needs one value per amplifier ({namp}), got shape {v.shape}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} has NaN or infinite values; check the amplifier table")
+    return v
+
+
+def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, bias=None, dark=None, flat=None,
+            crosstalk=None, crosstalk_tolerance: float = 0.0, dark_time: float = 0.0, sat_bit: int = 1,
+            nodata_bit: int = 2, oscan_noise_rows: float = 0.0, parallel: bool = False, out=None):  # fmt: skip
+    """Fused ISR of a CCD: raw integer segments → assembled image, variance and mask.
+
+    Parameters
+    ----------
+    raw : numpy.ndarray
+        Integer ``(namp, raw_rows, raw_cols)`` segments in HDU order. Not modified.
+    layout : AmpLayout
+        Data region of a segment and each amplifier's place in the assembled image.
+    oscan : numpy.ndarray
+        ``(namp, data_rows)`` overscan level per row, ADU (:func:`overscan_levels`).
+    gains, read_noise_e, saturation : array_like
+        Per amplifier: e-/ADU, read noise in electrons, saturation in raw ADU (``raw >= saturation``).
+    bias : numpy.ndarray, optional
+        Master bias in ADU after overscan subtraction, assembled ``(ny, nx)``.
+    dark : numpy.ndarray, optional
+        Dark current in e-/s, assembled; ``dark * dark_time`` is subtracted.
+    flat : numpy.ndarray, optional
+        Relative response, assembled; pixels with a non-positive or NaN flat become NO_DATA.
+    crosstalk : numpy.ndarray, optional
+        ``(namp, namp)`` coefficients, source × victim (HDU order); the diagonal is ignored.
+    crosstalk_tolerance : float
+        Largest error in ADU allowed in any pixel's crosstalk correction. Each source row is split into its
+        mid-range (always corrected) and the rest, which is skipped for a coupling too weak to move a victim
+        by ``crosstalk_tolerance / (namp - 1)``: most weak couplings cost nothing away from bright stars.
+        0 (the default) corrects every coupling exactly.
+    dark_time : float
+        Seconds of dark current accumulation.
+    sat_bit, nodata_bit : int
+        Mask bits for saturated pixels and for pixels without a valid value.
+    oscan_noise_rows : float
+        Number of overscan pixels averaged into each row's level (columns × rows of smoothing): adds
+        ``read_noise**2 / oscan_noise_rows`` to the variance (0: ignore).
+    parallel : bool
+        Split rows between threads.
+    out : tuple of numpy.ndarray, optional
+        ``(image, variance, mask)`` to fill: float32, float32, int32, C-contiguous, shape ``layout.shape``.
+
+    Returns
+    -------
+    image, variance, mask : numpy.ndarray
+        float32 electrons (flat-fielded), float32 electrons², int32 bit mask, assembled.
+    """
+    raw = as_raw_counts(raw)
+    namp = raw.shape[0]
+    if len(layout.oy0) != namp:
+        raise ValueError(f"layout has {len(layout.oy0)} amplifiers, raw has {namp}")
+    dr0, dr1, _ = layout.data_rows.indices(raw.shape[1])
+    dc0, dc1, _ = layout.data_cols.indices(raw.shape[2])
+    h, w = dr1 - dr0, dc1 - dc0
+    ny, nx = layout.shape
+    if h <= 0 or w <= 0:
+        raise ValueError(f"data region rows {layout.data_rows}, cols {layout.data_cols} is empty")
+    for a in range(namp):
+        if not (0 <= layout.oy0[a] and layout.oy0[a] + h <= ny and 0 <= layout.ox0[a] and layout.ox0[a] + w <= nx):
+            raise ValueError(f"amplifier {a} ({h}×{w} at {layout.oy0[a]}, {layout.ox0[a]}) lies outside {ny}×{nx}")
+    oscan = readonly(np.ascontiguousarray(oscan, np.float64))
+    if oscan.shape != (namp, h):
+        raise ValueError(f"oscan must be (namp, data rows) = {(namp, h)}, got {oscan.shape}")
+    if not np.all(np.isfinite(oscan)):
+        raise ValueError("overscan levels have NaN or infinite values")
+    g = _per_amp("gains", gains, namp)
+    rn = _per_amp("read_noise_e", read_noise_e, namp)
+    sat = _per_amp("saturation", saturation, namp)
+    if np.any(g <= 0):
+        raise ValueError("gains must be positive (electrons per ADU)")
+    # raw >= saturation  <=>  raw >= ceil(saturation): an int32 compare keeps the loop vectorised.
+    sat_i = np.clip(np.ceil(sat), -(2**31), 2**31 - 1).astype(np.int32)
+    rn2 = rn**2 + g**2 / 12.0  # read noise and the ADC's quantisation
+    if oscan_noise_rows > 0:
+        rn2 = rn2 + rn**2 / float(oscan_noise_rows)
+    shape = (ny, nx)
+    b = _calib("bias", bias, shape)
+    d = _calib("dark", dark, shape)
+    f = _calib("flat", flat, shape)
+    xt = None
+    if crosstalk is not None:
+        xt = np.asarray(crosstalk, np.float64)
+        if xt.shape != (namp, namp):
+            raise ValueError(f"crosstalk matrix must be {namp}×{namp} (source × victim), got {xt.shape}")
+        if not np.all(np.isfinite(xt)):
+            raise ValueError("crosstalk matrix has NaN or infinite coefficients; re-measure or fix the matrix file")
+        xt = readonly(xt.astype(np.float32))
+    if not math.isfinite(dark_time) or dark_time < 0:
+        raise ValueError(f"dark_time must be a finite number of seconds ≥ 0, got {dark_time}")
+    if out is None:
+        image = np.empty(shape, np.float32)
+        variance = np.empty(shape, np.float32)
+        mask = np.empty(shape, np.int32)
+        if not _covers(layout, h, w):
+            image.fill(np.nan)
+            variance.fill(np.nan)
+            mask.fill(nodata_bit)
+    else:
+        image, variance, mask = out
+        for name, arr, dt in (
+            ("image", image, np.float32),
+            ("variance", variance, np.float32),
+            ("mask", mask, np.int32),
+        ):
+            if arr.shape != shape or arr.dtype != dt or not arr.flags.c_contiguous or not arr.flags.writeable:
+                raise ValueError(f"out {name} must be a writeable C-contiguous {np.dtype(dt)} array of shape {shape}")
+    if not (crosstalk_tolerance >= 0 and math.isfinite(crosstalk_tolerance)):
+        raise ValueError(f"crosstalk_tolerance must be a finite number of ADU ≥ 0, got {crosstalk_tolerance}")
+    pair_tol = np.float32(crosstalk_tolerance / max(namp - 1, 1))
+    args = (raw, dr0, dc0, h, w, oscan, xt, pair_tol, b, d, f, g, rn2, sat_i, float(dark_time),
+            layout.oy0, layout.ox0, layout.flip_x, layout.flip_y, image, variance, mask, np.int32(sat_bit),
+            np.int32(nodata_bit))  # fmt: skip
+    if parallel:
+        _isr_parallel(max(1, min(h, 4 * numba.get_num_threads())), *args)
+    else:
+        _isr_rows(0, h, *args, np.empty((namp, _BLOCK, w), np.float32), np.empty((namp, _BLOCK, w), np.float32))
+    return image, variance, mask
+
+
+def _covers(layout: AmpLayout, h: int, w: int) -> bool:
+    ny, nx = layout.shape
+    return len(layout.oy0) * h * w == ny * nx
+
+
+# ---------------------------------------------------------------------------------------------------
+# Defects
+# ---------------------------------------------------------------------------------------------------
+
+
+@njit
+def _mask_boxes(mask, boxes, bit):
+    ny, nx = mask.shape
+    for k in range(boxes.shape[0]):
+        y0, y1 = max(boxes[k, 0], 0), min(boxes[k, 1], ny)
+        x0, x1 = max(boxes[k, 2], 0), min(boxes[k, 3], nx)
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                mask[y, x] |= bit
+
+
+def mask_boxes(mask: np.ndarray, boxes, bit: int) -> None:
+    """OR ``bit`` into ``mask`` inside each box ``(y0, y1, x0, x1)`` (half-open, clipped to the image), in place."""
+    if mask.ndim != 2 or mask.dtype.kind != "i":
+        raise ValueError(f"mask must be a 2-D integer array, got {mask.dtype} {mask.shape}")
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    _mask_boxes(mask, boxes, mask.dtype.type(bit))

@@ -1,0 +1,1 @@
+"""Pipeline stages: pure functions from in-memory inputs to in-memory outputs, built from ``kernels``."""
