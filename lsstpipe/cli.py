@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lsstpipe import __version__
+from lsstpipe import __version__, detect_cli
 from lsstpipe.control import cli_control
 
 
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_camera(sub)
     _add_slurm(sub)
     cli_control.add_parsers(sub)  # config, ocs, dmcs
+    detect_cli.add_parser(sub)
     return parser
 
 
@@ -174,7 +175,13 @@ def _cmd_slurm(args) -> int:
     return 0
 
 
-COMMANDS = {"simulate": _cmd_simulate, "camera": _cmd_camera, "slurm": _cmd_slurm, **cli_control.HANDLERS}
+COMMANDS = {
+    "simulate": _cmd_simulate,
+    "camera": _cmd_camera,
+    "slurm": _cmd_slurm,
+    "detect": detect_cli.run,
+    **cli_control.HANDLERS,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,8 @@ eval "$pg_env"
 trap '.ci/postgres.sh stop "$LSSTPIPE_PG_DIR"' EXIT
 trap 'exit 130' INT TERM
 python -m pytest -q tests
+echo "== full-size (slow) cases"
+python -m pytest -q -m slow tests
 for n in 2 4; do
     echo "== MPI tests on $n ranks"
     mpiexec -n "$n" python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
