@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from control_support import DROP, ENTITIES, config_root, make_harness, write_config
 
+from control_support import DROP, ENTITIES, config_root, make_harness, write_config
 from lsstpipe.control import (
     BaseDMCS,
     BootError,

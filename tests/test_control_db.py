@@ -17,8 +17,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from control_support import SECRET, config_root
 
+from control_support import SECRET, config_root
 from lsstpipe.control import (
     BaseDMCS,
     Codec,

@@ -32,7 +32,6 @@ except ImportError:
     pytest.skip("cyclonedds is not installed (pip install -e '.[dds]')", allow_module_level=True)
 
 from control_support import config_root, make_harness
-
 from lsstpipe.control import Codec, Command, CommandMessage, EntityName, OCSClient, create_secret, load_secret
 from lsstpipe.control.cli_control import main
 from lsstpipe.control.dds import (

@@ -7,8 +7,8 @@ import json
 import os
 
 import pytest
-from control_support import SECRET, config_root, make_harness
 
+from control_support import SECRET, config_root, make_harness
 from lsstpipe.control import (
     AuthenticationError,
     Codec,

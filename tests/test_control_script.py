@@ -7,8 +7,8 @@ import json
 
 import pytest
 import yaml
-from control_support import config_root, make_harness, write_config
 
+from control_support import config_root, make_harness, write_config
 from lsstpipe.control import Command, ConfigurationError, EntityName, OCSEvent
 from lsstpipe.control.cli_control import main
 from lsstpipe.control.script import TRANSCRIPT_FIELDS, CommandStep, EventStep, comparable, parse_script, play

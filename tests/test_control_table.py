@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from control_support import ENTITIES, config_root, make_harness
 
+from control_support import ENTITIES, config_root, make_harness
 from lsstpipe.control import RULES, Command, CommandResult, EntityName, SummaryState
 
 C = Command

@@ -1,9 +1,9 @@
 """Snap cosmic-ray kernels against the scipy.ndimage reference (tests/naive_isr.py)."""
 
-import naive_isr
 import numpy as np
 import pytest
 
+import naive_isr
 from kernels.cosmic import combine_snaps, find_snap_cosmic_rays
 
 

@@ -1,9 +1,9 @@
 """ISR kernels against their slow references (tests/naive_isr.py): random, edge-case and NaN/inf inputs."""
 
-import naive_isr
 import numpy as np
 import pytest
 
+import naive_isr
 from kernels.fringe import fit_fringe, subtract_fringe
 from kernels.isr import AmpLayout, isr_ccd, mask_boxes
 from kernels.overscan import overscan_levels

@@ -20,6 +20,7 @@ from lsstpipe.repo import Repository, read_csv
 from lsstpipe.sim.exposure import SKY_GRID_STEP, ExposureSpec, sky_grid
 from lsstpipe.sim.scene import Sources, render_sources
 from lsstpipe.sim.simulate import SimulationRequest, run_simulation
+from repo_digest import digest_files
 
 DETS = ("R10_S11", "R11_S12")  # one ITL, one e2v
 
@@ -67,31 +68,12 @@ def test_repository_contents(noisy):
             assert {"FLAT_Z", "DARK_RATE", "CROSSTALK", "FRINGE", "DEFECTS", "AMPS"} <= {x.name for x in h}
 
 
-def _all_files(root):
-    """sha256 of every file; for the CDS's HDF5 raft images, the content checksum they carry (HDF5 does not
-    promise byte-identical containers for identical content; the CDS verifies content)."""
-    import hashlib
-
-    import h5py
-
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name == "registry.sqlite3":
-            continue
-        if p.suffix == ".h5":
-            with h5py.File(p, "r") as f:
-                out[str(p.relative_to(root))] = str(f.attrs["checksum"])
-        else:
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 def test_same_seed_gives_byte_identical_repositories(noisy, tmp_path):
     """Raws, CDS raft images, templates and truth: the same bytes from a later run with the same seed."""
     again = Repository(tmp_path / "again")
     _simulate(again.root)
     assert _hashes(again) == _hashes(noisy)
-    a, b = _all_files(noisy.root), _all_files(again.root)
+    a, b = digest_files(noisy.root), digest_files(again.root)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
 

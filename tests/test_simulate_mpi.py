@@ -4,7 +4,6 @@ Run with ``mpiexec -n K python -m pytest --with-mpi -m mpi tests`` (K = 1, 2, 4)
 pytest-mpi skips these tests.
 """
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,24 +12,13 @@ import pytest
 
 from lsstpipe.repo import Repository
 from lsstpipe.sim.simulate import SimulationRequest, run_simulation
+from repo_digest import digest_files
 
 DETS = ("R10_S00", "R10_S01", "R10_S12", "R11_S00", "R11_S21")
 
 
 def _digest(root: Path) -> dict:
-    """sha256 of every file; for the CDS's HDF5 raft images the content checksum they carry (HDF5 does not
-    promise byte-identical containers for identical content; the CDS verifies content)."""
-    import h5py
-
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name == "registry.sqlite3":
-            continue
-        if p.suffix == ".h5":
-            with h5py.File(p, "r") as f:
-                out[str(p.relative_to(root))] = str(f.attrs["checksum"])
-        else:
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    out = digest_files(root)
     repo = Repository(root)
     out["registry:raws"] = sorted((r["obsid"], r["detector"], r["path"], r["sha256"]) for r in repo.raws())
     out["registry:exposures"] = repo.exposures()
