@@ -60,7 +60,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from lsstpipe.control.errors import BootError, ControlError
-from lsstpipe.control.transport import Callback, Subscription, Topic, Transport
+from lsstpipe.control.transport import Callback, Subscribers, Subscription, Topic, Transport
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +241,7 @@ class DDSTransport(Transport):
         self._closed = False
         self._lock = threading.Lock()  # callbacks, readers, the write counter
         self._order = 0
-        self._next_id = 0
-        self._subs: dict[Topic, list[tuple[int, Callback]]] = {t: [] for t in Topic}
+        self._subs = Subscribers()
         try:
             self._participant = dds.domain.DomainParticipant(domain_id)
             self._topics = {t: dds.topic.Topic(self._participant, f"lsstpipe_{t.value}", self._envelope) for t in Topic}
@@ -285,15 +284,7 @@ class DDSTransport(Transport):
                                                          | self._dds.core.InstanceState.Any)  # fmt: skip
                 self._readers[topic] = (reader, condition)
                 self._waitset.attach(condition)
-            self._next_id += 1
-            sid = self._next_id
-            self._subs[topic].append((sid, callback))
-
-        def cancel() -> None:
-            with self._lock:
-                self._subs[topic] = [(i, c) for i, c in self._subs[topic] if i != sid]
-
-        return Subscription(cancel)
+        return self._subs.add(topic, callback)
 
     def close(self) -> None:
         with self._lock:
@@ -382,14 +373,7 @@ class DDSTransport(Transport):
                 log.exception("DDS transport %s: taking samples failed; delivery goes on", self.name)
                 continue
             for topic, sample in in_sender_order(batch):
-                data = bytes(sample.data)  # sequence<octet> arrives as a list of ints
-                with self._lock:
-                    callbacks = [c for _, c in self._subs[topic]]
-                for callback in callbacks:
-                    try:
-                        callback(data)
-                    except Exception:  # a subscriber's bug must not stop deliveries to everyone else
-                        log.exception("subscriber of %s raised; delivery goes on", topic.value)
+                self._subs.dispatch(topic, bytes(sample.data))  # sequence<octet> arrives as a list of ints
 
 
 def in_sender_order(batch: list[tuple[Topic, Any]]) -> list[tuple[Topic, Any]]:

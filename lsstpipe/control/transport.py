@@ -72,6 +72,37 @@ class Subscription:
         self._cancel()
 
 
+class Subscribers:
+    """The callbacks subscribed to each topic, shared by every transport: thread-safe adding, cancelling and
+    in-order dispatch, where one subscriber's exception is logged and never stops the others."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: dict[Topic, list[tuple[int, Callback]]] = {t: [] for t in Topic}
+        self._next_id = 0
+
+    def add(self, topic: Topic, callback: Callback) -> Subscription:
+        with self._lock:
+            self._next_id += 1
+            sid = self._next_id
+            self._subs[topic].append((sid, callback))
+
+        def cancel() -> None:
+            with self._lock:
+                self._subs[topic] = [(i, c) for i, c in self._subs[topic] if i != sid]
+
+        return Subscription(cancel)
+
+    def dispatch(self, topic: Topic, data: bytes) -> None:
+        with self._lock:
+            callbacks = [c for _, c in self._subs[topic]]
+        for callback in callbacks:
+            try:
+                callback(data)
+            except Exception:  # a subscriber's bug must not stop deliveries to everyone else
+                log.exception("subscriber of %s raised; delivery goes on", topic.value)
+
+
 class Transport(abc.ABC):
     """Publish/subscribe of byte strings on :class:`Topic` s."""
 
@@ -121,10 +152,8 @@ class InProcessTransport(Transport):
     def __init__(self, name: str = "in-process") -> None:
         self.name = name
         self.broken = False
-        self._subs: dict[Topic, list[tuple[int, Callback]]] = {t: [] for t in Topic}
-        self._lock = threading.Lock()
+        self._subs = Subscribers()
         self._queue: queue.Queue[tuple[Topic, bytes] | None] = queue.Queue()
-        self._next_id = 0
         self._closed = False
         self._thread = threading.Thread(target=self._deliver, name=f"transport-{name}", daemon=True)
         self._thread.start()
@@ -136,16 +165,7 @@ class InProcessTransport(Transport):
             self._queue.put((topic, data))
 
     def subscribe(self, topic: Topic, callback: Callback) -> Subscription:
-        with self._lock:
-            self._next_id += 1
-            sid = self._next_id
-            self._subs[topic].append((sid, callback))
-
-        def cancel() -> None:
-            with self._lock:
-                self._subs[topic] = [(i, c) for i, c in self._subs[topic] if i != sid]
-
-        return Subscription(cancel)
+        return self._subs.add(topic, callback)
 
     def close(self) -> None:
         if not self._closed:
@@ -170,10 +190,4 @@ class InProcessTransport(Transport):
             if item is None:
                 return
             topic, data = item
-            with self._lock:
-                callbacks = [c for _, c in self._subs[topic]]
-            for callback in callbacks:
-                try:
-                    callback(data)
-                except Exception:  # a subscriber's bug must not stop deliveries to everyone else
-                    log.exception("subscriber of %s raised; delivery goes on", topic.value)
+            self._subs.dispatch(topic, data)
