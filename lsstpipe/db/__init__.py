@@ -1,11 +1,14 @@
-"""Databases of the data-management system: the Alert Production control database (SQLite or PostgreSQL).
+"""Databases of the data-management system: the Alert Production control database and the calibration
+database (SQLite or PostgreSQL).
 
 Modules: :mod:`~lsstpipe.db.sql` (one SQL code path over both backends, URLs, migrations),
 :mod:`~lsstpipe.db.records` (the rows, as frozen dataclasses) and :mod:`~lsstpipe.db.control` (the
-control database the Base DMCS records into). This package sits below the control plane: it imports
+control database the Base DMCS records into), :mod:`~lsstpipe.db.calib` (the append-only
+calibration database with validity lookups). This package sits below the control plane: it imports
 nothing from it.
 """
 
+from lsstpipe.db.calib import CalibrationDatabase, CalibrationNotFound, CalibrationRecord, CalibrationType
 from lsstpipe.db.control import CONTROL_DB_ENV, MIGRATIONS, ControlDatabase, resolve_control_db_url
 from lsstpipe.db.records import (
     CommandRecord,
@@ -23,7 +26,7 @@ from lsstpipe.db.records import (
 from lsstpipe.db.sql import Database, DatabaseError, Migration, parse_url, redact
 
 __all__ = [
-    "CONTROL_DB_ENV", "CommandRecord", "ControlDatabase", "Database", "DatabaseError", "EntityStatusRecord",
+    "CalibrationDatabase", "CalibrationNotFound", "CalibrationRecord", "CalibrationType", "CONTROL_DB_ENV", "CommandRecord", "ControlDatabase", "Database", "DatabaseError", "EntityStatusRecord",
     "HistoryEntry", "ImageTransfer", "InstalledConfiguration", "JobRecord", "JobSubmission", "MIGRATIONS",
     "Migration", "Rejection", "ResultRecord", "SoftwareVersion", "StateChange", "parse_url", "redact",
     "resolve_control_db_url",
