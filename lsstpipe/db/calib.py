@@ -31,7 +31,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from lsstpipe.db.sql import Database, DatabaseError, Migration
+from lsstpipe.db.sql import DatabaseError, Migration, Store
 
 
 class CalibrationType(str, Enum):
@@ -142,7 +142,7 @@ def _mjd(name: str, value: float) -> float:
     return x
 
 
-class CalibrationDatabase:
+class CalibrationDatabase(Store):
     """The calibration database, on SQLite or PostgreSQL.
 
     Parameters
@@ -166,32 +166,14 @@ class CalibrationDatabase:
 
     def __init__(self, url: str | Path, *, busy_timeout: float = 30.0, connect_timeout: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
-        self.db = Database(url, busy_timeout=busy_timeout, connect_timeout=connect_timeout)
-        self.clock = clock
-        try:
-            self.schema_version = self.db.migrate(MIGRATIONS)
-            with self.db.read() as tx:
-                row = tx.execute("SELECT description FROM schema_version WHERE version = 1").fetchone()
-            if row is None or row[0] != _DESCRIPTION:
-                raise DatabaseError(f"{self.db.url} is not a calibration database (its schema is {row and row[0]!r}); "
-                                    "give the calibration database its own file or database")  # fmt: skip
-        except BaseException:
-            self.db.close()
-            raise
+        super().__init__(url, MIGRATIONS, busy_timeout=busy_timeout, connect_timeout=connect_timeout, clock=clock)
 
-    @property
-    def backend(self) -> str:
-        """``"sqlite"`` or ``"postgresql"``."""
-        return self.db.dialect.name
-
-    def close(self) -> None:
-        self.db.close()
-
-    def __enter__(self) -> CalibrationDatabase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _check_schema(self) -> None:
+        with self.db.read() as tx:
+            row = tx.execute("SELECT description FROM schema_version WHERE version = 1").fetchone()
+        if row is None or row[0] != _DESCRIPTION:
+            raise DatabaseError(f"{self.db.url} is not a calibration database (its schema is {row and row[0]!r}); "
+                                "give the calibration database its own file or database")  # fmt: skip
 
     def certify(self, calib_type: CalibrationType | str, detector: str, filter: str | None, valid_start: float,
                 valid_end: float | None, *, path: str | Path, checksum: str, inputs: Iterable[int],

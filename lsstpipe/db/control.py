@@ -61,7 +61,7 @@ from lsstpipe.db.records import (
     SoftwareVersion,
     StateChange,
 )
-from lsstpipe.db.sql import Database, DatabaseError, Migration
+from lsstpipe.db.sql import DatabaseError, Migration, Store
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def resolve_control_db_url(explicit: str | None, environ: Mapping[str, str], def
     return f"sqlite:///{Path(default_dir).expanduser() / 'control.sqlite3'}"
 
 
-class ControlDatabase:
+class ControlDatabase(Store):
     """The Alert Production control database (a ``ControlRecorder``), on SQLite or PostgreSQL.
 
     Parameters
@@ -210,29 +210,9 @@ class ControlDatabase:
 
     def __init__(self, url: str | Path, *, busy_timeout: float = 30.0, connect_timeout: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
-        self.db = Database(url, busy_timeout=busy_timeout, connect_timeout=connect_timeout)
-        self.clock = clock
+        super().__init__(url, MIGRATIONS, busy_timeout=busy_timeout, connect_timeout=connect_timeout, clock=clock)
         self.write_failures = 0
         self._failures_lock = threading.Lock()
-        try:
-            self.schema_version = self.db.migrate(MIGRATIONS)
-        except BaseException:
-            self.db.close()
-            raise
-
-    @property
-    def backend(self) -> str:
-        """``"sqlite"`` or ``"postgresql"``."""
-        return self.db.dialect.name
-
-    def close(self) -> None:
-        self.db.close()
-
-    def __enter__(self) -> ControlDatabase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @contextmanager
     def _recording(self, what: str) -> Iterator[None]:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 #: Oldest SQLite with ``RETURNING`` (3.35) and upserts.
 MIN_SQLITE = (3, 35, 0)
@@ -316,3 +317,40 @@ class Database:
     def schema_version(self) -> int:
         with self.read() as tx:
             return self._version(tx)
+
+
+_S = TypeVar("_S", bound="Store")
+
+
+class Store:
+    """What every lsstpipe database shares: open the URL, migrate its schema (closing the connection if that
+    fails), name the backend, close, and work as a context manager. Subclasses add their tables' API and may
+    check the schema they opened in :meth:`_check_schema`."""
+
+    def __init__(self, url: str | Path, migrations: Sequence[Migration], *, busy_timeout: float = 30.0,
+                 connect_timeout: float = 10.0, clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        self.db = Database(url, busy_timeout=busy_timeout, connect_timeout=connect_timeout)
+        self.clock = clock
+        try:
+            self.schema_version = self.db.migrate(migrations)
+            self._check_schema()
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _check_schema(self) -> None:
+        """Raise DatabaseError if the opened database is not of this kind (default: accept)."""
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self.db.dialect.name
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
