@@ -9,50 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 
+from db_support import BACKENDS, backend_url, postgres_url
 from lsstpipe.db import ControlDatabase, DatabaseError
 from lsstpipe.db.calib import CalibrationDatabase, CalibrationNotFound, CalibrationRecord, CalibrationType
 
-PG_URL_ENV = "LSSTPIPE_TEST_PG_URL"
 DET = "R22_S11"
 
 
-def postgres_url(environ: Mapping[str, str]) -> str:
-    """The test server's URL; skip without one, fail without one under CI=true."""
-    url = environ.get(PG_URL_ENV)
-    if url:
-        return url
-    message = (f"{PG_URL_ENV} is unset: start a server with eval \"$(.ci/postgres.sh start)\" "
-               "(tests/run.sh does) to run the PostgreSQL cases")  # fmt: skip
-    if environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but {message}; CI must not skip them", pytrace=False)
-    pytest.skip(message)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'calib.sqlite3'}"
-        return
-    import psycopg
-
-    base = postgres_url(os.environ)
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{base}{'&' if '?' in base else '?'}options={quote(f'-csearch_path={schema}')}"
-    finally:
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    yield from backend_url(request.param, tmp_path, "calib.sqlite3")
 
 
 @pytest.fixture

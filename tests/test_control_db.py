@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import inspect
 import multiprocessing
-import os
 import sqlite3
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
 from control_support import SECRET, config_root
+from db_support import BACKENDS, PG_URL_ENV, backend_url, postgres_url
 from lsstpipe.control import (
     BaseDMCS,
     Codec,
@@ -38,38 +36,12 @@ from lsstpipe.control.dmcs import wait_for
 from lsstpipe.control.protocol import OCSEventMessage
 from lsstpipe.db import ControlDatabase, DatabaseError, ImageTransfer, parse_url, redact, resolve_control_db_url
 
-PG_URL_ENV = "LSSTPIPE_TEST_PG_URL"
 APC, ARCHIVER = EntityName.ALERT_PRODUCTION_CLUSTER, EntityName.ARCHIVER
 
 
-def postgres_url(environ: Mapping[str, str]) -> str:
-    """The test server's URL; skip without one, fail without one under CI=true."""
-    url = environ.get(PG_URL_ENV)
-    if url:
-        return url
-    message = (f"{PG_URL_ENV} is unset: start a server with eval \"$(.ci/postgres.sh start)\" "
-               "(tests/run.sh does) to run the PostgreSQL cases")  # fmt: skip
-    if environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but {message}; CI must not skip them", pytrace=False)
-    pytest.skip(message)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'control.sqlite3'}"
-        return
-    import psycopg
-
-    base = postgres_url(os.environ)
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{base}{'&' if '?' in base else '?'}options={quote(f'-csearch_path={schema}')}"
-    finally:
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    yield from backend_url(request.param, tmp_path, "control.sqlite3")
 
 
 @pytest.fixture
