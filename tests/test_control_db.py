@@ -208,11 +208,11 @@ def test_a_failing_database_is_counted_not_raised(url: str) -> None:
 
 
 # ---- a restarted DMCS ----------------------------------------------------------------------------------
-def _dmcs(url: str, root: Path) -> tuple[InProcessTransport, BaseDMCS, OCSClient, ControlDatabase]:
+def _dmcs(url: str, root: Path, sender: str = "ocs") -> tuple[InProcessTransport, BaseDMCS, OCSClient, ControlDatabase]:
     transport, codec, database = InProcessTransport("test"), Codec(SECRET), ControlDatabase(url)
     dmcs = BaseDMCS(transport, codec, SimulatedCluster(job_seconds=0.01), config_root=root, recorder=database)
     dmcs.boot()
-    return transport, dmcs, OCSClient(transport, codec), database
+    return transport, dmcs, OCSClient(transport, codec, sender=sender), database
 
 
 def test_restarted_dmcs_comes_up_offline_with_its_history(url: str, tmp_path: Path) -> None:
@@ -226,7 +226,8 @@ def test_restarted_dmcs_comes_up_offline_with_its_history(url: str, tmp_path: Pa
     before = {e: database.history(e) for e in (APC, ARCHIVER)}
     client.close(), dmcs.close(), transport.close(), database.close()
 
-    transport, dmcs, client, database = _dmcs(url, root)  # the restart
+    # the restart; a new sender: the old one's sequence numbers are still known (replays are rejected)
+    transport, dmcs, client, database = _dmcs(url, root, sender="ocs-after-restart")
     try:
         for entity in (APC, ARCHIVER):
             assert dmcs.entities[entity].status.state is SummaryState.OFFLINE

@@ -13,7 +13,10 @@ there is no default: both processes must read the same file); ``--domain`` > ``$
 
 Over DDS (:mod:`lsstpipe.control.dds`, imported only when used): ``dmcs serve`` runs a Base DMCS until
 SIGINT/SIGTERM; ``ocs send … --connect`` and ``ocs script … --connect`` talk to it, each session under a
-sender name of its own.
+sender name of its own. ``dmcs serve`` records into the control database (``--control-db`` >
+``$LSSTPIPE_CONTROL_DB`` > ``STATE_DIR/control.sqlite3``) and into the Summit EFD (``--efd`` >
+``$LSSTPIPE_EFD`` > the embedded chain in ``STATE_DIR/efd``); a restarted ``dmcs serve`` on the same control
+database comes up OFFLINE with its history and still rejects replayed commands.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,9 @@ from lsstpipe.control.recorder import InMemoryRecorder
 from lsstpipe.control.script import load_script, play, transcript_line
 from lsstpipe.control.states import Command, EntityName
 from lsstpipe.control.transport import InProcessTransport
+from lsstpipe.db.control import ControlDatabase, resolve_control_db_url
+from lsstpipe.db.efd_replication import EFDChain, open_efd, resolve_efd
+from lsstpipe.db.sql import DatabaseError
 
 SECRET_ENV = "LSSTPIPE_SECRET_FILE"
 
@@ -126,6 +132,44 @@ def add_parsers(subparsers: Any) -> None:
                      "shutdown, exit 0). Rejected messages are logged to stderr.")  # fmt: skip
     _common(c)
     _domain(c)
+    c.add_argument("--control-db", default=None, metavar="PATH_OR_URL",
+                   help="control database: a SQLite path or sqlite:///PATH, or postgresql://… (default: "
+                   "$LSSTPIPE_CONTROL_DB, else STATE_DIR/control.sqlite3)")  # fmt: skip
+    c.add_argument("--efd", default=None, metavar="DIR_OR_URL",
+                   help="Summit EFD: a directory for the embedded chain (three SQLite copies fed by log "
+                   "shipping), or the Summit primary's postgresql://… (default: $LSSTPIPE_EFD, else STATE_DIR/efd)")  # fmt: skip
+    c.add_argument("--efd-replica", action="append", default=[], metavar="SITE=URL",
+                   help="with a PostgreSQL --efd: a standby, SITE chile_dac or us_dac (repeat for both)")  # fmt: skip
+    c.add_argument("--efd-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="seconds between EFD replication steps and lag telemetry (default 1)")  # fmt: skip
+
+
+def open_stores(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[ControlDatabase, EFDChain]:
+    """The control database and the EFD of ``dmcs serve`` (settings resolved here; the caller closes both).
+
+    Raises
+    ------
+    DatabaseError
+        Either cannot be opened.
+    ValueError
+        A malformed ``--efd-replica``.
+    """
+    state_dir = resolve_state_dir(args.state_dir, environ)
+    replicas: dict[str, str] = {}
+    for item in args.efd_replica:
+        site, sep, url = item.partition("=")
+        if not sep or not url:
+            raise ValueError(f"--efd-replica {item!r}: write SITE=URL, e.g. us_dac=postgresql://…")
+        replicas[site] = url
+    if args.efd_interval <= 0:
+        raise ValueError(f"--efd-interval must be > 0 seconds (got {args.efd_interval})")
+    control = ControlDatabase(resolve_control_db_url(args.control_db, environ, state_dir))
+    try:
+        efd = open_efd(resolve_efd(args.efd, environ, state_dir), replicas)
+    except BaseException:
+        control.close()
+        raise
+    return control, efd
 
 
 def _error(args: argparse.Namespace, exc: Exception) -> int:
@@ -266,7 +310,7 @@ def cmd_dmcs(args: argparse.Namespace) -> int:
     if args.dmcs_command == "serve":
         try:
             return serve(args)
-        except (ControlError, OSError) as exc:
+        except (ControlError, OSError, DatabaseError, ValueError) as exc:
             return _error(args, exc)
     flag = LockoutFlag(resolve_state_dir(args.state_dir))
     try:
@@ -291,6 +335,7 @@ def serve(args: argparse.Namespace) -> int:
     codec = Codec(load_secret(_secret_file(args, "lsstpipe dmcs serve")))
     domain = resolve_domain(args.domain)
     cluster = SimulatedCluster.from_yaml(Path(args.cluster)) if args.cluster else SimulatedCluster()
+    control, efd = open_stores(args, os.environ)
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -300,11 +345,13 @@ def serve(args: argparse.Namespace) -> int:
         transport = DDSTransport(domain, "dmcs")
         try:
             dmcs = BaseDMCS(transport, codec, cluster, lockout=LockoutFlag(resolve_state_dir(args.state_dir)),
-                            config_root=Path(args.config_root) if args.config_root else None)  # fmt: skip
+                            config_root=Path(args.config_root) if args.config_root else None, recorder=control,
+                            efd=efd, efd_monitor_interval=args.efd_interval)  # fmt: skip
             dmcs.boot()
             try:
-                print(f"Base DMCS serving on DDS domain {domain} ({LOOPBACK} only, no multicast); "
-                      "stop with Ctrl-C or SIGTERM", flush=True)  # fmt: skip
+                print(f"Base DMCS serving on DDS domain {domain} ({LOOPBACK} only, no multicast); control database "
+                      f"{control.db.url}, Summit EFD {efd.summit.db.url}; stop with Ctrl-C or SIGTERM",
+                      flush=True)  # fmt: skip
                 while not stop.wait(0.2):
                     pass
             finally:
@@ -314,6 +361,8 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        efd.close()
+        control.close()
     print("Base DMCS stopped", flush=True)
     return 0
 

@@ -8,7 +8,9 @@ control plane needs them, and the configure prerequisites are checked against it
   system management registered for that version in the Alert Production database. Verification recomputes
   the checksum over the installed files (sorted paths, each path and content length-framed), so a version
   that is missing, unregistered or altered on the machines fails;
-- **EFD replicas** — reachable or not (a later session replaces this with a connection to the replica);
+- **EFD replicas** — reachable or not, following or not. With a real EFD attached (:meth:`SimulatedCluster.
+  attach_efd`, e.g. an :class:`lsstpipe.db.EFDChain`), the replicas it has are pinged and switched for
+  real; replicas it does not have keep the simulated flags;
 - **installations** — the configuration installed for each entity. Installing is two-phase: a *staging*
   that :meth:`SimulatedCluster.commit` turns into the installation atomically, or that
   :meth:`SimulatedCluster.discard` drops. Nothing is ever half-installed.
@@ -21,17 +23,21 @@ A cluster can be described in YAML (:class:`ClusterDescription`, ``--cluster`` o
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
 from lsstpipe.control.config import Configuration, Pool, validate_mapping
 from lsstpipe.control.errors import ConfigurationError, NotInstallable, PrerequisiteError
 from lsstpipe.control.states import EntityName
+
+log = logging.getLogger(__name__)
 
 #: The software version the shipped configurations name and the default cluster has installed.
 DEFAULT_SOFTWARE_VERSION = "w.2026.48"
@@ -53,6 +59,22 @@ def fake_software(version: str) -> dict[str, bytes]:
         "lib/lsstpipe/VERSION": version.encode(),
         "lib/lsstpipe/manifest.txt": hashlib.sha256(version.encode()).hexdigest().encode(),
     }
+
+
+class ReplicaControl(Protocol):
+    """A real EFD replication chain as the EFD Replicator drives it (:class:`lsstpipe.db.EFDChain`)."""
+
+    def replica_names(self) -> tuple[str, ...]:
+        """The replicas it has (e.g. ``chile_dac``, ``us_dac``)."""
+        ...
+
+    def ping(self, name: str, timeout: float) -> None:
+        """Raise (with the reason) unless replica ``name`` answers within ``timeout`` seconds."""
+        ...
+
+    def set_following(self, name: str, on: bool) -> None:
+        """Make replica ``name`` follow its upstream, or stop; raise (with the reason) if it cannot."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -130,6 +152,23 @@ class SimulatedCluster:
         self.job_seconds = job_seconds
         self.clock = clock
         self._tokens = 0
+        self.efd: ReplicaControl | None = None
+
+    def attach_efd(self, efd: ReplicaControl) -> None:
+        """Drive ``efd``'s replicas for real from now on; the ones the entities switch start not following."""
+        with self._lock:
+            self.efd = efd
+            names = [n for n in efd.replica_names() if n in self.following]
+        for name in names:
+            try:
+                self.set_following(name, False)
+            except PrerequisiteError as exc:  # the chain keeps the wanted state and applies it when it can
+                log.warning("EFD replica %s: %s", name, exc)
+
+    def _real(self, name: str) -> ReplicaControl | None:
+        with self._lock:
+            efd = self.efd
+        return efd if efd is not None and name in efd.replica_names() else None
 
     @classmethod
     def from_description(cls, desc: ClusterDescription) -> SimulatedCluster:
@@ -192,6 +231,15 @@ class SimulatedCluster:
         return actual
 
     def ping_replica(self, name: str, timeout: float) -> None:
+        """Raise :class:`PrerequisiteError` unless EFD replica ``name`` answers (for real when attached)."""
+        efd = self._real(name)
+        if efd is not None:
+            try:
+                efd.ping(name, timeout)
+            except Exception as exc:  # whatever the database says, the configure fails with it
+                raise PrerequisiteError(f"EFD replica {name!r} did not answer within {timeout:g} s ({exc}); "
+                                        "check the DAC link and the replica's server, then retry") from None  # fmt: skip
+            return
         with self._lock:
             reachable = self.replicas.get(name)
         if reachable is None:
@@ -232,6 +280,24 @@ class SimulatedCluster:
 
     # ---- effects of enable/disable and events --------------------------------------------------------
     def set_following(self, replica: str, on: bool) -> None:
+        """Make ``replica`` follow its upstream or stop (for real when attached).
+
+        Raises
+        ------
+        PrerequisiteError
+            The attached EFD could not switch it: switching on leaves it as it was; switching off is kept
+            as the wanted state and applied by the EFD as soon as the replica answers.
+        """
+        efd = self._real(replica)
+        if efd is not None:
+            try:
+                efd.set_following(replica, on)
+            except Exception as exc:
+                if not on:  # off is what the chain now wants, and applies as soon as it can
+                    with self._lock:
+                        self.following[replica] = False
+                raise PrerequisiteError(f"EFD replica {replica!r} could not be switched "
+                                        f"{'on' if on else 'off'} ({exc}); check its server") from None  # fmt: skip
         with self._lock:
             self.following[replica] = on
 

@@ -9,7 +9,16 @@ OFFLINE. From then on the DMCS:
   with an error event, and otherwise ignored — never an exception out of the delivery thread;
 - format-checks the command: a bad one gets a single FAILED response; a good one is acknowledged (ACK)
   and handed to the entity's transition function, which publishes the final result;
-- hands each OCS event to the entities subscribed to it, which launch their jobs.
+- hands each OCS event to the entities subscribed to it, which launch their jobs;
+- with a Summit EFD (``efd``, an :class:`lsstpipe.db.EFDChain`): records every accepted command, OCS
+  event, response, state change, error and telemetry sample in it, drives its replicas from the EFD
+  Replicator, and publishes the replicas' lag as EFD Replicator telemetry (``efd.<replica>.<quantity>``,
+  e.g. ``efd.us_dac.rows_behind``) every ``efd_monitor_interval`` seconds. A failed EFD write is logged
+  and counted (:attr:`BaseDMCS.efd_write_failures`), never raised into the command path.
+
+A restarted DMCS comes up OFFLINE, but reseeds the (sender, sequence number) pairs already answered from
+its recorder's history (:func:`~lsstpipe.control.recorder.seen_commands`), so a replay of an old command
+is still rejected as a duplicate.
 
 The lockout is a flag file (:class:`LockoutFlag`) that DM engineering sets with
 ``lsstpipe dmcs lockout on``; while it exists, ``init`` fails with its reason.
@@ -21,16 +30,17 @@ import getpass
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lsstpipe.control.cluster import Installation, SimulatedCluster
 from lsstpipe.control.config import check_argument_format
 from lsstpipe.control.entity import ENTITY_CLASSES, CommandableEntity, EntityStatus, Reply
-from lsstpipe.control.errors import ConfigurationError, ControlError, MalformedMessage, MessageError
+from lsstpipe.control.errors import BootError, ConfigurationError, ControlError, MalformedMessage, MessageError
 from lsstpipe.control.protocol import (
     TOPIC_OF,
     Codec,
@@ -41,12 +51,17 @@ from lsstpipe.control.protocol import (
     Response,
     SummaryStateEvent,
     Telemetry,
+    body_of,
     message_from_body,
     peek_seq,
 )
-from lsstpipe.control.recorder import ControlRecorder, InMemoryRecorder
+from lsstpipe.control.recorder import ControlRecorder, InMemoryRecorder, seen_commands
 from lsstpipe.control.states import Command, CommandResult, EntityName
 from lsstpipe.control.transport import Topic, Transport
+
+if TYPE_CHECKING:
+    from lsstpipe.db.efd import ReplicationLag
+    from lsstpipe.db.efd_replication import EFDChain
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +139,13 @@ class BaseDMCS:
     config_root
         Folder of the named configurations (default: the shipped ones).
     recorder
-        Where commands, results and state changes are recorded (default: in memory).
+        Where commands, results and state changes are recorded (default: in memory). Its history, if it
+        keeps one, reseeds the duplicate check at boot.
+    efd
+        The EFD chain to record into and whose replicas the EFD Replicator drives (default: none). The
+        caller keeps ownership: :meth:`close` stops the lag monitor but does not close it.
+    efd_monitor_interval
+        Seconds between two replication steps and lag measurements of ``efd``.
     """
 
     def __init__(
@@ -138,6 +159,8 @@ class BaseDMCS:
         config_root: Path | None = None,
         recorder: ControlRecorder | None = None,
         self_test_timeout: float = 2.0,
+        efd: EFDChain | None = None,
+        efd_monitor_interval: float = 1.0,
     ) -> None:
         self.ocs = ocs
         self.events = events if events is not None else ocs
@@ -150,6 +173,10 @@ class BaseDMCS:
         self.entities: dict[EntityName, CommandableEntity] = {}
         self._seen: set[tuple[str, int]] = set()
         self._subs: list[Any] = []
+        self.efd = efd
+        self.efd_monitor_interval = efd_monitor_interval
+        self.efd_write_failures = 0
+        self._efd_failures_lock = threading.Lock()
 
     # ---- life cycle -------------------------------------------------------------------------------------
     def boot(self) -> None:
@@ -158,10 +185,20 @@ class BaseDMCS:
         Raises
         ------
         BootError
-            The DM event transport or the OCS link failed its self test; nothing was started.
+            The DM event transport or the OCS link failed its self test, or the recorder's history of
+            commands cannot be read (replays could not be recognised); nothing was started.
         """
         self.events.self_test(self.self_test_timeout, "DM event transport")
         self.ocs.self_test(self.self_test_timeout, "OCS link")
+        try:
+            self._seen = seen_commands(self.recorder)
+        except Exception as exc:  # a DatabaseError or any failure of the recorder's store
+            raise BootError(f"cannot read the commands already answered from the recorder ({exc}); fix the control "
+                            "database and boot again (without them a replayed command would be accepted)") from None  # fmt: skip
+        if self.efd is not None:
+            if self.cluster.efd is not self.efd:
+                self.cluster.attach_efd(self.efd)
+            self.efd.start_monitor(self.efd_monitor_interval, self._publish_lag)
         lockout = self.lockout.reason if self.lockout is not None else (lambda: None)
         self.entities = {
             name: cls(self.cluster, self, lockout, self.config_root) for name, cls in ENTITY_CLASSES.items()
@@ -173,6 +210,8 @@ class BaseDMCS:
         log.info("Base DMCS booted: %s OFFLINE", ", ".join(e.value for e in self.entities))
 
     def close(self) -> None:
+        if self.efd is not None:
+            self.efd.stop_monitor()
         for sub in self._subs:
             sub.cancel()
         self._subs = []
@@ -182,6 +221,30 @@ class BaseDMCS:
     # ---- EntityOutput -----------------------------------------------------------------------------------
     def _publish(self, msg: Message) -> None:
         self.ocs.publish(TOPIC_OF[type(msg)], self.codec.encode(msg))
+        if self.efd is None:
+            return
+        if isinstance(msg, Telemetry):
+            self._to_efd("telemetry", lambda s: s.record_telemetry(msg.entity.value, msg.name, msg.value))
+        elif isinstance(msg, Response | SummaryStateEvent | ErrorEvent):
+            body = body_of(msg)
+            topic = str(body.pop("kind"))
+            name = msg.code if isinstance(msg, ErrorEvent) else msg.entity.value
+            self._to_efd(topic, lambda s: s.record_event(topic, name, body))
+
+    def _to_efd(self, what: str, write: Callable[[Any], object]) -> None:
+        """Write one record to the Summit EFD; a failure is logged and counted, never raised."""
+        assert self.efd is not None
+        try:
+            write(self.efd.summit)
+        except Exception as exc:  # DatabaseError, or a value the EFD refuses
+            with self._efd_failures_lock:
+                self.efd_write_failures += 1
+                lost = self.efd_write_failures
+            log.error("Summit EFD: could not record a %s (%d lost so far): %s", what, lost, exc)
+
+    def _publish_lag(self, lag: ReplicationLag) -> None:
+        for name, value in lag.telemetry().items():
+            self.telemetry(EntityName.EFD_REPLICATOR, f"efd.{name}", value)
 
     def reply(self, entity: EntityName, reply: Reply, status: EntityStatus) -> None:
         resp = Response(reply.seq, entity, reply.command, reply.result, reply.reason, status.state,
@@ -242,6 +305,9 @@ class BaseDMCS:
                 self._reject(exc, msg.seq, msg.sender)
                 return
             self.recorder.command_received(msg)
+            if self.efd is not None:
+                self._to_efd("command", lambda s: s.record_command(msg.sender, msg.seq, msg.entity.value,
+                                                                   msg.command.value, msg.arg))  # fmt: skip
             self.reply(msg.entity, Reply(msg.seq, msg.command, CommandResult.ACK, "", msg.sender), entity.status)
             entity.transition(msg.command, msg.seq, msg.arg, msg.sender)
         except Exception as exc:  # never let one message take the DMCS down
@@ -277,6 +343,9 @@ class BaseDMCS:
                     self.telemetry(entity.name, "jobs_launched", float(n))
                     handled.append(entity.name)
             self.recorder.event_received(msg, handled)
+            if self.efd is not None:
+                payload = {"visit": msg.visit, "exposure": msg.exposure, "handled_by": [e.value for e in handled]}
+                self._to_efd("OCS event", lambda s: s.record_event("ocs_event", msg.event.value, payload))
         except Exception as exc:
             log.exception("internal error while handling an OCS event")
             self.error(None, ControlError(f"internal error while handling an OCS event: {exc!r}"), None)

@@ -377,12 +377,23 @@ class CommandableEntity:
         self.cluster.uninstall(self.name)
 
     def _set_enabled(self, on: bool) -> None:
+        """Enable (side effects first: if they raise a ControlError the entity stays disabled) or disable
+        (always: a side effect that fails is published as an error, and the entity is disabled anyway)."""
         if on == self._enabled:
             return
-        self._enabled = on
         assert self._settings is not None or not on
+        if on:
+            assert self._settings is not None
+            self._on_enabled(self._settings, True)
+            self._enabled = True
+            return
+        self._enabled = False
         if self._settings is not None:
-            self._on_enabled(self._settings, on)
+            try:
+                self._on_enabled(self._settings, False)
+            except ControlError as exc:
+                log.warning("%s disabled, but: %s", self.name.value, exc)
+                self._out.error(self.name, exc, None)
 
     # ---- what differs between entities -----------------------------------------------------------------
     def check_prerequisites(self, settings: Settings) -> None:
@@ -434,7 +445,8 @@ class CatchupArchiver(CommandableEntity):
 
 
 class EFDReplicator(CommandableEntity):
-    """Enabled: the US DAC EFD replica follows the Chilean DAC replica."""
+    """Enabled: the US DAC EFD replica follows the Chilean DAC replica (for real when the cluster has an EFD
+    attached; an enable the replica refuses is FAILED and leaves the entity disabled)."""
 
     name = EntityName.EFD_REPLICATOR
 

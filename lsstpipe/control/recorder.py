@@ -4,14 +4,19 @@ The Alert Production control database (:class:`lsstpipe.db.ControlDatabase`: SQL
 implements this same protocol; the DMCS, its entities, and the roles that run jobs and move images only
 ever call these methods. Methods are called from the DMCS's threads, possibly concurrently, and must not
 block for long.
+
+A recorder that can also answer which commands it holds (:class:`CommandHistory`: the control database,
+:class:`InMemoryRecorder`) lets a restarted DMCS know every (sender, sequence number) it has already
+answered (:func:`seen_commands`), so that a replayed command is still rejected as a duplicate.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from lsstpipe.control.protocol import CommandMessage, OCSEventMessage, Response
 from lsstpipe.control.states import EntityName, SummaryState
@@ -101,3 +106,32 @@ class InMemoryRecorder:
 
     def image_transferred(self, transfer: ImageTransfer) -> None:
         self._add("transfer", transfer=transfer)
+
+
+class _Keyed(Protocol):
+    @property
+    def sender(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+
+
+@runtime_checkable
+class CommandHistory(Protocol):
+    """A recorder that can list the commands it received and the responses it sent (with sender and seq)."""
+
+    def commands(self) -> Sequence[_Keyed]: ...
+
+    def results(self) -> Sequence[_Keyed]: ...
+
+
+def seen_commands(recorder: object) -> set[tuple[str, int]]:
+    """Every (sender, seq) ``recorder`` holds a command or a response for (empty if it keeps no history).
+
+    Raises whatever the recorder raises when its history cannot be read (e.g. ``DatabaseError``).
+    """
+    if isinstance(recorder, InMemoryRecorder):
+        msgs = [f["msg"] for f in recorder.of_kind("command")] + [f["resp"] for f in recorder.of_kind("response")]
+        return {(m.sender, m.seq) for m in msgs}
+    if isinstance(recorder, CommandHistory):
+        return {(c.sender, c.seq) for c in recorder.commands()} | {(r.sender, r.seq) for r in recorder.results()}
+    return set()
