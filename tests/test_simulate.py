@@ -53,7 +53,7 @@ def _hashes(repo):
 def test_repository_contents(noisy):
     exps = noisy.exposures()
     kinds = {e["imgtype"] for e in exps}
-    assert kinds == {"OBJECT", "BIAS", "DARK", "FLAT"}
+    assert kinds == {"OBJECT", "BIAS", "DARK", "FLAT", "SPOT"}
     assert len(noisy.exposures("OBJECT")) == 4  # 2 visits × 2 snaps
     raws = noisy.raws()
     assert len(raws) == len(exps) * len(DETS)

@@ -31,7 +31,7 @@ class ExposureSpec:
     obsid: str
     day_obs: int
     seq_num: int
-    imgtype: str  # OBJECT, BIAS, DARK, FLAT
+    imgtype: str  # OBJECT, BIAS, DARK, FLAT, SPOT
     band: str
     mjd: float
     exptime: float
@@ -47,6 +47,7 @@ class ExposureSpec:
     flat_level_e: float = 0.0
     sky_gradient: tuple[float, float] = (0.0, 0.0)
     fringe_amp: float = 0.0
+    spot_pattern: int = -1  # SPOT: which amplifiers the projector lights (lsstpipe.sim.spots)
 
 
 @dataclass
@@ -99,7 +100,8 @@ def render_exposure(camera: Camera, sig: DetectorSignature, spec: ExposureSpec, 
     ``sky_rate`` is the sky in electrons per second per pixel (0 for dark and bias frames); a FLAT
     exposure is uniform illumination of ``spec.flat_level_e`` electrons before the flat field.
     ``noise=False`` gives the expectation values (no photon noise, read noise, cosmic rays): the noiseless
-    image used to check photometry.
+    image used to check photometry. A SPOT exposure's ``sources`` are the spot projector's, in detected
+    electrons (no flat field) and in focus on every detector (no wavefront-sensor donuts).
     """
     det = sig.detector
     ny, nx = det.shape
@@ -107,7 +109,8 @@ def render_exposure(camera: Camera, sig: DetectorSignature, spec: ExposureSpec, 
     rng = np.random.default_rng(key)
     signal = np.zeros((ny, nx), np.float32)
     if sources is not None:
-        donut = DONUT_RADIUS_PIX if det.type is DetectorType.WAVEFRONT else 0.0
+        on_sky = spec.imgtype == "OBJECT"
+        donut = DONUT_RADIUS_PIX if det.type is DetectorType.WAVEFRONT and on_sky else 0.0
         render_sources(signal, sources, donut_radius=donut)
     if spec.imgtype == "FLAT":
         signal += np.float32(spec.flat_level_e)

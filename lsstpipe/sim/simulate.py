@@ -2,9 +2,10 @@
 
 Order of work: the visit sequence; the sky over the footprint (stars, variables, transients, asteroids);
 the reference catalogue; then detector by detector (so one instrument signature is in memory at a
-time) every exposure of the night — calibrations first, then the science snaps — written as raws with
-their truth; then templates; then the Camera Data System buffer, raft by raft, as the camera would
-have filled it during the night.
+time) every exposure of the night — calibrations first (biases, darks, flats, then the crosstalk spot
+exposures of :mod:`lsstpipe.sim.spots`), then the science snaps — written as raws with their truth; then
+templates; then the Camera Data System buffer, raft by raft, as the camera would have filled it during
+the night.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from lsstpipe import __version__
 from lsstpipe.camera import Camera, Detector, get_camera
 from lsstpipe.io.raw import write_raw
 from lsstpipe.repo import Repository, sha256_file, write_csv, write_json
-from lsstpipe.sim import opsim, scene
+from lsstpipe.sim import opsim, scene, spots
 from lsstpipe.sim import sky as skymod
 from lsstpipe.sim.exposure import ExposureSpec, raw_header, render_exposure
 from lsstpipe.sim.instrument import FRINGE_BANDS, DetectorSignature, make_signature, stable_seed
 from lsstpipe.sim.solar_system import Ephemerides, make_ssos, write_sso_truth
-from lsstpipe.sim.truth import SOURCE_COLUMNS, source_rows, write_instrument_truth
+from lsstpipe.sim.truth import SOURCE_COLUMNS, SPOT_COLUMNS, source_rows, spot_rows, write_instrument_truth
 from lsstpipe.sim.wcs import DetectorSkyModel, FocalPlaneSkyModel
 
 #: Calibration sequence numbers start here so they never collide with the night's exposures.
@@ -48,6 +49,8 @@ class SimulationRequest:
     max_visits: int | None = None
     n_snaps: int = 2
     calibs: bool = False
+    #: Crosstalk spot exposures per CCD made with ``calibs`` (0 or a multiple of 4; see lsstpipe.sim.spots).
+    n_spot: int = spots.N_SPOT_EXPOSURES
     templates: bool = True
     cds: bool = True
     seed: int = 1
@@ -102,8 +105,10 @@ def science_specs(visit: opsim.VisitSpec, seed: int) -> list[ExposureSpec]:
     return out
 
 
-def calibration_specs(visits: list[opsim.VisitSpec]) -> list[ExposureSpec]:
-    """Biases, darks and flats (in each band of the night), taken in the afternoon before the night."""
+def calibration_specs(visits: list[opsim.VisitSpec], n_spot: int = spots.N_SPOT_EXPOSURES) -> list[ExposureSpec]:
+    """Biases, darks, flats (in each band of the night) and ``n_spot`` crosstalk spot exposures (dark dome,
+    :mod:`lsstpipe.sim.spots`; exposure ``k`` has spot pattern ``k``), taken in the afternoon before the night."""
+    spots.check_spot_count(n_spot)
     first = visits[0]
     bands = sorted({v.band for v in visits}, key="ugrizy".index)
     mjd = first.mjd - 0.25
@@ -111,13 +116,14 @@ def calibration_specs(visits: list[opsim.VisitSpec]) -> list[ExposureSpec]:
     seq = CALIB_SEQ_START
     specs = []
 
-    def add(imgtype, band, exptime, level=0.0):
+    def add(imgtype, band, exptime, level=0.0, pattern=-1):
         nonlocal seq, mjd
         specs.append(
             ExposureSpec(
                 obsid=f"MC_C_{first.day_obs}_{seq:06d}", day_obs=first.day_obs, seq_num=seq, imgtype=imgtype,
                 band=band, mjd=mjd, exptime=exptime, dark_time=exptime + READOUT_S, ra=zenith_ra,
                 dec=opsim.RUBIN_LAT_DEG, rot_sky_pos=0.0, airmass=1.0, seeing=0.0, flat_level_e=level,
+                spot_pattern=pattern,
             )
         )  # fmt: skip
         seq += 1
@@ -130,6 +136,8 @@ def calibration_specs(visits: list[opsim.VisitSpec]) -> list[ExposureSpec]:
     for band in bands:
         for _ in range(N_FLAT):
             add("FLAT", band, 15.0, FLAT_LEVEL_E)
+    for k in range(n_spot):
+        add("SPOT", "NONE", spots.SPOT_EXPTIME, pattern=k)
     return specs
 
 
@@ -160,6 +168,7 @@ def run_simulation(request: SimulationRequest, comm=None) -> dict:
     rank, size = comm.rank, comm.size
     t_start = time.perf_counter()
     log = _Progress(request.progress and rank == 0)
+    spots.check_spot_count(request.n_spot)
     camera = get_camera(request.camera)
     detectors = camera.select(list(request.detectors))
     sky_cfg = request.sky or default_sky(camera)
@@ -195,7 +204,7 @@ def run_simulation(request: SimulationRequest, comm=None) -> dict:
         write_sso_truth(repo.root / "truth" / "ssos.csv", ssos)
     log(f"sky: {len(stars)} stars, {len(transients)} transients, {len(ssos)} solar system objects")
 
-    calibs = calibration_specs(visits) if request.calibs else []
+    calibs = calibration_specs(visits, request.n_spot) if request.calibs else []
     exposures = calibs + [s for v in visits for s in science_specs(v, request.seed)]
     science = [s for s in exposures if s.imgtype == "OBJECT"]
     ephem = Ephemerides(ssos, [t for s in science for t in (s.mjd, s.mjd + s.exptime / 86400.0)])
@@ -272,11 +281,16 @@ def simulate_one(repo: Repository, camera: Camera, sig: DetectorSignature, spec:
     if spec.imgtype == "OBJECT":
         sources, model, psf = exposure_scene(camera, det, spec, stars, transients, ephem)
         sky_rate = skymod.sky_electrons_per_pixel(spec.sky_mag, spec.band, camera.pixel_scale_arcsec)
+    elif spec.imgtype == "SPOT":
+        sources = spots.spot_sources(det, spec.obsid, spec.spot_pattern, request.seed, camera.name)
     rendered = render_exposure(camera, sig, spec, sources, sky_rate, request.seed, noise=request.noise)
     path = repo.raw_path(spec.day_obs, spec.obsid, det.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_raw(path, det, rendered.segments, raw_header(camera, spec), overwrite=True, compress=request.compress)
     repo.register_raw(spec.obsid, det.name, path, sha256_file(path))
+    if spec.imgtype == "SPOT" and sources is not None:
+        tdir = repo.truth_dir(spec.day_obs, spec.obsid)
+        write_csv(tdir / f"{spec.obsid}_{det.name}_spots.csv", spot_rows(sources, det, spec.spot_pattern), SPOT_COLUMNS)
     if spec.imgtype == "OBJECT":
         tdir = repo.truth_dir(spec.day_obs, spec.obsid)
         zp = skymod.exposure_zero_point(spec.band, spec.airmass, spec.exptime)

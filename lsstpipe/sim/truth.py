@@ -16,6 +16,20 @@ trail_length    pixels; trail_angle degrees from +x towards +y
 on_detector     whether (x, y) lies on the CCD
 =============== ======================================================================================
 
+Per spot exposure (``IMGTYPE = 'SPOT'``, see :mod:`lsstpipe.sim.spots`) and detector,
+``*_spots.csv`` has one row per projected spot:
+
+=============== ======================================================================================
+pattern         the exposure's spot pattern (which amplifiers are lit, :func:`~lsstpipe.sim.spots.lit_amplifiers`)
+hdu, amp        the lit amplifier: HDU number (1-based, the crosstalk matrices' order) and name
+x, y            0-based pixel position of the spot centre in the assembled image
+flux_e          electrons injected (no flat field: the projector is calibrated in detected electrons)
+fwhm_pix, beta  the spot's round Moffat profile
+peak_e          central electrons per pixel of the profile before saturation and bleeding
+full_well_e     the detector's full well
+saturated       whether peak_e exceeds the full well (the spot then bleeds along its column)
+=============== ======================================================================================
+
 ``truth/instrument/{DET}.fits`` holds what the instrument did to every raw of that detector: the flat
 field per band (``FLAT_{band}``), ``DARK_RATE`` (e-/s), ``BIAS_COLS``/``BIAS_ROWS`` (the fixed bias
 structure in ADU per amplifier, in raw-segment coordinates), ``CROSSTALK`` (16×16, source × victim,
@@ -31,9 +45,11 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from lsstpipe.camera import Detector
 from lsstpipe.sim import sky as skymod
 from lsstpipe.sim.instrument import FRINGE_BANDS, DetectorSignature
 from lsstpipe.sim.scene import PSF_BETA, Sources
+from lsstpipe.sim.spots import spot_peak_e
 
 SOURCE_COLUMNS = (
     "id", "kind", "ra", "dec", "x", "y", "x_end", "y_end", "mag", "flux_e", "flux_nJy", "fwhm_pix", "e1", "e2",
@@ -59,6 +75,28 @@ def source_rows(sources: Sources, zero_point: float, shape: tuple[int, int] | No
             "flux_e": float(sources.flux_e[k]), "flux_nJy": float(njy[k]), "fwhm_pix": float(sources.fwhm[k]),
             "e1": float(sources.e1[k]), "e2": float(sources.e2[k]), "beta": PSF_BETA,
             "trail_length": float(length[k]), "trail_angle": float(angle[k]), "on_detector": on,
+        })  # fmt: skip
+    return rows
+
+
+SPOT_COLUMNS = ("pattern", "hdu", "amp", "x", "y", "flux_e", "fwhm_pix", "beta", "peak_e", "full_well_e", "saturated")
+
+
+def spot_rows(sources: Sources, detector: Detector, pattern: int) -> list[dict]:
+    """Rows of the per-exposure spot truth table (see the module docstring); ``sources.id`` holds the
+    lit amplifiers' HDU numbers, as :func:`lsstpipe.sim.spots.spot_sources` makes them."""
+    by_hdu = {a.hdu: a for a in detector.amps}
+    peak = spot_peak_e(sources.flux_e, sources.fwhm)
+    full_well = float(detector.vendor.full_well_e)
+    rows = []
+    for k in range(len(sources)):
+        hdu = int(sources.id[k])
+        if hdu not in by_hdu:
+            raise ValueError(f"spot {k} names amplifier HDU {hdu}, which {detector.name} does not have")
+        rows.append({
+            "pattern": int(pattern), "hdu": hdu, "amp": by_hdu[hdu].name, "x": float(sources.x[k]),
+            "y": float(sources.y[k]), "flux_e": float(sources.flux_e[k]), "fwhm_pix": float(sources.fwhm[k]),
+            "beta": PSF_BETA, "peak_e": float(peak[k]), "full_well_e": full_well, "saturated": bool(peak[k] > full_well),
         })  # fmt: skip
     return rows
 
