@@ -29,7 +29,24 @@ DEFAULTS: dict[str, dict[str, str | None]] = {
         "seed": "1",
         "extra_args": "--calibs",
     },
+    "calibration_products": {
+        "job_name": "lsstpipe-cpp",
+        "nodes": "1",
+        "ranks": "16",
+        "time_limit": "02:00:00",
+        "log_dir": ".",
+        "partition_line": "",
+        "numba_cache_dir": "/tmp/lsstpipe-numba-cache",
+        "srun_mpi": "pmi2",
+        "repo": None,
+        "job_script": "jobs/calibration_products.py",
+        "mode": "main",
+        "min_frames": "3",
+        "extra_args": "",
+    },
 }
+#: Settings that must be positive integers (``seed``: ≥ 0), where a template has them.
+_INTEGERS = {"nodes": 1, "ranks": 1, "seed": 0, "min_frames": 1}
 _SAFE = re.compile(r"^[A-Za-z0-9_./:,=@%+ -]*$")
 
 
@@ -67,11 +84,14 @@ def render(name: str, values: dict[str, str]) -> str:
     if missing:
         raise ValueError(f"{name}.sbatch needs a value for {', '.join(missing)}: pass --set {missing[0]}=…")
     for k, v in merged.items():
-        if not _SAFE.match(v):
+        if not _SAFE.match(str(v)):
             raise ValueError(f"value of {k} ({v!r}) is not shell-safe: use letters, digits, spaces and ./:,=@%+-_")
-    for k in ("nodes", "ranks", "seed"):
-        if not merged[k].isdigit() or int(merged[k]) < (0 if k == "seed" else 1):
-            raise ValueError(f"{k} must be a positive integer, not {merged[k]!r}")
+    for k, least in _INTEGERS.items():
+        value = merged.get(k)
+        if value is not None and (not value.isdigit() or int(value) < least):
+            raise ValueError(f"{k} must be a positive integer, not {value!r}")
+    if "mode" in merged and merged["mode"] not in ("main", "pre-drp"):
+        raise ValueError(f"mode must be main or pre-drp, not {merged['mode']!r}")
     if merged["partition_line"] and not merged["partition_line"].startswith("#SBATCH --partition="):
         merged["partition_line"] = f"#SBATCH --partition={merged['partition_line']}"
     return tmpl.substitute(merged)
