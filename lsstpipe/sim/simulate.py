@@ -31,8 +31,8 @@ from lsstpipe.sim.wcs import DetectorSkyModel, FocalPlaneSkyModel
 
 #: Calibration sequence numbers start here so they never collide with the night's exposures.
 CALIB_SEQ_START = 50001
-N_BIAS, N_DARK, N_FLAT = 10, 5, 5
-DARK_EXPTIME, FLAT_LEVEL_E = 120.0, 30000.0
+N_BIAS, N_DARK, N_FLAT = 10, 10, 5
+DARK_EXPTIME, FLAT_LEVEL_E = 300.0, 30000.0
 READOUT_S = opsim.READOUT_S
 
 
