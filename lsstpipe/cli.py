@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lsstpipe import __version__, detect_cli
+from lsstpipe import __version__, detect_cli, subtract_cli
 from lsstpipe.control import cli_control
 
 
@@ -32,7 +32,9 @@ def _add_simulate(sub) -> None:
     p.add_argument("--night", type=int, default=1, help="night number in the --opsim database (1 = first)")
     p.add_argument("--max-visits", type=int, default=None, help="use at most this many visits of the night")
     p.add_argument("--snaps", type=int, choices=(1, 2), default=2, help="2 × 15 s snaps (default) or 1 × 30 s")
-    p.add_argument("--calibs", action="store_true", help="also simulate bias, dark and flat exposures")
+    p.add_argument(
+        "--calibs", action="store_true", help="also simulate bias, dark, flat and crosstalk spot-projector exposures"
+    )
     p.add_argument("--no-templates", action="store_true", help="do not make templates")
     p.add_argument("--no-cds", action="store_true", help="do not fill the Camera Data System buffer")
     p.add_argument("--no-compress", action="store_true",
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slurm(sub)
     cli_control.add_parsers(sub)  # config, ocs, dmcs
     detect_cli.add_parser(sub)
+    subtract_cli.add_parser(sub)
     return parser
 
 
@@ -180,6 +183,7 @@ COMMANDS = {
     "camera": _cmd_camera,
     "slurm": _cmd_slurm,
     "detect": detect_cli.run,
+    "subtract": subtract_cli.run,
     **cli_control.HANDLERS,
 }
 
