@@ -79,3 +79,23 @@ def test_quick_run_prints_the_table(quick):
     assert "PASS" in stdout or "MISS" in stdout
     for det in result["config"]["detectors"]:
         assert det in stdout
+
+
+CHAIN_KEYS = ("chain_seconds", "detect_seconds", "sep_seconds", "isr_gbps", "copy_gbps", "peak_rss_mb")
+
+
+def test_ccd_chain_quick_run_writes_the_issue_keys(tmp_path):
+    """benchmarks/ccd_chain.py --quick (a mini CCD) runs the whole chain and writes every required key."""
+    out = tmp_path / "chain.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ccd_chain.py"), "--quick", "--repeat", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    missing = [k for k in CHAIN_KEYS if k not in result]
+    assert not missing, f"ccd_chain JSON lacks {missing}"
+    for k in CHAIN_KEYS:
+        assert isinstance(result[k], float) and math.isfinite(result[k]) and result[k] > 0, (k, result[k])
+    assert {"isr", "characterize", "difference", "dia_sources"} <= set(result["stage_seconds"])
+    assert "whole chain" in proc.stdout

@@ -152,8 +152,14 @@ class Difference:
 
 
 # --------------------------------------------------------------------------------------------- I/O
-def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radius_deg: float) -> list[TemplatePatch]:
+def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radius_deg: float,
+                          footprint=None, margin: int = 64) -> list[TemplatePatch]:  # fmt: skip
     """Template patches of ``band`` whose area comes within ``radius_deg`` of (ra, dec).
+
+    With ``footprint`` — ``(ra, dec)`` arrays of points along the science CCD's boundary, degrees — only the
+    part of each patch that covers the footprint's bounding box (plus ``margin`` pixels for the warp, the
+    matching kernel and the edge border) is read, through memory maps: a worker holds a CCD's worth of
+    template, not whole patches (a full-size LSSTCam CCD overlaps up to 9 patches of 200 MB).
 
     ``repo_or_paths``: an :class:`lsstpipe.repo.Repository`, a repository directory, or FITS file paths
     (HDUs IMAGE, VARIANCE, optional MASK with a celestial WCS; the primary header's PSFFWHM in arcsec and
@@ -178,7 +184,7 @@ def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radiu
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"template {path}: no such file")
-        with fits.open(path, memmap=False) as hdul:
+        with fits.open(path, memmap=True) as hdul:
             hdr = hdul[0].header
             if hdr.get("BAND") not in (None, band):
                 continue
@@ -193,9 +199,23 @@ def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radiu
             fwhm = float("nan")
             if isinstance(hdr.get("PSFFWHM"), (int, float)) and isinstance(hdr.get("PIXSCALE"), (int, float)):
                 fwhm = float(hdr["PSFFWHM"]) / float(hdr["PIXSCALE"])
-            mask = np.asarray(hdul["MASK"].data, np.int32) if "MASK" in names else None
-            out.append(TemplatePatch(np.asarray(hdul["IMAGE"].data, np.float32),
-                                     np.asarray(hdul["VARIANCE"].data, np.float32), wcs, fwhm, mask))  # fmt: skip
+            cut = (slice(0, ny), slice(0, nx))
+            if footprint is not None:
+                fx, fy = wcs.all_world2pix(np.asarray(footprint[0], float), np.asarray(footprint[1], float), 0)
+                x0, x1 = max(int(np.floor(np.min(fx))) - margin, 0), min(int(np.ceil(np.max(fx))) + margin + 1, nx)
+                y0, y1 = max(int(np.floor(np.min(fy))) - margin, 0), min(int(np.ceil(np.max(fy))) + margin + 1, ny)
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                cut = (slice(y0, y1), slice(x0, x1))
+                wcs = wcs.slice(cut)
+
+            def read(name, dtype, cut=cut):
+                hdu = hdul[name]
+                data = hdu.section[cut] if hasattr(hdu, "section") else hdu.data[cut]
+                return np.array(data, dtype=dtype)  # a copy: the file is closed afterwards
+
+            mask = read("MASK", np.int32) if "MASK" in names else None
+            out.append(TemplatePatch(read("IMAGE", np.float32), read("VARIANCE", np.float32), wcs, fwhm, mask))
     return out
 
 

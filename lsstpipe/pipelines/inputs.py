@@ -82,5 +82,10 @@ def load_ccd_inputs(repo: str | os.PathLike | Repository, visit: int, detector: 
     cosd = np.cos(np.radians(dec_c))
     radius = float(np.max(np.hypot((corners[0] - ra_c) * cosd, corners[1] - dec_c))) + margin_deg
     refcat = read_refcat(repo.refcat_path, ra_c, dec_c, radius)
-    patches = read_template_patches(repo, band, ra_c, dec_c, radius)
+    edge = np.linspace(0, 1, 9)
+    bx = np.concatenate([edge * (nx - 1), np.full(9, nx - 1.0), edge[::-1] * (nx - 1), np.zeros(9)])
+    by = np.concatenate([np.zeros(9), edge * (ny - 1), np.full(9, ny - 1.0), edge[::-1] * (ny - 1)])
+    footprint = wcs.all_pix2world(bx, by, 0)  # the CCD's boundary on the sky (nominal WCS)
+    patches = read_template_patches(repo, band, ra_c, dec_c, radius, footprint=footprint,
+                                    margin=64)  # fmt: skip
     return CcdInputs(det, tuple(raws), tuple(metas), masters, refcat, wcs, tuple(patches), dia_objects)

@@ -1,0 +1,215 @@
+"""Single-core cost of the whole per-CCD alert-production chain on a full-size two-snap visit, with anchors.
+
+What is timed (one process, one thread: the thread counts of numba, OpenMP and the BLAS libraries are pinned
+to 1 before numpy is imported):
+
+1. the chain, :func:`lsstpipe.pipelines.ap.process_ccd`, on one full-size LSSTCam CCD (R22_S11, e2v,
+   4004×4096) of a simulated r-band visit of two 15 s snaps, from the raw segments in memory to the DIASource
+   table: ISR of both snaps, cosmic rays and snap combination, characterization (background, PSF, WCS, zero
+   point), template warp, PSF matching, subtraction and decorrelation, DIASource detection, measurement and
+   forced photometry, SDQA. Its per-stage times come from the chain's own ``timings``. Inputs are read from
+   the repository before timing (the worker prefetches them while the shutter is open).
+2. anchors on the same images: SEP (background + extraction + aperture sums) on the calexp against our
+   detection and measurement (:func:`lsstpipe.pipelines.detection.detect_and_measure`); ``scipy.signal.fftconvolve``
+   of the warped template with a kernel of the PSF-matching kernel's size; the ISR of one snap written as
+   plain numpy expressions (``benchmarks/isr.py``) against ``run_isr`` and a numpy copy (bandwidth: ISR's
+   minimal bytes — raw int32 segments, bias, dark and flat read; image, variance, mask written — over its
+   time, against the copy's read + written bytes); SFFT when it is installed.
+3. the process's peak resident memory just after the chain (before the anchors run): what a worker needs.
+
+The visit is simulated first by ``lsstpipe simulate`` in a subprocess (so its memory does not count) into a
+temporary repository (~2 GB, removed afterwards unless ``--keep DIR``). The chain runs once untimed (JIT
+compilation), then ``--repeat`` times; medians are reported. ``--quick`` uses a mini-camera CCD (512 px) so
+that the test suite can check the harness. Run ``python benchmarks/ccd_chain.py [--repeat N] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.detect import run_sep  # noqa: E402
+from benchmarks.isr import copy_gbps, numpy_isr  # noqa: E402
+from lsstpipe import __version__  # noqa: E402
+from lsstpipe.pipelines.ap import ApConfig, process_ccd  # noqa: E402
+from lsstpipe.pipelines.detection import detect_and_measure  # noqa: E402
+from lsstpipe.pipelines.inputs import load_ccd_inputs, visit_exposures  # noqa: E402
+from lsstpipe.pipelines.isr import run_isr  # noqa: E402
+from lsstpipe.repo import Repository  # noqa: E402
+
+FULL = ("lsstcam", "R22_S11")
+QUICK = ("mini", "R10_S11")
+
+
+def simulate(root: Path, camera: str, detector: str, seed: int) -> None:
+    cmd = [sys.executable, "-m", "lsstpipe", "simulate", "--repo", str(root), "--camera", camera, "--detectors",
+           detector, "--visits", "1", "--bands", "r", "--no-cds", "--quiet", "--seed", str(seed)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"simulation failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+
+
+def median_time(fn, repeat: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of ``repeat`` runs after a warm-up."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(max(repeat, 1)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kilobytes on Linux
+
+
+def run(args: argparse.Namespace) -> dict:
+    camera, detector = QUICK if args.quick else FULL
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ccd_chain_"))
+    try:
+        if not (tmp / "repo.yaml").exists():
+            simulate(tmp, camera, detector, args.seed)
+        repo = Repository(tmp)
+        visit = int(visit_exposures(repo, repo.exposures("OBJECT")[0]["visit"])[0]["visit"])
+        inputs = load_ccd_inputs(repo, visit, detector, calibs="truth")
+        rss_inputs = peak_rss_mb()
+        config = ApConfig()
+        timings: list[dict] = []
+        last: list = [None]
+
+        def chain():
+            last[0] = None  # a worker keeps one CCD's result at a time
+            last[0] = process_ccd(inputs, config)
+            timings.append(last[0].timings)
+
+        chain_wall, chain_cpu = median_time(chain, args.repeat)
+        rss_chain = peak_rss_mb()
+        res = last[0]
+        stages = {k: statistics.median(t.get(k, 0.0) for t in timings[1:]) for k in res.timings}
+
+        calexp = res.calexp
+        fwhm = float(res.sdqa["psf_fwhm_pix"])
+        radius = 2.0 * fwhm
+        bad = (calexp.mask & 0b111) != 0
+        detect_wall, detect_cpu = median_time(
+            lambda: detect_and_measure(calexp.image, calexp.variance, bad, psf_fwhm=fwhm, aperture_radius=radius),
+            args.repeat,
+        )
+        out = {
+            "version": __version__, "camera": camera, "detector": detector, "shape": list(calexp.shape),
+            "snaps": len(inputs.raw_snaps), "repeat": args.repeat, "chain_seconds": chain_wall,
+            "chain_cpu_seconds": chain_cpu, "stage_seconds": stages, "detect_seconds": detect_wall,
+            "flags": list(res.flags), "sdqa": res.sdqa, "n_dia_sources": int(len(res.dia_sources)),
+            "peak_rss_mb": rss_chain, "inputs_rss_mb": rss_inputs,
+            "machine": {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
+                        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        }  # fmt: skip
+        try:
+            import sep
+        except ImportError:
+            out["sep_seconds"] = None
+            out["notes"] = ["SEP not installed (pip install sep): no detection anchor"]
+        else:
+            image = np.ascontiguousarray(np.where(bad, 0, calexp.image), np.float32)
+            out["sep_seconds"] = median_time(lambda: run_sep(sep, image, calexp.variance, radius), args.repeat)[0]
+            out["detect_over_sep"] = out["detect_seconds"] / out["sep_seconds"]
+
+        # ISR bandwidth on one snap, against a numpy copy and the numpy ISR.
+        raw, meta = inputs.raw_snaps[0], inputs.snap_metadata[0]
+        prev = run_isr(raw, inputs.detector, inputs.calibs, meta, config.isr)
+        isr_wall = median_time(lambda: run_isr(raw, inputs.detector, inputs.calibs, meta, config.isr, out=prev),
+                               args.repeat)[0]  # fmt: skip
+        npix = calexp.shape[0] * calexp.shape[1]
+        minimal = int(raw.nbytes + 3 * 4 * npix + 3 * 4 * npix)
+        out["isr_seconds"] = isr_wall
+        out["isr_gbps"] = minimal / isr_wall / 1e9
+        out["copy_gbps"] = copy_gbps(args.repeat)
+        out["isr_fraction_of_copy"] = out["isr_gbps"] / out["copy_gbps"]
+        if inputs.calibs.crosstalk is not None and inputs.calibs.bias is not None:
+            out["numpy_isr_seconds"] = median_time(lambda: numpy_isr(raw, inputs.detector, inputs.calibs, meta),
+                                                   args.repeat)[0]  # fmt: skip
+            out["numpy_isr_over_ours"] = out["numpy_isr_seconds"] / isr_wall
+
+        # Convolution anchor: the template with a kernel of the PSF-matching kernel's size.
+        if res.difference is not None:
+            from scipy.signal import fftconvolve
+
+            k = int(res.difference.kernel_info.get("kernel_size", 21))
+            kernel = np.ones((k, k), np.float32) / k**2
+            tmpl = np.ascontiguousarray(np.nan_to_num(res.difference.template), np.float32)
+            out["fftconvolve_seconds"] = median_time(lambda: fftconvolve(tmpl, kernel, mode="same"), args.repeat)[0]
+            out["difference_over_fftconvolve"] = stages.get("difference", np.nan) / out["fftconvolve_seconds"]
+        try:
+            import sfft  # noqa: F401
+        except ImportError:
+            out.setdefault("notes", []).append("SFFT not installed: no SFFT anchor")
+        return out
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(r: dict) -> str:
+    s = r["stage_seconds"]
+    lines = [
+        f"# python benchmarks/ccd_chain.py ({r['machine']['cores']} cores visible, one thread; median of {r['repeat']})",
+        f"{r['camera']} {r['detector']} {r['shape'][0]}×{r['shape'][1]}, {r['snaps']} snaps: whole chain "
+        f"{r['chain_seconds']:.2f} s wall ({r['chain_cpu_seconds']:.2f} s CPU; target ≤ 5 s)",
+        "  " + ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "total"),
+        f"detection+measurement {r['detect_seconds']:.2f} s"
+        + (
+            f" vs SEP {r['sep_seconds']:.2f} s = {r['detect_over_sep']:.2f}× SEP's time" if r.get("sep_seconds") else ""
+        ),
+        f"ISR {r['isr_seconds'] * 1e3:.1f} ms per snap: {r['isr_gbps']:.1f} GB/s = {100 * r['isr_fraction_of_copy']:.0f}% "
+        f"of a numpy copy's {r['copy_gbps']:.1f} GB/s (target ≥ 80 %)"
+        + (f"; numpy ISR {r['numpy_isr_over_ours']:.1f}× slower" if "numpy_isr_over_ours" in r else ""),
+    ]
+    if "fftconvolve_seconds" in r:
+        lines.append(f"differencing {s.get('difference', float('nan')):.2f} s vs one scipy fftconvolve of the template "
+                     f"{r['fftconvolve_seconds']:.2f} s = {r['difference_over_fftconvolve']:.2f}×")  # fmt: skip
+    lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB after the chain (inputs alone {r['inputs_rss_mb']:.0f} MB; "
+                 "target ≤ 1500 MB)")  # fmt: skip
+    lines.append(f"flags: {', '.join(r['flags']) or 'none'}; DIASources: {r['n_dia_sources']}")
+    lines.extend(f"note: {n}" for n in r.get("notes", []))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each (median reported)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="a mini-camera CCD (512 px): checks the harness")
+    parser.add_argument("--keep", default=None, help="simulate into (or reuse) this repository and keep it")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    r = run(args)
+    print(report(r))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(r, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
