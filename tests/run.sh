@@ -11,7 +11,7 @@ pg_env=$(.ci/postgres.sh start)   # kept apart from eval so that set -e catches 
 eval "$pg_env"
 trap '.ci/postgres.sh stop "$LSSTPIPE_PG_DIR"' EXIT
 trap 'exit 130' INT TERM
-python -m pytest -q -m "not slow" tests
+python -m pytest -q -rs -m "not slow" tests
 echo "== full-size (slow) cases"
 python -m pytest -q -m slow tests
 for n in 2 4; do
