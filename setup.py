@@ -29,6 +29,15 @@ setup(
         "astropy>=6.0",
         "h5py>=3.9",
         "PyYAML>=6.0",
+        # The Level 1 database is written through Rubin's own APDB client, so that its tables are exactly
+        # Rubin's schema (lsst-sdm-schemas' apdb.yaml) and Rubin's clients read what the night writes.
+        # pandas < 4: the client still uses an API pandas 3 deprecates.
+        "lsst-dax-apdb>=30.2026.4100",
+        "pandas<4",
+        # Alerts are serialized against Rubin's published Avro schema (lsst-alert-packet ships it and its
+        # schema registry ids), with fastavro, the fast Avro implementation the brokers use.
+        "lsst-alert-packet>=30.2026.2700",
+        "fastavro>=1.9",
     ],
     extras_require={
         # sep (SExtractor as a library) is the reference tool the detection kernels are compared with.
@@ -48,7 +57,9 @@ setup(
         # The OCS interface over DDS: Eclipse Cyclone DDS's official binding (wheel bundles libddsc).
         "dds": ["cyclonedds>=11.0,<12"],
         # The control database on PostgreSQL: psycopg 3, the maintained driver; [binary] bundles libpq.
-        "postgres": ["psycopg[binary]>=3.1"],
+        # psycopg2: the APDB client's SQLAlchemy path on PostgreSQL (its psycopg 3 dialect mistypes an
+        # empty column on insert); Rubin runs it on psycopg2 too.
+        "postgres": ["psycopg[binary]>=3.1", "psycopg2-binary>=2.9"],
     },
     entry_points={"console_scripts": ["lsstpipe = lsstpipe.cli:main"]},
 )
