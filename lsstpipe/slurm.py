@@ -44,6 +44,21 @@ DEFAULTS: dict[str, dict[str, str | None]] = {
         "min_frames": "3",
         "extra_args": "",
     },
+    "night": {
+        "job_name": "lsstpipe-night",
+        "nodes": "1",
+        "ranks": "4",
+        "time_limit": "01:00:00",
+        "log_dir": ".",
+        "partition_line": "",
+        "numba_cache_dir": "/tmp/lsstpipe-numba-cache",
+        "srun_mpi": "pmi2",
+        "repo": None,
+        "out": None,
+        "camera": "mini",
+        "job_script": "jobs/night.py",
+        "extra_args": "",
+    },
 }
 #: Settings that must be positive integers (``seed``: ≥ 0), where a template has them.
 _INTEGERS = {"nodes": 1, "ranks": 1, "seed": 0, "min_frames": 1}
