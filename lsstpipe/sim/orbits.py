@@ -156,13 +156,13 @@ def state_to_elements(r, v, gm: float = GM_SUN) -> tuple[float, float, float, fl
     return a, e, inc, node, math.degrees(w) % 360.0, ma
 
 
-def _ecliptic_to_equatorial(x: np.ndarray) -> np.ndarray:
+def ecliptic_to_equatorial(x: np.ndarray) -> np.ndarray:
     eps = math.radians(OBLIQUITY_J2000_DEG)
     c, s = math.cos(eps), math.sin(eps)
     return np.stack([x[0], c * x[1] - s * x[2], s * x[1] + c * x[2]])
 
 
-def _equatorial_to_ecliptic(x: np.ndarray) -> np.ndarray:
+def equatorial_to_ecliptic(x: np.ndarray) -> np.ndarray:
     eps = math.radians(OBLIQUITY_J2000_DEG)
     c, s = math.cos(eps), math.sin(eps)
     return np.stack([x[0], c * x[1] + s * x[2], -s * x[1] + c * x[2]])
@@ -224,7 +224,7 @@ def observer_position(mjd_tai, topocentric: bool = True) -> np.ndarray:
     rho_xy, z = (n_km + h_km) * math.cos(lat), (n_km * (1.0 - e2) + h_km) * math.sin(lat)
     lst = np.deg2rad(local_sidereal_time_deg(mjd_tai))
     site = np.stack([rho_xy * np.cos(lst), rho_xy * np.sin(lst), np.full_like(lst, z)]) / AU_KM
-    return pos + _equatorial_to_ecliptic(site)
+    return pos + equatorial_to_ecliptic(site)
 
 
 class Ephemeris(NamedTuple):
@@ -305,7 +305,7 @@ class Orbit:
         pos = self.position(t - light_time)
         rho = pos - obs
         delta = np.linalg.norm(rho, axis=0)
-        eq = _ecliptic_to_equatorial(rho)
+        eq = ecliptic_to_equatorial(rho)
         ra = np.rad2deg(np.arctan2(eq[1], eq[0])) % 360.0
         dec = np.rad2deg(np.arcsin(np.clip(eq[2] / delta, -1.0, 1.0)))
         cross = np.linalg.norm(np.cross(pos, rho, axis=0), axis=0)
@@ -442,7 +442,7 @@ def orbit_through(
         )
     obs = observer_position(mjd, topocentric)
     ra_r, dec_r = math.radians(ra), math.radians(dec)
-    u = _equatorial_to_ecliptic(np.array([math.cos(dec_r) * math.cos(ra_r), math.cos(dec_r) * math.sin(ra_r),
+    u = equatorial_to_ecliptic(np.array([math.cos(dec_r) * math.cos(ra_r), math.cos(dec_r) * math.sin(ra_r),
                                           math.sin(dec_r)]))  # fmt: skip
     r_h = rng.uniform(lo, hi)
     ou = float(obs @ u)
