@@ -24,20 +24,11 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.config import njit
+from kernels.sphere import unit_vectors as _unit
 
 __all__ = ["associate"]
 
 _ARCSEC = np.pi / (180.0 * 3600.0)
-
-
-@njit
-def _unit(ra_deg, dec_deg, out):
-    for i in range(ra_deg.size):
-        a = np.deg2rad(ra_deg[i])
-        d = np.deg2rad(dec_deg[i])
-        out[i, 0] = np.cos(d) * np.cos(a)
-        out[i, 1] = np.cos(d) * np.sin(a)
-        out[i, 2] = np.sin(d)
 
 
 @njit

@@ -145,16 +145,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     """Stand-alone entry point (``python -m lsstpipe.detect_cli``), with lsstpipe's error handling."""
-    parser = argparse.ArgumentParser(prog="lsstpipe")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"lsstpipe detect: error: {exc}", file=sys.stderr)
-        return 2
+    from lsstpipe.cli_support import standalone_main
+
+    return standalone_main("detect", add_parser, run, argv)
 
 
 if __name__ == "__main__":
