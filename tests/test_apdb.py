@@ -189,3 +189,23 @@ def test_errors_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="namespace"):
         create_apdb(tmp_path / "x.sqlite3", tmp_path / "x.yaml", namespace="n")
     assert os.path.exists(tmp_path / APDB_CONFIG_NAME)
+
+
+def test_daily_snapshot_is_a_frozen_copy(config_path, tmp_path):
+    db = Level1Database(config_path)
+    res, frows = _ccd(1, 3, 20)
+    assert db.store_ccd(1, 3, MJD, res.dia_objects, res.dia_sources, frows)
+    where = db.snapshot(tmp_path / "snapshots", 20240101)
+    before = db.row_counts()
+    res2, frows2 = _ccd(2, 4, 15)
+    assert db.store_ccd(2, 4, MJD + 1, res2.dia_objects, res2.dia_sources, frows2)
+    assert db.row_counts()["DiaSource"] == before["DiaSource"] + 15
+    if where.endswith(".sqlite3"):
+        with sqlite3.connect(where) as conn:
+            n = conn.execute('SELECT count(*) FROM "DiaSource"').fetchone()[0]
+    else:
+        with _engine(config_path).connect() as conn:
+            n = conn.execute(sqlalchemy.text(f'SELECT count(*) FROM "{where}"."DiaSource"')).scalar()
+    assert n == before["DiaSource"] == 20
+    with pytest.raises(DatabaseError, match="never overwritten"):
+        db.snapshot(tmp_path / "snapshots", 20240101)

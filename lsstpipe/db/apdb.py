@@ -34,6 +34,7 @@ serialises the transactions and the primary keys refuse a concurrent duplicate.
 from __future__ import annotations
 
 import fcntl
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -319,6 +320,53 @@ class Level1Database:
                 return pd.read_sql_table(f"{config.prefix}SSObject", conn, schema=config.namespace)
         finally:
             engine.dispose()
+
+    def snapshot(self, destination: str | Path, day_obs: int) -> str:
+        """A consistent, read-only copy of the APDB as it is now, for the day's statistical queries.
+
+        SQLite: an online backup (``sqlite3``'s backup API, consistent while CCD jobs keep writing) into
+        ``destination/apdb-{day_obs}.sqlite3``, written to a temporary name then renamed; returns its path.
+        PostgreSQL: the tables copied in one REPEATABLE READ transaction into a new schema
+        ``apdb_snapshot_{day_obs}`` of the same database (``destination`` is unused); returns the schema.
+        A snapshot is never overwritten: a second one for the same day raises :class:`DatabaseError`.
+        """
+        day = int(day_obs)
+        config = self.apdb.getConfig()
+        tables = [f"{config.prefix}{t}" for t in ("DiaObject", "DiaSource", "DiaForcedSource", "SSObject")]
+        if self._lock_path is not None:
+            source = self._lock_path.with_name(self._lock_path.name.removesuffix(".lock"))
+            out = Path(destination) / f"apdb-{day}.sqlite3"
+            if out.exists():
+                raise DatabaseError(f"the APDB snapshot {out} exists already; snapshots are never overwritten")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            src, dst = sqlite3.connect(f"file:{source}?mode=ro", uri=True), sqlite3.connect(tmp)
+            try:
+                src.backup(dst)
+                dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+            finally:
+                dst.close()
+                src.close()
+            os.replace(tmp, out)
+            return str(out)
+        import sqlalchemy
+
+        schema = f"apdb_snapshot_{day}"
+        qualified = f'"{config.namespace}".' if config.namespace else ""
+        engine = _engine(config)
+        try:
+            with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+                exists = conn.execute(sqlalchemy.text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :s"),
+                                      {"s": schema}).first()  # fmt: skip
+                if exists:
+                    raise DatabaseError(f"the APDB snapshot schema {schema} exists already; snapshots are never "
+                                        "overwritten")  # fmt: skip
+                conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+                for t in tables:
+                    conn.execute(sqlalchemy.text(f'CREATE TABLE "{schema}"."{t}" AS SELECT * FROM {qualified}"{t}"'))
+        finally:
+            engine.dispose()
+        return schema
 
     def row_counts(self) -> dict[str, int]:
         """Rows per table (DiaObject counts every version)."""
