@@ -15,7 +15,8 @@ to 1 before numpy is imported):
    plain numpy expressions (``benchmarks/isr.py``) against ``run_isr`` and a numpy copy (bandwidth: ISR's
    minimal bytes — raw int32 segments, bias, dark and flat read; image, variance, mask written — over its
    time, against the copy's read + written bytes); SFFT when it is installed.
-3. the process's peak resident memory just after the chain (before the anchors run): what a worker needs.
+3. the process's peak resident memory just after the chain (before the anchors run): what a worker needs
+   (with the worker's allocator setting, :func:`lsstpipe.runtime.memory.return_large_frees`).
 
 The visit is simulated first by ``lsstpipe simulate`` in a subprocess (so its memory does not count) into a
 temporary repository (~2 GB, removed afterwards unless ``--keep DIR``). The chain runs once untimed (JIT
@@ -85,6 +86,9 @@ def peak_rss_mb() -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from lsstpipe.runtime.memory import return_large_frees
+
+    return_large_frees()  # as a worker rank does at start-up
     camera, detector = QUICK if args.quick else FULL
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ccd_chain_"))
     try:

@@ -220,13 +220,18 @@ def _combine(im0, var0, m0, im1, var1, m1, cr0, cr1, r, cr_bit, intrp_bit, image
 
 
 def combine_snaps(im0, var0, mask0, im1, var1, mask1, cr0, cr1, t0: float = 1.0, t1: float = 1.0, *, cr_bit: int,
-                  intrp_bit: int):  # fmt: skip
+                  intrp_bit: int, out=None):  # fmt: skip
     """Repair the cosmic rays of each snap from the other, and sum the snaps.
 
     Where a pixel is a ray (or non-finite) in one snap only, that snap's value is replaced by the other's
     scaled by ``t0 / t1`` (or its inverse) and its variance by the other's times the ratio squared, and
     ``intrp_bit`` is set. Every ray pixel gets ``cr_bit``; a pixel that is a ray in both snaps keeps its
     values (it stays flagged CR).
+
+    ``out``: optional ``(image, variance, mask)`` planes (C-contiguous float32, float32, int32 of the snaps'
+    shape) to write the result into. They may be the planes of either snap (each output pixel depends only
+    on the same pixel of the inputs): a worker combines in place into snap 0 and saves a third set of planes.
+    Otherwise the inputs are not modified.
 
     Returns
     -------
@@ -244,8 +249,15 @@ def combine_snaps(im0, var0, mask0, im1, var1, mask1, cr0, cr1, t0: float = 1.0,
             raise ValueError(f"{name} has shape {c.shape}; the snaps are {shape}")
         crs.append(readonly(np.ascontiguousarray(c, np.uint8)))
     r = _ratio(t0, t1)
-    image = np.empty(shape, np.float32)
-    variance = np.empty(shape, np.float32)
-    mask = np.empty(shape, np.int32)
+    if out is None:
+        image, variance, mask = np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.int32)
+    else:
+        image, variance, mask = out
+        for name, arr, dtype in (("image", image, np.float32), ("variance", variance, np.float32),
+                                 ("mask", mask, np.int32)):  # fmt: skip
+            if not isinstance(arr, np.ndarray) or arr.shape != shape or arr.dtype != dtype or \
+                    not arr.flags.c_contiguous or not arr.flags.writeable:  # fmt: skip
+                raise ValueError(f"out {name} must be a writeable C-contiguous {np.dtype(dtype)} array of shape "
+                                 f"{shape}")  # fmt: skip
     _combine(a, va, m0, b, vb, m1, crs[0], crs[1], r, np.int32(cr_bit), np.int32(intrp_bit), image, variance, mask)
     return image, variance, mask

@@ -379,9 +379,29 @@ def rfft_weights(fshape: tuple[int, int]) -> np.ndarray:
     return w / (Ny * Nx)
 
 
+def multiply_spectrum(image_hat: np.ndarray, kernel: np.ndarray, fshape, out: np.ndarray, rows: int = 512) -> None:
+    """``out = image_hat · K̂`` with ``K̂`` = :func:`kernel_spectrum` of ``kernel`` on ``fshape``, built ``rows``
+    frequency rows at a time (never the whole ``K̂`` plane: one image-sized complex buffer less at the peak of
+    the convolution). ``out`` may be ``image_hat`` itself."""
+    L = kernel.shape[0]
+    h = L // 2
+    Ny, Nx = fshape
+    if image_hat.shape != (Ny, Nx // 2 + 1) or out.shape != image_hat.shape:
+        raise ValueError(f"spectra must be {(Ny, Nx // 2 + 1)} for an FFT shape {fshape}, got {image_hat.shape}, "
+                         f"{out.shape}")  # fmt: skip
+    u = np.arange(-h, h + 1)
+    ex = np.exp(-2j * np.pi * np.outer(u, np.arange(Nx // 2 + 1)) / Nx).astype(np.complex64)
+    kx = kernel.astype(np.complex64) @ ex
+    for r0 in range(0, Ny, rows):
+        r1 = min(r0 + rows, Ny)
+        ey = np.exp(-2j * np.pi * np.outer(np.arange(r0, r1), u) / Ny).astype(np.complex64)
+        np.multiply(image_hat[r0:r1], ey @ kx, out=out[r0:r1])
+
+
 @njit
 def _decorrelation(khat, px, py_x, py_y, sx, sy, kappa2, phi, wcol, convolved_warped):
-    """φ̂ of the module docstring on the rfft grid; returns (A, B) Parseval averages."""
+    """φ̂ of the module docstring on the rfft grid; returns (A, B) Parseval averages. ``py_x``/``py_y``: the
+    warp's noise transfer along x (rfft frequencies) and y (full frequencies of these rows)."""
     Ny, Nc = phi.shape
     A = 0.0
     B = 0.0
@@ -408,18 +428,25 @@ def decorrelation_filter(khat, fshape, sigma2_x: float, sigma2_y: float, kappa: 
                          convolved_warped: bool = True, decorrelate: bool = True):  # fmt: skip
     """The decorrelation filter ``φ̂`` (float32, rfft grid) and the variance factors ``(A, B)``.
 
+    ``khat``: the kernel's spectrum on the rfft grid (:func:`kernel_spectrum`), or the kernel itself (a
+    square 2-D array of odd size): its spectrum is then built a block of rows at a time, never as a whole
+    (one complex image-sized plane less in memory).
     ``warp_power``: ``(P(fx), P(fy))`` 1-D noise transfers of the warp (None: an unwarped template, P = 1);
     ``convolved_warped``: whether the warped template is the convolved side. With ``decorrelate`` False,
     φ̂ = 1 and (A, B) are the plain variance factors of ``X - K ⋆ Y``.
     """
     Ny, Nx = fshape
+    if khat.shape != (Ny, Nx // 2 + 1) and decorrelate:
+        return _decorrelation_from_kernel(khat, fshape, sigma2_x, sigma2_y, kappa, warp_power, convolved_warped)
+    if khat.shape != (Ny, Nx // 2 + 1):
+        khat = kernel_spectrum(khat, fshape)
     if warp_power is None:
         px, py = np.ones(Nx // 2 + 1), np.ones(Ny)
     else:
         px, py = (np.ascontiguousarray(p, float) for p in warp_power)
     phi = np.empty((Ny, Nx // 2 + 1), np.float32)
     s2x, s2y = (sigma2_x, sigma2_y) if decorrelate else (1.0, 0.0)
-    A, B = _decorrelation(khat, px, py, py, float(s2x), float(s2y), float(kappa) ** 2 if decorrelate else 0.0,
+    A, B = _decorrelation(khat, px, px, py, float(s2x), float(s2y), float(kappa) ** 2 if decorrelate else 0.0,
                           phi, rfft_weights(fshape), bool(convolved_warped))  # fmt: skip
     if not decorrelate:
         phi[:] = 1.0
@@ -432,14 +459,73 @@ def decorrelation_filter(khat, fshape, sigma2_x: float, sigma2_y: float, kappa: 
     return phi, float(A), float(B)
 
 
+#: Rows per block of the row-wise (last-axis) transforms: the padded image and full-size inverse transforms
+#: are never materialised, only blocks of this many rows.
+FFT_ROWS = 256
+
+
+def rfft2_padded(image: np.ndarray, fshape) -> np.ndarray:
+    """``scipy.fft.rfft2(image, s=fshape)`` without its zero-padded copy of the image: the row transforms
+    are done ``FFT_ROWS`` rows at a time into the output, the column transforms in place (complex64 for a
+    float32 image). Peak memory: the output alone."""
+    Ny, Nx = (int(v) for v in fshape)
+    ny, nx = image.shape
+    if ny > Ny or nx > Nx:
+        raise ValueError(f"image {image.shape} is larger than the FFT shape {fshape}")
+    out = np.empty((Ny, Nx // 2 + 1), np.result_type(image.dtype, np.complex64))
+    for r0 in range(0, ny, FFT_ROWS):
+        r1 = min(r0 + FFT_ROWS, ny)
+        out[r0:r1] = scipy.fft.rfft(image[r0:r1], n=Nx, axis=1, workers=1)
+    out[ny:] = 0
+    return scipy.fft.fft(out, axis=0, workers=1, overwrite_x=True)
+
+
+def _irfft_row_blocks(spec: np.ndarray, fshape, r0: int, r1: int):
+    """Rows ``r0 … r1`` of ``irfft2(spec, s=fshape)`` in blocks ``(start, rows)``; ``spec`` must already be
+    inverse-transformed along the columns (``scipy.fft.ifft(spec, axis=0)``)."""
+    Nx = int(fshape[1])
+    for a in range(r0, r1, FFT_ROWS):
+        b = min(a + FFT_ROWS, r1)
+        yield a, scipy.fft.irfft(spec[a:b], n=Nx, axis=1, workers=1)
+
+
+def _decorrelation_from_kernel(kernel, fshape, sigma2_x, sigma2_y, kappa, warp_power, convolved_warped):
+    """:func:`decorrelation_filter` from the kernel, its spectrum built ``FFT_ROWS`` frequency rows at a time."""
+    kernel = np.asarray(kernel)
+    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 != 1:
+        raise ValueError(f"give the kernel's spectrum on the rfft grid of {tuple(fshape)} or a square odd-sized "
+                         f"kernel, not an array of shape {kernel.shape}")  # fmt: skip
+    Ny, Nx = fshape
+    if warp_power is None:
+        px, py = np.ones(Nx // 2 + 1), np.ones(Ny)
+    else:
+        px, py = (np.ascontiguousarray(p, float) for p in warp_power)
+    h = kernel.shape[0] // 2
+    u = np.arange(-h, h + 1)
+    ex = np.exp(-2j * np.pi * np.outer(u, np.arange(Nx // 2 + 1)) / Nx).astype(np.complex64)
+    kx = kernel.astype(np.complex64) @ ex
+    phi = np.empty((Ny, Nx // 2 + 1), np.float32)
+    wcol = rfft_weights(fshape)
+    A = B = 0.0
+    for r0 in range(0, Ny, FFT_ROWS):
+        r1 = min(r0 + FFT_ROWS, Ny)
+        ey = np.exp(-2j * np.pi * np.outer(np.arange(r0, r1), u) / Ny).astype(np.complex64)
+        a, b = _decorrelation(ey @ kx, px, px, py[r0:r1], float(sigma2_x), float(sigma2_y), float(kappa) ** 2,
+                              phi[r0:r1], wcol, bool(convolved_warped))  # fmt: skip
+        A += a
+        B += b
+    return phi, float(A), float(B)
+
+
 @njit
 def _accumulate(out, part, tx, ty, px, py, first, off):
-    """out (=, +=) x̃^px ỹ^py · part[y + off, x + off], over out's shape (part: the padded FFT output)."""
+    """out (=, +=) x̃^px ỹ^py · part[y, x + off], over out's shape (``part``: the matching rows of the padded
+    inverse transform; ``ty`` the rows' terms)."""
     ny, nx = out.shape
     for y in range(ny):
         sy = ty[py, y]
         for x in range(nx):
-            v = tx[px, x] * sy * part[y + off, x + off]
+            v = tx[px, x] * sy * part[y, x + off]
             if first:
                 out[y, x] = v
             else:
@@ -451,16 +537,22 @@ def convolve_spatial(image: np.ndarray, kernels: np.ndarray, spatial_order: int,
     """``Σ_p s_p(x̃, ỹ) (kernels[p] ⋆ image) + Σ_p s_p background[p]`` by FFTs (zero outside the image).
 
     ``image`` must be finite (zero-fill missing pixels first). ``image_hat``: its ``rfft2`` on ``fshape``
-    if already computed. ``border``: the image carries that many extra pixels on every side (a template
-    warped beyond the science frame, so that the convolution is valid up to the frame's edge); the result
-    and the spatial terms ``x̃, ỹ`` are those of the inner frame. One inverse FFT per spatial term,
+    if already computed (not modified). ``border``: the image carries that many extra pixels on every side (a
+    template warped beyond the science frame, so that the convolution is valid up to the frame's edge); the
+    result and the spatial terms ``x̃, ỹ`` are those of the inner frame. One inverse FFT per spatial term,
     accumulated in place. Returns float32 of the (inner) frame's shape.
+
+    Memory: the transforms are complex64 (float32 images); besides the result, at most two image-sized
+    buffers are alive at once (the image's transform and one product), one for the last (or only) spatial
+    term, whose product overwrites the image's own transform; the padded image and the real inverse
+    transforms only exist ``FFT_ROWS`` rows at a time.
     """
     ny, nx = image.shape[0] - 2 * border, image.shape[1] - 2 * border
     if ny < 1 or nx < 1:
         raise ValueError(f"border {border} leaves nothing of an image of shape {image.shape}")
-    if image_hat is None:
-        image_hat = scipy.fft.rfft2(image, s=fshape, workers=1)
+    own_hat = image_hat is None
+    if own_hat:
+        image_hat = rfft2_padded(image, fshape)
     powers = spatial_powers(spatial_order)
     if kernels.shape[0] != len(powers):
         raise ValueError(f"{kernels.shape[0]} kernel terms for spatial order {spatial_order}; need {len(powers)}")
@@ -468,11 +560,24 @@ def convolve_spatial(image: np.ndarray, kernels: np.ndarray, spatial_order: int,
     tx = np.stack([xn**i for i in range(spatial_order + 1)])
     ty = np.stack([yn**i for i in range(spatial_order + 1)])
     out = np.empty((ny, nx), np.float32)
-    buf = np.empty_like(image_hat)
+    buf = None
     for p, (i, j) in enumerate(powers):
-        np.multiply(image_hat, kernel_spectrum(kernels[p], fshape), out=buf)
-        part = scipy.fft.irfft2(buf, s=fshape, workers=1, overwrite_x=True)
-        _accumulate(out, part, tx, ty, i, j, p == 0, border)
+        last = p == len(powers) - 1
+        if last and own_hat:
+            buf = None  # the product overwrites the image's transform, no longer needed
+            prod = image_hat
+        else:
+            prod = buf = np.empty_like(image_hat) if buf is None else buf
+        multiply_spectrum(image_hat, kernels[p], fshape, prod)
+        prod = scipy.fft.ifft(prod, axis=0, workers=1, overwrite_x=True)  # in place: the column transforms
+        if buf is not None and not last:
+            buf = prod
+        for r0, part in _irfft_row_blocks(prod, fshape, border, border + ny):
+            a = r0 - border
+            b = a + part.shape[0]
+            _accumulate(out[a:b], part, tx, np.ascontiguousarray(ty[:, a:b]), i, j, p == 0, border)
+        del prod, part
+    del buf, image_hat
     if background is not None and np.any(background):
         out += (
             spatial_terms(spatial_order, xn[None, :], yn[:, None])
@@ -482,12 +587,23 @@ def convolve_spatial(image: np.ndarray, kernels: np.ndarray, spatial_order: int,
     return out
 
 
-def apply_filter(image: np.ndarray, phi: np.ndarray, fshape) -> np.ndarray:
-    """``irfft2(rfft2(image) · φ̂)`` cropped to the image (float32); ``image`` must be finite."""
+def apply_filter(image: np.ndarray, phi: np.ndarray, fshape, out: np.ndarray | None = None) -> np.ndarray:
+    """``irfft2(rfft2(image) · φ̂)`` cropped to the image (float32); ``image`` must be finite.
+
+    ``out``: a float32 array of the image's shape to write the result into (it may be ``image`` itself).
+    Memory: one complex transform besides the image and the result (no padded copies).
+    """
     ny, nx = image.shape
-    f = scipy.fft.rfft2(image, s=fshape, workers=1)
+    if out is None:
+        out = np.empty((ny, nx), np.float32)
+    elif out.shape != image.shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {image.shape}, got {out.dtype} {out.shape}")
+    f = rfft2_padded(image, fshape)  # the image is read here, before out is written
     f *= phi
-    return scipy.fft.irfft2(f, s=fshape, workers=1, overwrite_x=True)[:ny, :nx]
+    f = scipy.fft.ifft(f, axis=0, workers=1, overwrite_x=True)
+    for r0, rows in _irfft_row_blocks(f, fshape, 0, ny):
+        out[r0 : r0 + rows.shape[0]] = rows[:, :nx]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- pair passes
@@ -532,7 +648,7 @@ def _prepare_pair(s_img, s_var, s_mask, t_img, t_var, t_mask, nd, keep, flag, o_
 
 
 def prepare_pair(s_img, s_var, s_mask, t_img, t_var, t_mask, no_data: int = NO_DATA, keep_bits: int = -1,
-                 flag_bits: int = -1):  # fmt: skip
+                 flag_bits: int = -1, out=None):  # fmt: skip
     """One pass over a science/template pair on the same grid.
 
     Returns float32 zero-filled copies ``(s, s_var, t, t_var)`` (missing pixels → 0), a uint8 ``code``
@@ -540,12 +656,22 @@ def prepare_pair(s_img, s_var, s_mask, t_img, t_var, t_mask, no_data: int = NO_D
     has a bit of ``flag_bits``), the int32 output mask (the ``keep_bits`` of the science mask and of the
     template mask, ``no_data`` where either side is missing — NaN/inf image or variance, or the ``no_data``
     bit), and the counts of missing pixels per side.
+
+    ``out``: four float32 planes of the pair's shape (None entries are allocated) for ``(s, s_var, t,
+    t_var)``; each may be its own input plane (every output pixel depends only on the same input pixel), so
+    a caller that owns the template can zero-fill it in place instead of copying it.
     """
     shape = s_img.shape
     for name, a in (("s_var", s_var), ("s_mask", s_mask), ("t_img", t_img), ("t_var", t_var), ("t_mask", t_mask)):
         if a.shape != shape:
             raise ValueError(f"{name} has shape {a.shape}; the science image is {shape}")
-    out = [np.empty(shape, np.float32) for _ in range(4)]
+    given = (None,) * 4 if out is None else tuple(out)
+    if len(given) != 4:
+        raise ValueError("out must hold four planes (s, s_var, t, t_var) or None entries")
+    out = [np.empty(shape, np.float32) if a is None else a for a in given]
+    for a in out:
+        if a.shape != shape or a.dtype != np.float32 or not a.flags.writeable:
+            raise ValueError(f"out planes must be writeable float32 arrays of shape {shape}")
     code = np.empty(shape, np.uint8)
     mask = np.empty(shape, np.int32)
     ns, nt = _prepare_pair(s_img, s_var, s_mask, t_img, t_var, t_mask, int(no_data), int(keep_bits), int(flag_bits),
@@ -577,6 +703,31 @@ def fill_missing(image, mask, no_data: int = NO_DATA):
 
 
 @njit
+def _zero_missing(image, variance, mask, nd):
+    ny, nx = image.shape
+    n = 0
+    for y in range(ny):
+        for x in range(nx):
+            if (mask[y, x] & nd) != 0 or not (np.isfinite(image[y, x]) and np.isfinite(variance[y, x])):
+                image[y, x] = 0.0
+                variance[y, x] = 0.0
+                mask[y, x] |= nd
+                n += 1
+    return n
+
+
+def zero_missing(image, variance, mask, no_data: int = NO_DATA) -> int:
+    """In place: where ``mask`` has ``no_data`` or the image or variance is NaN/inf, set both to 0 and the
+    ``no_data`` bit; returns how many pixels that was (the in-place form of :func:`fill_missing` for
+    planes the caller owns, e.g. a freshly warped template)."""
+    for name, a, kind in (("image", image, "f"), ("variance", variance, "f"), ("mask", mask, "iu")):
+        if a.shape != image.shape or a.dtype.kind not in kind or not a.flags.writeable:
+            raise ValueError(f"{name} must be a writeable {'float' if kind == 'f' else 'integer'} array of shape "
+                             f"{image.shape}, got {a.dtype} {a.shape}")  # fmt: skip
+    return int(_zero_missing(image, variance, mask, int(no_data)))
+
+
+@njit
 def _subtract(diff, x, matched, code):
     ny, nx = diff.shape
     for y in range(ny):
@@ -584,9 +735,13 @@ def _subtract(diff, x, matched, code):
             diff[y, xx] = 0.0 if (code[y, xx] & 3) != 0 else x[y, xx] - matched[y, xx]
 
 
-def subtract_images(x, matched, code) -> np.ndarray:
-    """``x - matched`` (float32), 0 where ``code`` says either side is missing (so FFTs stay finite)."""
-    diff = np.empty(x.shape, np.float32)
+def subtract_images(x, matched, code, out: np.ndarray | None = None) -> np.ndarray:
+    """``x - matched`` (float32), 0 where ``code`` says either side is missing (so FFTs stay finite).
+
+    ``out``: a float32 array of ``x``'s shape to write into (may be ``x`` or ``matched``)."""
+    diff = np.empty(x.shape, np.float32) if out is None else out
+    if diff.shape != x.shape or diff.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {x.shape}, got {diff.dtype} {diff.shape}")
     _subtract(diff, x, matched, code)
     return diff
 
@@ -621,15 +776,20 @@ def _finalize(diff, variance, template, t_src, x_var, y_var, a, b, inv_scale, t_
 
 
 def finalize_difference(diff, x_var, y_var, a: float, b: float, scale: float, t_src, t_scale: float, mask,
-                        no_data: int = NO_DATA):  # fmt: skip
+                        no_data: int = NO_DATA, variance_out=None, template_out=None):  # fmt: skip
     """In one pass: ``diff /= scale``; variance ``(a x_var + b y_var) / scale²``; the template side
     ``t_src · t_scale``; NaN in all three where ``mask`` has ``no_data``. ``diff`` is modified in place.
 
     Returns ``(variance, template, (mean, rms))`` — the mean and rms of ``diff / sqrt(variance)`` over
-    pixels with an empty mask (NaN when there are none).
+    pixels with an empty mask (NaN when there are none). ``variance_out``, ``template_out``: float32 planes
+    of ``diff``'s shape to write them into instead of new arrays; each may be one of its own inputs
+    (``x_var`` or ``y_var``; ``t_src``), as every output pixel depends only on the same input pixel.
     """
-    variance = np.empty(diff.shape, np.float32)
-    template = np.empty(diff.shape, np.float32)
+    variance = np.empty(diff.shape, np.float32) if variance_out is None else variance_out
+    template = np.empty(diff.shape, np.float32) if template_out is None else template_out
+    for name, plane in (("variance_out", variance), ("template_out", template)):
+        if plane.shape != diff.shape or plane.dtype != np.float32 or not plane.flags.writeable:
+            raise ValueError(f"{name} must be a writeable float32 array of shape {diff.shape}")
     stats = np.zeros(3)
     _finalize(diff, variance, template, t_src, x_var, y_var, float(a), float(b), 1.0 / float(scale), float(t_scale),
               mask, int(no_data), stats)  # fmt: skip

@@ -150,7 +150,8 @@ def _isr(inputs: CcdInputs, config: ApConfig) -> Exposure:
         raise CcdProcessingError(f"{inputs.detector.name}: ISR cannot run: {exc}") from exc
     if len(snaps) == 1:
         return snaps[0]
-    return combine_snaps(snaps[0], snaps[1], config.snaps)
+    # the visit reuses snap 0's planes; snap 1's are freed on return (memory: issue 7)
+    return combine_snaps(snaps[0], snaps[1], config.snaps, overwrite=True)
 
 
 def process_ccd(inputs: CcdInputs, config: ApConfig = ApConfig()) -> CcdResult:
@@ -172,6 +173,7 @@ def process_ccd(inputs: CcdInputs, config: ApConfig = ApConfig()) -> CcdResult:
     timings["characterize"] = time.perf_counter() - t
     flags.extend(char.flags)
     calexp = char.exposure
+    del visit  # its image plane is superseded by the background-subtracted calexp (variance and mask are shared)
     psf_stamps = _psf_stamps(char)
     cy, cx = (s / 2 - 0.5 for s in calexp.shape)
     science_fwhm = (

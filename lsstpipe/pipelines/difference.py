@@ -335,9 +335,18 @@ def _fit(x_img, x_var, y_img, y_var, code, fwhm_x, fwhm_y, config, shape):
     return sol, info, half
 
 
+def _check_own_planes(image, variance, mask) -> None:
+    for name, a, dtype in (("image", image, np.float32), ("variance", variance, np.float32),
+                           ("mask", mask, np.int32)):  # fmt: skip
+        if not (a.flags.c_contiguous and a.flags.writeable) or a.dtype != dtype:
+            raise ValueError(f"overwrite_template needs writeable C-contiguous template planes (float32 image and "
+                             f"variance, int32 mask); the {name} is {a.dtype}, contiguous={a.flags.c_contiguous}, "
+                             f"writeable={a.flags.writeable}")  # fmt: skip
+
+
 def subtract(science: Exposure, template_image, template_variance, template_mask, science_psf_fwhm: float | None,
              template_psf_fwhm: float | None, config: DifferenceConfig = DifferenceConfig(), *,
-             template_warped: bool = True, template_border: int = 0) -> Difference:  # fmt: skip
+             template_warped: bool = True, template_border: int = 0, overwrite_template: bool = False) -> Difference:  # fmt: skip
     """PSF-match the template (on the science grid, electrons) to the science exposure, or the reverse, and
     subtract and decorrelate.
 
@@ -360,6 +369,11 @@ def subtract(science: Exposure, template_image, template_variance, template_mask
         (:func:`warp_template` with ``border``): when the template is the convolved side and the border
         is at least the kernel half-width, the convolution is valid up to the frame's edge, and only a
         2-pixel ``EDGE`` margin is flagged instead of twice the kernel half-width.
+    overwrite_template : keyword, bool
+        The template planes are the caller's to discard (:func:`difference_exposure`'s fresh warp): their
+        missing pixels are zero-filled in place and their buffers are reused for the difference, instead of
+        copies (peak memory of a full-size CCD, issue 7). They must then be C-contiguous and writeable
+        (image and variance float32; the mask int32 or None). Otherwise the inputs are not modified.
 
     Returns
     -------
@@ -367,19 +381,30 @@ def subtract(science: Exposure, template_image, template_variance, template_mask
         ``image`` = science − matched template (NaN where ``NO_DATA``), its variance and mask, the
         template side as subtracted, kernel facts, flags and metrics.
     """
+    return _subtract(science, [template_image, template_variance, template_mask], science_psf_fwhm,
+                     template_psf_fwhm, config, template_warped, template_border, overwrite_template)  # fmt: skip
+
+
+def _subtract(science: Exposure, planes: list, science_psf_fwhm, template_psf_fwhm, config: DifferenceConfig,
+              template_warped: bool, template_border: int, overwrite_template: bool) -> Difference:  # fmt: skip
+    """:func:`subtract` with the template planes in a list that it empties (so that, when the caller keeps no
+    other reference, each plane is freed as soon as it is no longer needed)."""
     t_start = time.perf_counter()
     shape = science.shape
     timings: dict = {}
     b = int(template_border)
     full_shape = (shape[0] + 2 * b, shape[1] + 2 * b)
-    tf_img = np.asarray(template_image)
-    tf_var = np.asarray(template_variance)
+    tf_img, tf_var, tf_msk = np.asarray(planes[0]), np.asarray(planes[1]), planes[2]
+    planes.clear()
     if b < 0 or tf_img.shape != full_shape or tf_var.shape != full_shape:
         raise ValueError(f"template planes {tf_img.shape}/{tf_var.shape} differ from the science image {shape} "
                          f"with a border of {b} pixels")  # fmt: skip
-    tf_msk = np.zeros(full_shape, np.int32) if template_mask is None else np.asarray(template_mask, np.int32)
+    tf_msk = np.zeros(full_shape, np.int32) if tf_msk is None else np.asarray(tf_msk, np.int32)
     if tf_msk.shape != full_shape:
         raise ValueError(f"template mask {tf_msk.shape} differs from the science image {shape} (border {b})")
+    own = bool(overwrite_template)
+    if own:
+        _check_own_planes(tf_img, tf_var, tf_msk)
     inner = (slice(b, b + shape[0]), slice(b, b + shape[1]))
     t_img, t_var, t_msk = tf_img[inner], tf_var[inner], tf_msk[inner]
     for name, f in (("science_psf_fwhm", science_psf_fwhm), ("template_psf_fwhm", template_psf_fwhm)):
@@ -387,9 +412,13 @@ def subtract(science: Exposure, template_image, template_variance, template_mask
             raise ValueError(f"{name} must be a positive number of pixels or None, not {f}")
     nd = int(MaskBit.NO_DATA)
     keep = ~_bits(config.clear_mask_bits)
+    n_full_missing = 0
+    if own:  # zero-fill the template (border included) where it is missing, in place: no copies
+        n_full_missing = K.zero_missing(tf_img, tf_var, tf_msk, nd)
     s_img, s_var, tt_img, tt_var, code, mask, _, n_missing = K.prepare_pair(
-        science.image, science.variance, science.mask, t_img, t_var, t_msk, nd, keep, _bits(config.bad_mask_bits)
-    )
+        science.image, science.variance, science.mask, t_img, t_var, t_msk, nd, keep, _bits(config.bad_mask_bits),
+        out=(None, None, t_img, t_var) if own else None,
+    )  # fmt: skip
     coverage = 1.0 - n_missing / float(t_img.size)
     flags: list[str] = []
     metrics: dict = {"template_coverage": coverage}
@@ -448,12 +477,28 @@ def subtract(science: Exposure, template_image, template_variance, template_mask
     t0 = time.perf_counter()
     fshape = K.fft_shape(shape, 2 * half)
     padded = conv_template and b >= half
+    # The template's missing pixels near the frame, grown by the kernel's reach, go into the mask (their
+    # NO_DATA is grown again with the rest below); done now, the template mask can go before the FFTs.
+    n_ring_missing = n_full_missing
+    if padded and not own:
+        y_full, n_ring_missing = K.fill_missing(tf_img, tf_msk, nd)
+    if padded and n_ring_missing:
+        if own:  # zero_missing set NO_DATA wherever the template is missing; the mask is ours
+            grown = np.bitwise_and(tf_msk, np.int32(nd), out=tf_msk)
+        else:
+            grown = np.where(~np.isfinite(tf_img) | ((tf_msk & nd) != 0), np.int32(nd), np.int32(0))
+        K.dilate_bit(grown, nd, half)
+        mask |= grown[inner]
+        del grown
+    del tf_msk, t_msk
     if padded:
         # the template beyond the frame: zero-filled where missing; its missing pixels near the frame
         # are grown into the frame below
-        y_full, n_ring_missing = K.fill_missing(tf_img, tf_msk, nd)
+        if own:
+            y_full = tf_img
         matched = K.convolve_spatial(y_full, kernels, order, K.fft_shape(full_shape, 2 * half), background=bg,
                                      border=b)  # fmt: skip
+        del y_full
     else:
         matched = K.convolve_spatial(y_img, kernels, order, fshape, background=bg)
     timings["convolution"] = time.perf_counter() - t0
@@ -463,29 +508,39 @@ def subtract(science: Exposure, template_image, template_variance, template_mask
     kappa = float(k0.sum())
     info["flux_scale"] = kappa
     s2x, s2y = _median_level(x_var, code), _median_level(y_var, code)
-    khat = K.kernel_spectrum(k0, fshape)
     warp_power = None
     if template_warped:
         warp_power = (lanczos_noise_power(np.fft.rfftfreq(fshape[1])), lanczos_noise_power(np.fft.fftfreq(fshape[0])))
-    phi, A, B = K.decorrelation_filter(khat, fshape, s2x, s2y, kappa, warp_power, convolved_warped=conv_template,
+    # from the kernel: its spectrum is built in blocks of rows, never as a whole plane
+    phi, A, B = K.decorrelation_filter(k0, fshape, s2x, s2y, kappa, warp_power, convolved_warped=conv_template,
                                        decorrelate=config.decorrelate)  # fmt: skip
-    diff = K.subtract_images(x_img, matched, code)
+    # The difference goes into the template image's buffer when that is ours and no longer read (the
+    # convolved side's image is dead once matched); the science copy likewise once subtracted.
+    diff_buf = None
+    if own and conv_template:
+        diff_buf = tf_img.reshape(-1)[: shape[0] * shape[1]].reshape(shape)
+        del y_img, tt_img, t_img
+    diff = K.subtract_images(x_img, matched, code, out=diff_buf)
+    del diff_buf
+    if conv_template:
+        del x_img, s_img
     timings["subtraction"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if config.decorrelate:
-        diff = np.ascontiguousarray(K.apply_filter(diff, phi, fshape))
+        diff = K.apply_filter(diff, phi, fshape, out=diff)
+    del phi
     timings["decorrelation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if padded and n_ring_missing:
-        grown = np.where(~np.isfinite(tf_img) | ((tf_msk & nd) != 0), np.int32(nd), np.int32(0))
-        K.dilate_bit(grown, nd, half)
-        mask |= grown[inner]
     K.dilate_bit(mask, nd, 2 * half)
     K.border_bit(mask, int(MaskBit.EDGE), 2 if padded else 2 * half)
     scale = 1.0 if conv_template else -kappa
     t_src, t_scale = (matched, 1.0) if conv_template else (x_img, 1.0 / kappa)
-    variance, template, (zmean, zrms) = K.finalize_difference(diff, x_var, y_var, A, B, scale, t_src, t_scale, mask, nd)
+    # variance into the science variance copy (ours), the matched template in place
+    variance, template, (zmean, zrms) = K.finalize_difference(
+        diff, x_var, y_var, A, B, scale, t_src, t_scale, mask, nd, variance_out=s_var,
+        template_out=matched if conv_template else None,
+    )  # fmt: skip
     info.update(decorrelated=config.decorrelate, variance_factors=(A, B), noise_levels=(s2x, s2y))
     metrics.update(diff_mean_sigma=zmean, diff_rms_sigma=zrms, n_kernel_stars=int(info.get("n_stamps", 0)))
     timings["masks"] = time.perf_counter() - t0
@@ -505,11 +560,11 @@ def difference_exposure(science: Exposure, patches, wcs: WCS, zero_point: float,
         return Difference(nan, nan.copy(), science.mask | int(MaskBit.NO_DATA), nan.copy(), {"method": "none"},
                           ("NO_TEMPLATE_COVERAGE",), {"template_coverage": 0.0, "seconds": {}})  # fmt: skip
     border = config.kernel_half if config.kernel_half is not None else K.MAX_KERNEL_HALF
-    image, variance, mask = warp_template(patches, wcs, science.shape, zero_point, step=config.warp_step,
-                                          border=border)  # fmt: skip
+    planes = list(warp_template(patches, wcs, science.shape, zero_point, step=config.warp_step, border=border))
     t_warp = time.perf_counter() - t0
     fwhms = [p.psf_fwhm_pix for p in patches if math.isfinite(p.psf_fwhm_pix) and p.psf_fwhm_pix > 0]
-    result = subtract(science, image, variance, mask, science_psf_fwhm, float(np.median(fwhms)) if fwhms else None,
-                      config, template_border=border)  # fmt: skip
+    # the warped planes are ours: zero-filled in place, reused for the difference, freed when no longer needed
+    result = _subtract(science, planes, science_psf_fwhm, float(np.median(fwhms)) if fwhms else None, config,
+                       True, border, True)  # fmt: skip
     result.metrics.setdefault("seconds", {})["warp"] = t_warp
     return result

@@ -159,11 +159,14 @@ def run_isr(raw_segments: np.ndarray, detector: Detector, calibs: IsrCalibs, met
     return Exposure(image, variance, mask, meta)
 
 
-def combine_snaps(exp0: Exposure, exp1: Exposure, config: SnapConfig = SnapConfig()) -> Exposure:
+def combine_snaps(exp0: Exposure, exp1: Exposure, config: SnapConfig = SnapConfig(), *,
+                  overwrite: bool = False) -> Exposure:  # fmt: skip
     """Find the cosmic rays of two snaps, repair each from the other and sum them.
 
     Returns an :class:`Exposure` of the visit (electrons over ``exptime0 + exptime1``) with CR (ray) and
     INTRP (repaired) bits; metadata from snap 0 with ``exptime``/``dark_time`` summed and ``n_cr_pixels``.
+    With ``overwrite`` the visit is written into ``exp0``'s planes (which then hold the visit, not the snap:
+    a worker saves a third set of full-frame planes); otherwise neither snap is modified.
     """
     if exp0.shape != exp1.shape:
         raise ValueError(f"snaps have different shapes {exp0.shape} and {exp1.shape}")
@@ -177,6 +180,7 @@ def combine_snaps(exp0: Exposure, exp1: Exposure, config: SnapConfig = SnapConfi
     image, variance, mask = cosmic.combine_snaps(
         exp0.image, exp0.variance, exp0.mask, exp1.image, exp1.variance, exp1.mask, cr0, cr1, t0, t1,
         cr_bit=int(MaskBit.CR), intrp_bit=int(MaskBit.INTRP),
+        out=(exp0.image, exp0.variance, exp0.mask) if overwrite else None,
     )  # fmt: skip
     meta = dict(exp0.metadata)
     meta["exptime"] = t0 + t1
