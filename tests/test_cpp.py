@@ -295,22 +295,43 @@ def test_memory_mapped_scratch_gives_the_same_master(done, tmp_path):
 
 
 def test_crosstalk_from_spot_exposures_against_truth(done):
-    """The pooled per-vendor matrix (one CCD per vendor here) within 10 % of the truth above 1e-4."""
+    """Each CCD's certified matrix within 10 % of its truth above 1e-4; the pooled vendor files exist."""
     from lsstpipe.calib.crosstalk import read_crosstalk
 
     repo, _, summary = done
     camera = get_camera("mini")
     files = summary["crosstalk"]["files"]
     assert sorted(files) == sorted({camera[d].vendor.name for d in DETECTORS}), summary["crosstalk"]
-    for det in DETECTORS:
-        vendor = camera[det].vendor.name
-        matrices, provenance = read_crosstalk(Path(repo) / files[vendor])
-        with fits.open(Repository(repo).instrument_truth_path(det)) as h:
-            truth = np.asarray(h["CROSSTALK"].data, float)
-        big = np.abs(truth) > 1e-4
-        np.fill_diagonal(big, False)
-        rel = np.abs(matrices[vendor][big] - truth[big]) / np.abs(truth[big])
-        assert big.sum() >= 16 and rel.max() < 0.10, (det, big.sum(), np.round(np.sort(rel)[-5:], 3))
+    assert all((Path(repo) / f).is_file() for f in files.values())
+    with CalibrationDatabase(calib_db_path(repo)) as db:
+        for det in DETECTORS:
+            rec = db.lookup("crosstalk", det, None, summary["valid_start"])
+            assert rec.path.endswith(f"crosstalk_{det}.fits")
+            matrices, provenance = read_crosstalk(Path(repo) / rec.path)
+            with fits.open(Repository(repo).instrument_truth_path(det)) as h:
+                truth = np.asarray(h["CROSSTALK"].data, float)
+            big = np.abs(truth) > 1e-4
+            np.fill_diagonal(big, False)
+            got = matrices[camera[det].vendor.name]
+            rel = np.abs(got[big] - truth[big]) / np.abs(truth[big])
+            assert big.sum() >= 16 and rel.max() < 0.10, (det, big.sum(), np.round(np.sort(rel)[-5:], 3))
+            assert provenance["detector"] == det
     for det in DETECTORS:  # the pooled matrix was removed from every calibration frame
         masters = [o for o in summary["detectors"][det]["outputs"] if o["calib_type"] in ("bias", "dark", "flat")]
         assert masters and all(o["parameters"]["crosstalk_corrected"] for o in masters)
+
+
+def test_ccd_matrix_takes_significant_own_coefficients_and_pooled_elsewhere():
+    from lsstpipe.calib.cpp import ccd_crosstalk_matrix
+    from lsstpipe.calib.crosstalk import CrosstalkEstimate
+
+    pooled = np.full((16, 16), 2e-4)
+    np.fill_diagonal(pooled, 0)
+    coeffs = np.full((16, 16), 3e-4)
+    weights = np.full((16, 16), 1e10)  # σ = 1e-5: 30σ
+    weights[0, 1] = 0.0  # unmeasured
+    weights[0, 2] = 1e7  # σ = 3e-4: 1σ, not significant
+    np.fill_diagonal(coeffs, 0)
+    np.fill_diagonal(weights, 0)
+    m = ccd_crosstalk_matrix(CrosstalkEstimate(coeffs, weights, 5), pooled)
+    assert m[0, 1] == 2e-4 and m[0, 2] == 2e-4 and m[3, 4] == 3e-4 and np.all(np.diag(m) == 0)

@@ -7,9 +7,11 @@ K = 1 rank 0 does all of them). Per CCD, in dependency order:
 
 1. **crosstalk** (``main`` mode, when :mod:`lsstpipe.calib.crosstalk` is available): an estimate from the
    CCD's spot-projector exposures (``IMGTYPE='SPOT'``: saturating spots on a few amplifiers at a time; the
-   CCD's science exposures, if it has no spot exposure, though a night rarely holds enough bright pixels), then :func:`~lsstpipe.calib.crosstalk.pool_crosstalk` across
-   all ranks (a collective, the same bits at any K); rank 0 writes one file per vendor. The pooled matrix
-   of the CCD's vendor is removed from every calibration frame;
+   CCD's science exposures, if it has no spot exposure, though a night rarely holds enough bright pixels), then
+   :func:`~lsstpipe.calib.crosstalk.pool_crosstalk` across all ranks (a collective, the same bits at any K):
+   rank 0 writes the pooled matrix per vendor (what the camera DAQ applies). Each CCD's own matrix — its
+   coefficients measured at ≥ 3σ, the pooled vendor values for weak couplings — is written as
+   ``crosstalk_{detector}.fits``, certified, and removed from every calibration frame of that CCD;
 2. master **bias**, **dark**, **flat** per filter, **fringe** per fringe band (from science exposures), and
    the **defects** (:mod:`lsstpipe.calib.masters`), each written to
    ``REPO/calib/{type}/{run}/{type}_{detector}[_{filter}].fits``.
@@ -327,13 +329,26 @@ def _describe(exc: BaseException, what: str) -> str:
     return message
 
 
-def _crosstalk_step(tasks: list[CcdTask], request: CppRequest, run: str, comm, camera) -> tuple[dict, list, str]:
-    """Per-CCD estimates and the pooled matrices (collective); (matrices, per-CCD errors, note)."""
+#: A per-CCD coefficient replaces the pooled vendor value when it is measured at this significance (σ).
+XT_MIN_SIGNIFICANCE = 3.0
+
+
+def ccd_crosstalk_matrix(estimate, pooled: np.ndarray) -> np.ndarray:
+    """The CCD's own matrix: its measured coefficients where significant (≥ :data:`XT_MIN_SIGNIFICANCE` σ),
+    the pooled vendor matrix elsewhere (weak or unmeasured couplings); zero diagonal."""
+    sig = np.abs(estimate.coeffs) * np.sqrt(estimate.weights)
+    m = np.where((estimate.weights > 0) & (sig >= XT_MIN_SIGNIFICANCE), estimate.coeffs, pooled)
+    np.fill_diagonal(m, 0.0)
+    return m
+
+
+def _crosstalk_step(tasks: list[CcdTask], request: CppRequest, run: str, comm, camera) -> tuple[dict, list, str, dict]:
+    """Per-CCD estimates and the pooled matrices (collective); (matrices, per-CCD errors, note, estimates)."""
     try:
         from lsstpipe.calib import crosstalk as xt
     except ImportError as exc:
-        return {}, [], f"crosstalk skipped: {exc}"
-    estimates, errors = [], []
+        return {}, [], f"crosstalk skipped: {exc}", {}
+    estimates, errors, by_detector = [], [], {}
     for task in tasks:
         det = camera[task.detector]
         skipped: list = []
@@ -342,13 +357,15 @@ def _crosstalk_step(tasks: list[CcdTask], request: CppRequest, run: str, comm, c
         if not segs:
             continue
         try:
-            estimates.append((det.vendor.name, xt.measure_ccd_crosstalk(segs, det)))
+            est = xt.measure_ccd_crosstalk(segs, det)
+            estimates.append((det.vendor.name, est))
+            by_detector[task.detector] = est
         except Exception as exc:  # noqa: BLE001
             errors.append((task.detector, _describe(exc, "crosstalk")))
     pooled = xt.pool_crosstalk(None if comm.size == 1 else comm, estimates)
     empty = sorted(v for v, m in pooled.items() if not np.any(m))
     note = f"no coupling measured for {', '.join(empty)} (no bright sources): not written nor applied" if empty else ""
-    return {v: m for v, m in pooled.items() if np.any(m)}, errors, note
+    return {v: m for v, m in pooled.items() if np.any(m)}, errors, note, by_detector
 
 
 def run_cpp(request: CppRequest, comm=None) -> dict:
@@ -392,14 +409,19 @@ def run_cpp(request: CppRequest, comm=None) -> dict:
     matrices: dict[str, np.ndarray] = {}
     xt_errors: list[tuple[str, str]] = []
     note = "crosstalk not requested"
+    ccd_estimates: dict = {}
     if request.crosstalk:
-        matrices, xt_errors, note = _crosstalk_step(mine, request, run, comm, camera)
+        matrices, xt_errors, note, ccd_estimates = _crosstalk_step(mine, request, run, comm, camera)
     results = []
     for task in mine:
         det = camera[task.detector]
         m = matrices.get(det.vendor.name)
+        if m is not None and task.detector in ccd_estimates:
+            m = ccd_crosstalk_matrix(ccd_estimates[task.detector], m)
         res = process_ccd(task, request, run, m)
         res.errors[:0] = [e for d, e in xt_errors if d == task.detector]
+        if m is not None and res.ok:
+            _save_crosstalk(Path(request.repo), run, det, m, res)
         results.append(res)
     gathered = comm.gather(results, root=0)
     if comm.rank != 0:
@@ -407,6 +429,18 @@ def run_cpp(request: CppRequest, comm=None) -> dict:
     by_det = {r.detector: r for part in gathered for r in part}
     ordered = [by_det[t.detector] for t in tasks]
     return _finish(request, run, valid_start, filters, ordered, matrices, note, camera)
+
+
+def _save_crosstalk(repo: Path, run: str, det: Detector, matrix: np.ndarray, result: CcdResult) -> None:
+    """Write and describe the CCD's own crosstalk matrix (the one its ISR and its masters use)."""
+    from lsstpipe.calib.crosstalk import write_crosstalk
+
+    path = repo / "calib" / "crosstalk" / run / f"crosstalk_{det.name}.fits"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_crosstalk(path, {det.vendor.name: matrix}, {"run": run, "software": f"lsstpipe {__version__}",
+                    "detector": det.name, "pooled": f"crosstalk_{det.vendor.name}.fits"}, overwrite=True)  # fmt: skip
+    result.outputs.append(Output("crosstalk", det.name, None, str(path.relative_to(repo)), sha256_file(path), (),
+                                 {"vendor": det.vendor.name, "min_significance": XT_MIN_SIGNIFICANCE}))  # fmt: skip
 
 
 def _finish(request, run, valid_start, filters, results, matrices, note, camera) -> dict:
@@ -420,11 +454,7 @@ def _finish(request, run, valid_start, filters, results, matrices, note, camera)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_crosstalk(path, {vendor: matrices[vendor]}, {"run": run, "software": f"lsstpipe {__version__}"},
                             overwrite=True)  # fmt: skip
-            digest = sha256_file(path)
-            for r in results:
-                if camera[r.detector].vendor.name == vendor and r.ok:
-                    outputs.append(Output("crosstalk", r.detector, None, str(path.relative_to(repo)), digest, (),
-                                          {"vendor": vendor, "pooled_over": "all CCDs of the run"}))  # fmt: skip
+            # the pooled vendor matrix is the DAQ's; each CCD's own matrix is certified with its masters
     order = {d.name: k for k, d in enumerate(camera)}
     outputs.sort(key=lambda o: (order[o.detector], _TYPE_ORDER.index(o.calib_type), o.filter or ""))
     software = f"lsstpipe {__version__}"
