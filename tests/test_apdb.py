@@ -209,3 +209,29 @@ def test_daily_snapshot_is_a_frozen_copy(config_path, tmp_path):
     assert n == before["DiaSource"] == 20
     with pytest.raises(DatabaseError, match="never overwritten"):
         db.snapshot(tmp_path / "snapshots", 20240101)
+
+
+def test_a_ccd_stored_by_a_racing_job_is_reported_not_duplicated(tmp_path):
+    """On PostgreSQL a retry can race the original job past the 'already stored?' check: the loser's store
+    fails on the primary keys (rolled back as one transaction) and must report 'already stored'."""
+    db = Level1Database(create_apdb(tmp_path / APDB_FILE_NAME, tmp_path / APDB_CONFIG_NAME))
+    res, frows = _ccd(3, 5, 10)
+    assert db.store_ccd(3, 5, MJD, res.dia_objects, res.dia_sources, frows)
+
+    class Racing:  # the other job's rows land between the check and the store
+        def __init__(self, real):
+            self.real, self.checks = real, 0
+
+        def containsVisitDetector(self, visit, detector):  # noqa: N802 (the client's name)
+            self.checks += 1
+            return self.checks > 1 and self.real.containsVisitDetector(visit, detector)
+
+        def store(self, *args):
+            raise RuntimeError('duplicate key value violates unique constraint "DiaObject_pkey"')
+
+    db.apdb = Racing(db.apdb)
+    assert db.store_ccd(3, 5, MJD, res.dia_objects, res.dia_sources, frows) is False
+    db.apdb = Racing(db.apdb.real)
+    db.apdb.containsVisitDetector = lambda visit, detector: False  # not stored after all: a real failure
+    with pytest.raises(DatabaseError, match="storing visit 3 detector 5"):
+        db.store_ccd(3, 5, MJD, res.dia_objects, res.dia_sources, frows)

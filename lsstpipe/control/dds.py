@@ -310,12 +310,23 @@ class DDSTransport(Transport):
         """How many readers/writers of other participants each of our writers/readers is matched with."""
         own = self._participant.guid
         out: dict[str, int] = {}
+
+        def count(handles, data) -> int:
+            # cyclonedds sizes the handle list, then reads it: a match that goes away in between raises
+            # IndexError inside the binding (seen under load). It is only a count: ask again.
+            for _ in range(5):
+                try:
+                    return sum(1 for h in handles() if (d := data(h)) is not None and d.participant_key != own)
+                except IndexError:
+                    continue
+            return 0
+
         for topic, writer in list(self._writers.items()):
-            datas = (writer.get_matched_subscription_data(h) for h in writer.get_matched_subscriptions())
-            out[f"writer {topic.value}"] = sum(1 for d in datas if d is not None and d.participant_key != own)
+            out[f"writer {topic.value}"] = count(writer.get_matched_subscriptions,
+                                                 writer.get_matched_subscription_data)  # fmt: skip
         for topic, (reader, _) in list(self._readers.items()):
-            datas = (reader.get_matched_publication_data(h) for h in reader.get_matched_publications())
-            out[f"reader {topic.value}"] = sum(1 for d in datas if d is not None and d.participant_key != own)
+            out[f"reader {topic.value}"] = count(reader.get_matched_publications,
+                                                 reader.get_matched_publication_data)  # fmt: skip
         return out
 
     def wait_for_peer(

@@ -275,6 +275,15 @@ class Level1Database:
                     return False
                 self.apdb.store(time, _frame(objects), _frame(sources), _frame(forced_sources))
             except Exception as exc:
+                # On PostgreSQL two jobs may store the same CCD at once (a retry racing the original): the
+                # store is one transaction, so the loser's rows are all rolled back by the primary keys.
+                try:
+                    stored = self.apdb.containsVisitDetector(int(visit), int(detector))
+                except Exception:  # noqa: BLE001 (report the original failure)
+                    stored = False
+                message = str(exc).lower()
+                if stored and ("duplicate" in message or "unique" in message):
+                    return False
                 raise DatabaseError(f"storing visit {visit} detector {detector} in the APDB failed: "
                                     f"{_short(exc)}") from exc  # fmt: skip
         return True
