@@ -32,8 +32,9 @@ _ARCSEC = np.pi / (180.0 * 3600.0)
 
 
 @njit
-def _count_candidates(src_dec, src_xyz, tgt_dec_sorted, tgt_xyz, order, radius, rmax_deg):
-    """Number of candidate pairs (first pass, to size the output)."""
+def _candidates(src_dec, src_xyz, tgt_dec_sorted, tgt_xyz, order, radius, rmax_deg, pi, pj, psep, fill):
+    """Source-target pairs within the target's radius: their number, and (``fill``) the pairs themselves
+    written into ``pi``, ``pj``, ``psep`` (call once to count, once to fill arrays of that size)."""
     n = 0
     for i in range(src_dec.size):
         lo = np.searchsorted(tgt_dec_sorted, src_dec[i] - rmax_deg, side="left")
@@ -45,27 +46,12 @@ def _count_candidates(src_dec, src_xyz, tgt_dec_sorted, tgt_xyz, order, radius, 
             dz = src_xyz[i, 2] - tgt_xyz[j, 2]
             sep = 2.0 * np.arcsin(min(1.0, 0.5 * np.sqrt(dx * dx + dy * dy + dz * dz)))
             if sep <= radius[j]:
+                if fill:
+                    pi[n] = i
+                    pj[n] = j
+                    psep[n] = sep
                 n += 1
     return n
-
-
-@njit
-def _fill_candidates(src_dec, src_xyz, tgt_dec_sorted, tgt_xyz, order, radius, rmax_deg, pi, pj, psep):
-    n = 0
-    for i in range(src_dec.size):
-        lo = np.searchsorted(tgt_dec_sorted, src_dec[i] - rmax_deg, side="left")
-        hi = np.searchsorted(tgt_dec_sorted, src_dec[i] + rmax_deg, side="right")
-        for k in range(lo, hi):
-            j = order[k]
-            dx = src_xyz[i, 0] - tgt_xyz[j, 0]
-            dy = src_xyz[i, 1] - tgt_xyz[j, 1]
-            dz = src_xyz[i, 2] - tgt_xyz[j, 2]
-            sep = 2.0 * np.arcsin(min(1.0, 0.5 * np.sqrt(dx * dx + dy * dy + dz * dz)))
-            if sep <= radius[j]:
-                pi[n] = i
-                pj[n] = j
-                psep[n] = sep
-                n += 1
 
 
 @njit
@@ -160,8 +146,9 @@ def associate(src_ra, src_dec, src_snr, tgt_ra, tgt_dec, radius_arcsec):
     tdec_sorted = np.ascontiguousarray(tdec[order])
     rad = radius * _ARCSEC
     rmax_deg = float(np.rad2deg(rad.max())) * (1 + 1e-9) + 1e-12
-    count = _count_candidates(sdec, sxyz, tdec_sorted, txyz, order, rad, rmax_deg)
+    pi, pj, psep = np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
+    count = _candidates(sdec, sxyz, tdec_sorted, txyz, order, rad, rmax_deg, pi, pj, psep, False)
     pi, pj, psep = np.empty(count, np.int64), np.empty(count, np.int64), np.empty(count, np.float64)
-    _fill_candidates(sdec, sxyz, tdec_sorted, txyz, order, rad, rmax_deg, pi, pj, psep)
+    _candidates(sdec, sxyz, tdec_sorted, txyz, order, rad, rmax_deg, pi, pj, psep, True)
     _greedy(pi, pj, psep, snr, n, m, match, sep)
     return match, sep / _ARCSEC
