@@ -87,19 +87,25 @@ def _sorted_median(buf, lo, hi):
 
 
 @njit
+def _mean_ss(buf, lo, hi):
+    """Mean of ``buf[lo:hi]`` and the sum of squared deviations from it (two passes, stable)."""
+    mean = 0.0
+    for k in range(lo, hi):
+        mean += buf[k]
+    mean /= hi - lo
+    ss = 0.0
+    for k in range(lo, hi):
+        d = buf[k] - mean
+        ss += d * d
+    return mean, ss
+
+
+@njit
 def _spread(buf, lo, hi, center, stdfunc, dev, tmp):
     """Standard deviation (population) or MAD-based sigma of ``buf[lo:hi]`` (sorted) about ``center``."""
     n = hi - lo
     if stdfunc == 0:
-        mean = 0.0
-        for k in range(lo, hi):
-            mean += buf[k]
-        mean /= n
-        ss = 0.0
-        for k in range(lo, hi):
-            d = buf[k] - mean
-            ss += d * d
-        return math.sqrt(ss / n)
+        return math.sqrt(_mean_ss(buf, lo, hi)[1] / n)
     for k in range(n):
         dev[k] = abs(buf[lo + k] - center)
     if n <= 32:
@@ -150,21 +156,12 @@ def _combine_pixel(buf, n, method, nsigma, maxiter, stdfunc, na, nb, dev, tmp):
             hi -= 1
         if hi == lo:
             return nan, nan, 0
-        value = 0.0
-        for k in range(lo, hi):
-            value += buf[k]
-        value /= hi - lo
     used = hi - lo
+    mean, ss = _mean_ss(buf, lo, hi)
+    if method != 1:
+        value = mean
     if used < 2:
         return value, nan, used
-    mean = 0.0
-    for k in range(lo, hi):
-        mean += buf[k]
-    mean /= used
-    ss = 0.0
-    for k in range(lo, hi):
-        d = buf[k] - mean
-        ss += d * d
     var = ss / (used - 1) / used
     if method == 1:
         var *= 0.5 * math.pi
