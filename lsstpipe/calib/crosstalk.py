@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from kernels.overscan import overscan_levels
 from kernels.xtalk_fit import fit_crosstalk
 from lsstpipe.camera import Detector
 from lsstpipe.camera.geometry import SEGMENT_ORDER
+from lsstpipe.io.fitsfile import write_fits_atomic
 
 __all__ = ["CrosstalkEstimate", "measure_ccd_crosstalk", "pool_crosstalk", "write_crosstalk", "read_crosstalk",
            "matrix_for_detector", "CrosstalkFormatError", "FORMAT", "NAMP"]  # fmt: skip
@@ -344,21 +344,7 @@ def write_crosstalk(path: str | os.PathLike, matrices: Mapping[str, np.ndarray],
     vw = max([1, *(len(v.encode()) for v in vals)])
     hdus.append(fits.BinTableHDU.from_columns(
         [fits.Column("KEY", f"{kw}A", array=keys), fits.Column("VALUE", f"{vw}A", array=vals)], name="PROVENANCE"))  # fmt: skip
-    hdul = fits.HDUList(hdus)
-    hdul.update_extend()
-    for hdu in hdul:
-        hdu.add_checksum(when=_CHECKSUM_COMMENT)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            hdul.writeto(f, checksum=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_fits_atomic(path, fits.HDUList(hdus), _CHECKSUM_COMMENT)
 
 
 def read_crosstalk(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:

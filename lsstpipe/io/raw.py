@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import numpy as np
 from astropy.io import fits
 
 from lsstpipe.camera.geometry import E2V, ITL, SEGMENT_ORDER, Detector
+from lsstpipe.io.fitsfile import write_fits_atomic
 
 __all__ = ["REQUIRED_KEYWORDS", "RawExposure", "RawFormatError", "parse_section", "read_raw", "write_raw"]
 
@@ -293,21 +293,7 @@ def write_raw(
             continue
         data = segments[amp.hdu - 1].astype(">i4")  # a big-endian copy: astropy writes it without swapping
         hdus.append(fits.ImageHDU(data=data, header=hdr))
-    hdul = fits.HDUList(hdus)
-    hdul.update_extend()  # astropy would add EXTEND while writing, after the checksum was computed
-    for hdu in hdul:
-        hdu.add_checksum(when=_CHECKSUM_COMMENT)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            hdul.writeto(f, checksum=False)  # keep the deterministic checksums added above
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_fits_atomic(path, fits.HDUList(hdus), _CHECKSUM_COMMENT)
     return path
 
 
