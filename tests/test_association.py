@@ -125,15 +125,14 @@ def _no_objects():
     return np.zeros(0, A.DIA_OBJECT_ROW), np.zeros(0, A.DIA_SOURCE_ROW)
 
 
-def test_new_objects_for_every_unmatched_non_dipole_source():
+def test_new_objects_for_every_unmatched_source():
     src = _dia([10, 10.01, 10.02, 10.03], [0, 0, 0, 0], [100.0, -80.0, 50.0, 70.0], dipole=[False, False, True, False])
     rows = A.dia_source_rows(src, 7, 3, "r", MJD, MJD + 0.001)
     res = A.associate_ccd(rows, *_no_objects(), None)
-    assert res.n_new == 3 and res.n_unassociated == 1 and res.n_updated == 0
+    assert res.n_new == 4 and res.n_unassociated == 0 and res.n_updated == 0
     ids = res.dia_sources["diaObjectId"]
-    assert all(ids[k] == rows["diaSourceId"][k] for k in (0, 1, 3))  # id of the creating source
-    assert ids[2] == 0  # the dipole spawns nothing
-    assert sorted(res.dia_objects["diaObjectId"]) == sorted(ids[[0, 1, 3]])
+    assert np.array_equal(ids, rows["diaSourceId"])  # each new object takes the id of the source creating it
+    assert sorted(res.dia_objects["diaObjectId"]) == sorted(ids)
     obj = res.dia_objects[res.dia_objects["diaObjectId"] == ids[0]][0]
     assert obj["nDiaSources"] == 1 and obj["r_psfFluxNdata"] == 1 and obj["g_psfFluxNdata"] == 0
     assert obj["r_psfFluxMean"] == pytest.approx(100.0) and np.isnan(obj["r_psfFluxSigma"])

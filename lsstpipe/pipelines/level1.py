@@ -392,7 +392,7 @@ def ccd_level1(inputs: CcdInputs, result: CcdResult, prefetch: Level1Prefetch, *
         pos = order[np.searchsorted(stored_ids, ids, sorter=order)]
         src_obj = _ids(src["diaObjectId"])[pos] if len(src) else np.zeros(0, np.int64)
         src_ss = _ids(src["ssObjectId"])[pos] if len(src) else np.zeros(0, np.int64)
-        new, n_ss = int(np.sum(src_obj == ids)), int(np.sum(src_ss != 0))
+        new, n_ss = 0, int(np.sum(src_ss != 0))  # nothing is created by a retry
         n_forced = len(forced_now) if forced_now is not None else 0
         obj_records = _records(objects, record_fields(alerts.schema, "diaObject"))
     for r in obj_records:
