@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs the package with its test tools, starts a throw-away
-# PostgreSQL on 127.0.0.1 for the control-database tests (stopped however the run ends), then runs the
+# PostgreSQL and a single-node Slurm on 127.0.0.1 (stopped however the run ends), then runs the
 # serial tests and the MPI tests at 2 and 4 ranks (4 ranks on 2 cores is oversubscribed: correctness only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,11 @@ pg_env=$(.ci/postgres.sh start)   # kept apart from eval so that set -e catches 
 eval "$pg_env"
 trap '.ci/postgres.sh stop "$LSSTPIPE_PG_DIR"' EXIT
 trap 'exit 130' INT TERM
+slurm_env=$(.ci/slurm.sh start)   # a single-node Slurm on 127.0.0.1 (Debian's slurmctld, slurmd, munge)
+eval "$slurm_env"
+trap '.ci/slurm.sh stop "$LSSTPIPE_SLURM_DIR"; .ci/postgres.sh stop "$LSSTPIPE_PG_DIR"' EXIT
+# MPICH's network layers would otherwise listen on the machine's interface: keep MPI ranks on loopback.
+export UCX_NET_DEVICES=lo FI_TCP_IFACE=lo
 python -m pytest -q -rs -m "not slow" tests
 echo "== full-size (slow) cases"
 python -m pytest -q -m slow tests
