@@ -335,6 +335,14 @@ def _fit(x_img, x_var, y_img, y_var, code, fwhm_x, fwhm_y, config, shape):
     return sol, info, half
 
 
+def _convolve_template(fwhm_s: float | None, fwhm_t: float | None, config: DifferenceConfig) -> bool:
+    """Whether the template is the convolved side (``config.mode``; "auto" decides from the PSF FWHMs and
+    convolves the template when either is unknown)."""
+    if config.mode != "auto":
+        return config.mode == "convolve_template"
+    return fwhm_s is None or fwhm_t is None or fwhm_t <= config.auto_sharpen_ratio * fwhm_s
+
+
 def _check_own_planes(image, variance, mask) -> None:
     for name, a, dtype in (("image", image, np.float32), ("variance", variance, np.float32),
                            ("mask", mask, np.int32)):  # fmt: skip
@@ -415,10 +423,17 @@ def _subtract(science: Exposure, planes: list, science_psf_fwhm, template_psf_fw
     n_full_missing = 0
     if own:  # zero-fill the template (border included) where it is missing, in place: no copies
         n_full_missing = K.zero_missing(tf_img, tf_var, tf_msk, nd)
+    # Known PSFs decide the side now; when the template is the convolved one, the science planes are read
+    # only where ``code`` says they are present (kernel stars, subtraction, noise level, final variance), so
+    # they need no zero-filled copies (two image-sized planes less at the differencing peak: issue 7).
+    side_known = science_psf_fwhm is not None and (config.mode != "auto" or template_psf_fwhm is not None)
+    copy_science = not (side_known and _convolve_template(science_psf_fwhm, template_psf_fwhm, config))
     s_img, s_var, tt_img, tt_var, code, mask, _, n_missing = K.prepare_pair(
         science.image, science.variance, science.mask, t_img, t_var, t_msk, nd, keep, _bits(config.bad_mask_bits),
-        out=(None, None, t_img, t_var) if own else None,
+        out=(None, None, t_img, t_var) if own else None, copy_science=copy_science,
     )  # fmt: skip
+    if not copy_science:
+        s_img, s_var = science.image, science.variance
     coverage = 1.0 - n_missing / float(t_img.size)
     flags: list[str] = []
     metrics: dict = {"template_coverage": coverage}
@@ -437,10 +452,9 @@ def _subtract(science: Exposure, planes: list, science_psf_fwhm, template_psf_fw
     if fwhm_t is None:
         fwhm_t = _estimate_fwhm(tt_img, tt_var, (code & K.CODE_TEMPLATE_MISSING) != 0)
     timings["psf_fwhm"] = time.perf_counter() - t0
-    if config.mode == "auto":
-        conv_template = fwhm_s is None or fwhm_t is None or fwhm_t <= config.auto_sharpen_ratio * fwhm_s
-    else:
-        conv_template = config.mode == "convolve_template"
+    conv_template = _convolve_template(fwhm_s, fwhm_t, config)
+    if not conv_template and not copy_science:  # cannot happen: the side was known before prepare_pair
+        raise AssertionError("the science side is convolved but was not zero-filled")
     if conv_template:
         x_img, x_var, y_img, y_var, fx, fy = s_img, s_var, tt_img, tt_var, fwhm_s, fwhm_t
     else:
@@ -536,9 +550,9 @@ def _subtract(science: Exposure, planes: list, science_psf_fwhm, template_psf_fw
     K.border_bit(mask, int(MaskBit.EDGE), 2 if padded else 2 * half)
     scale = 1.0 if conv_template else -kappa
     t_src, t_scale = (matched, 1.0) if conv_template else (x_img, 1.0 / kappa)
-    # variance into the science variance copy (ours), the matched template in place
+    # variance into the science variance copy where there is one (ours), the matched template in place
     variance, template, (zmean, zrms) = K.finalize_difference(
-        diff, x_var, y_var, A, B, scale, t_src, t_scale, mask, nd, variance_out=s_var,
+        diff, x_var, y_var, A, B, scale, t_src, t_scale, mask, nd, variance_out=s_var if copy_science else None,
         template_out=matched if conv_template else None,
     )  # fmt: skip
     info.update(decorrelated=config.decorrelate, variance_factors=(A, B), noise_levels=(s2x, s2y))
@@ -550,19 +564,30 @@ def _subtract(science: Exposure, planes: list, science_psf_fwhm, template_psf_fw
 
 
 def difference_exposure(science: Exposure, patches, wcs: WCS, zero_point: float, science_psf_fwhm: float | None,
-                        config: DifferenceConfig = DifferenceConfig()) -> Difference:  # fmt: skip
+                        config: DifferenceConfig = DifferenceConfig(), *, consume_patches: bool = False) -> Difference:  # fmt: skip
     """Warp the template patches onto the science grid and a border of the largest kernel half-width
-    (:func:`warp_template`), and :func:`subtract`."""
+    (:func:`warp_template`), and :func:`subtract`.
+
+    ``consume_patches``: ``patches`` is a list the caller hands over; it is emptied once the patches are
+    warped, so that they are freed for the rest of the differencing when the caller holds no other
+    reference to them (a full-size CCD's patches are ~250 MB; issue 7).
+    """
     t0 = time.perf_counter()
+    if consume_patches and not isinstance(patches, list):
+        raise ValueError(f"consume_patches needs the patches in a list (which is emptied), not a {type(patches)}")
+    given = patches
     patches = list(patches)
+    if consume_patches:
+        given.clear()
     if not patches:
         nan = np.full(science.shape, np.nan, np.float32)
         return Difference(nan, nan.copy(), science.mask | int(MaskBit.NO_DATA), nan.copy(), {"method": "none"},
                           ("NO_TEMPLATE_COVERAGE",), {"template_coverage": 0.0, "seconds": {}})  # fmt: skip
     border = config.kernel_half if config.kernel_half is not None else K.MAX_KERNEL_HALF
-    planes = list(warp_template(patches, wcs, science.shape, zero_point, step=config.warp_step, border=border))
-    t_warp = time.perf_counter() - t0
     fwhms = [p.psf_fwhm_pix for p in patches if math.isfinite(p.psf_fwhm_pix) and p.psf_fwhm_pix > 0]
+    planes = list(warp_template(patches, wcs, science.shape, zero_point, step=config.warp_step, border=border))
+    del patches, given
+    t_warp = time.perf_counter() - t0
     # the warped planes are ours: zero-filled in place, reused for the difference, freed when no longer needed
     result = _subtract(science, planes, science_psf_fwhm, float(np.median(fwhms)) if fwhms else None, config,
                        True, border, True)  # fmt: skip
