@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from lsstpipe import __version__, detect_cli, subtract_cli
+from lsstpipe import __version__, detect_cli, night_cli, subtract_cli
 from lsstpipe.control import cli_control
 
 
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_control.add_parsers(sub)  # config, ocs, dmcs
     detect_cli.add_parser(sub)
     subtract_cli.add_parser(sub)
+    night_cli.add_parser(sub)
     return parser
 
 
@@ -184,6 +185,7 @@ COMMANDS = {
     "slurm": _cmd_slurm,
     "detect": detect_cli.run,
     "subtract": subtract_cli.run,
+    "night": night_cli.run,
     **cli_control.HANDLERS,
 }
 

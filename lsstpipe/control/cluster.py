@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import yaml
 
@@ -301,7 +301,8 @@ class SimulatedCluster:
         with self._lock:
             self.following[replica] = on
 
-    def submit(self, entity: EntityName, label: str, n_jobs: int) -> JobBatch:
+    def submit(self, entity: EntityName, label: str, n_jobs: int, event: Any = None) -> JobBatch:
+        """Launch ``n_jobs`` simulated jobs for ``entity``; ``event`` is the OCS event that launched them."""
         batch = JobBatch(entity, label, n_jobs, self.clock(), self.job_seconds)
         with self._lock:
             self.batches.append(batch)

@@ -338,7 +338,7 @@ class BaseDMCS:
                 if msg.event in entity.subscriptions():
                     n = entity.jobs_for(msg.event)
                     label = f"{msg.event.value} visit {msg.visit} exposure {msg.exposure}"
-                    self.cluster.submit(entity.name, label, n)
+                    self.cluster.submit(entity.name, label, n, event=msg)
                     self.recorder.jobs_submitted(entity.name, label, n)
                     self.telemetry(entity.name, "jobs_launched", float(n))
                     handled.append(entity.name)

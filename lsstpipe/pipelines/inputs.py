@@ -46,7 +46,8 @@ def _calibs(repo: Repository, detector: str, band: str, mjd: float, source: str)
 
 
 def load_ccd_inputs(repo: str | os.PathLike | Repository, visit: int, detector: str, calibs: str = "auto",
-                    dia_objects: np.ndarray | None = None, margin_deg: float = 0.02) -> CcdInputs:  # fmt: skip
+                    dia_objects: np.ndarray | None = None, margin_deg: float = 0.02,
+                    with_raws: bool = True) -> CcdInputs:  # fmt: skip
     """Read everything :func:`~lsstpipe.pipelines.ap.process_ccd` needs for one CCD of one visit.
 
     Parameters
@@ -62,17 +63,22 @@ def load_ccd_inputs(repo: str | os.PathLike | Repository, visit: int, detector: 
         Known DIAObjects (``id``, ``ra``, ``dec``) for forced photometry.
     margin_deg : float
         Extra radius around the CCD for the reference catalogue and the templates.
+    with_raws : bool
+        Read the raws from the repository; False leaves ``raw_snaps`` and ``snap_metadata`` empty for the
+        caller to fill (a night's worker prefetches everything else before the snaps are read out, then
+        takes the snaps from a distributor: :func:`dataclasses.replace`).
     """
     repo = repo if isinstance(repo, Repository) else Repository(repo)
     camera = get_camera(repo.read_config()["camera"])
     det = camera[detector]
     rows = visit_exposures(repo, visit)
     raws, metas = [], []
-    for row in rows:
+    for row in rows if with_raws else ():
         raw = read_raw(repo.raw_path(row["day_obs"], row["obsid"], det.name))
         raws.append(raw.stack())
         metas.append(raw_metadata(raw))
-    band, first = metas[0]["band"], rows[0]
+    first = rows[0]
+    band = metas[0]["band"] if metas else str(first["band"])
     if calibs == "auto":
         calibs = "db" if (repo.root / "calib.sqlite3").exists() else "truth"
     masters = _calibs(repo, det.name, band, float(first["mjd_obs"]), calibs)

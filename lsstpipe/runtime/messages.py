@@ -15,6 +15,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from lsstpipe.db.records import ImageTransfer
 from lsstpipe.runtime.layout import Role
 
 
@@ -32,6 +33,49 @@ class Tag(enum.IntEnum):
 
     STOP = 4
     """DMCS → any rank: a :class:`Stop` sentinel; the rank finishes its loop and returns."""
+
+    EXPECT = 5
+    """Replicator → distributor: an :class:`Expect` (the visit, exposure and raft of its next images)."""
+
+    READOUT = 6
+    """DMCS → replicator: :class:`ReadoutStarted` (the camera reads the exposure out: fetch it)."""
+
+    IMAGE = 7
+    """Replicator → distributor: an :class:`ImageData` header; its bytes follow under :attr:`DATA`."""
+
+    ARCHIVED = 8
+    """Distributor → DMCS (→ replicator): :class:`Archived`, the stored copy read back and verified (or not)."""
+
+    PUBLISHED = 9
+    """Distributor → Archive DMCS: :class:`RaftPublished` (it holds this raft of this exposure)."""
+
+    LOCATE = 10
+    """Worker → Archive DMCS: :class:`LocateRaft`; answered by :class:`RaftLocation` when the raft is there."""
+
+    LOCATION = 11
+    """Archive DMCS → worker: a :class:`RaftLocation`."""
+
+    CCD_REQUEST = 12
+    """Worker → distributor: a :class:`CcdRequest`; answered by :class:`CcdData` and its pixels."""
+
+    CCD_DATA = 13
+    """Distributor → worker: a :class:`CcdData` header; the segments follow under :attr:`DATA`."""
+
+    TELEMETRY = 14
+    """Worker → DMCS: :class:`TelemetryReport` (SDQA, WCS, PSF) that the DMCS publishes to the OCS."""
+
+    LINK = 16
+    """Replicator → DMCS: :class:`LinkStatus` (its link to its distributor went down or came back)."""
+
+    FAULT = 17
+    """DMCS → rank: a :class:`FaultOrder` (fault injection of a simulated night)."""
+
+    TRANSFER = 18
+    """Replicator or distributor → DMCS: an :class:`~lsstpipe.db.records.ImageTransfer` to record."""
+
+    DATA = 15
+    """Raw bytes (``Send``/``Recv`` of a uint8 buffer) right after an :class:`ImageData` or :class:`CcdData`
+    header from the same sender."""
 
 
 class JobKind(enum.Enum):
@@ -79,6 +123,12 @@ class JobAssignment:
     """Lower runs first; a job rescheduled on a spare runs at a lower priority (a higher number)."""
     attempt: int = 1
     """1 for the first try, 2 … for reschedules."""
+    image_ids: tuple[str, ...] = ()
+    """The images (OBSIDs) of the job: the exposure's for a replicator job, every snap's for a CCD job."""
+    mode: str = "science"
+    """The mode of the entity that launched the job (science, calibration, engineering, catchup)."""
+    from_raw_cache: bool = False
+    """Read the images from the Archive's raw image cache, not from a distributor (a rescheduled job)."""
 
     def __post_init__(self) -> None:
         _nonneg_int("job_id", self.job_id)
@@ -152,11 +202,162 @@ class Stop:
     """The stop sentinel: finish the current loop and return."""
 
     reason: str = "end of night"
+    skip_finalize: bool = False
+    """A rank died during the night: MPI_Finalize would wait for it forever (MPICH), so exit without it."""
 
 
-Payload = JobAssignment | JobResult | Heartbeat | Stop
+@dataclass(frozen=True)
+class Expect:
+    """A replicator tells its distributor which images come next (LDM-230 §2.2.1, step 1)."""
+
+    job_id: int
+    visit: int
+    exposure: int
+    image_id: str
+    raft: str
+    replicator: int
+
+
+@dataclass(frozen=True)
+class ReadoutStarted:
+    """The camera started reading ``image_id`` out (the OCS's startReadout): replicators may fetch it."""
+
+    visit: int
+    exposure: int
+    image_id: str
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Header of one raft image's bytes (a CDS raft-image file, zlib-compressed when ``compressed``)."""
+
+    job_id: int
+    visit: int
+    exposure: int
+    image_id: str
+    raft: str
+    kind: str
+    checksum: str
+    """Content checksum of the image (:meth:`lsstpipe.cds.image.RaftImage.verify`)."""
+    nbytes: int
+    """Bytes that follow under :attr:`Tag.DATA`."""
+    compressed: bool
+    mode: str
+    """Archiver mode the image is tagged with (science, calibration, engineering, catchup)."""
+    telemetry: tuple[tuple[str, float], ...] = ()
+    """The exposure's telemetry from the EFD replica, sent with the image."""
+    sent_at: float = 0.0
+    """``time.time()`` when the replicator sent it."""
+
+
+@dataclass(frozen=True)
+class Archived:
+    """What became of one image at the Archive: stored, read back and verified — or why not."""
+
+    job_id: int
+    image_id: str
+    raft: str
+    kind: str
+    ok: bool
+    where: str
+    """``tape`` (raw images) or ``raw_cache`` (crosstalk-corrected ones)."""
+    checksum: str | None
+    distributor: int
+    nbytes: int = 0
+    error: str | None = None
+    to_base: bool = False
+    """False from the distributor to the DMCS; True on the DMCS's copy to the replicator (release the outage
+    buffer's copy, or send the image again when ``error`` asks for it)."""
+
+
+@dataclass(frozen=True)
+class RaftPublished:
+    """A distributor holds ``raft`` of ``image_id`` and serves its CCDs (to the Archive DMCS)."""
+
+    visit: int
+    exposure: int
+    image_id: str
+    raft: str
+    distributor: int
+
+
+@dataclass(frozen=True)
+class LocateRaft:
+    """Which distributor holds ``raft`` of ``image_id``? (worker → Archive DMCS)."""
+
+    image_id: str
+    raft: str
+
+
+@dataclass(frozen=True)
+class RaftLocation:
+    """The answer to :class:`LocateRaft`: a distributor rank, or None with the reason (read the raw cache)."""
+
+    image_id: str
+    raft: str
+    distributor: int | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CcdRequest:
+    """Send me ``detector`` of ``image_id`` (worker → distributor)."""
+
+    image_id: str
+    detector: str
+
+
+@dataclass(frozen=True)
+class CcdData:
+    """Header of one CCD's segments (int32, ``shape``) and its primary header; ``error`` when not served."""
+
+    image_id: str
+    detector: str
+    shape: tuple[int, ...]
+    checksum: str
+    """SHA-256 of the segment bytes, verified by the worker."""
+    nbytes: int = 0
+    """Bytes that follow under :attr:`Tag.DATA` (0 with an error)."""
+    header: tuple[tuple[str, Any], ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TelemetryReport:
+    """Per-CCD SDQA, WCS and PSF values for the DMCS to publish to the OCS."""
+
+    visit: int
+    detector: str
+    values: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    """A replicator's link to its distributor: up or down, and why."""
+
+    replicator: int
+    up: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class FaultOrder:
+    """Inject ``kind`` (:mod:`lsstpipe.runtime.faults`) now (``on``) or end it; ``visit`` the visit it hits."""
+
+    kind: str
+    on: bool
+    visit: int = 0
+
+
+Payload = (LinkStatus | FaultOrder | ImageTransfer | JobAssignment | JobResult | Heartbeat | Stop | Expect | ReadoutStarted | ImageData | Archived
+           | RaftPublished | LocateRaft | RaftLocation | CcdRequest | CcdData | TelemetryReport)  # fmt: skip
 #: The tag of each payload type.
-TAG_OF: dict[type, Tag] = {JobAssignment: Tag.JOB, JobResult: Tag.RESULT, Heartbeat: Tag.HEARTBEAT, Stop: Tag.STOP}
+TAG_OF: dict[type, Tag] = {
+    JobAssignment: Tag.JOB, JobResult: Tag.RESULT, Heartbeat: Tag.HEARTBEAT, Stop: Tag.STOP, Expect: Tag.EXPECT,
+    ReadoutStarted: Tag.READOUT, ImageData: Tag.IMAGE, Archived: Tag.ARCHIVED, RaftPublished: Tag.PUBLISHED,
+    LocateRaft: Tag.LOCATE, RaftLocation: Tag.LOCATION, CcdRequest: Tag.CCD_REQUEST, CcdData: Tag.CCD_DATA,
+    TelemetryReport: Tag.TELEMETRY, LinkStatus: Tag.LINK, FaultOrder: Tag.FAULT, ImageTransfer: Tag.TRANSFER,
+}  # fmt: skip
 #: The payload type of each tag.
 PAYLOAD_OF: dict[Tag, type] = {tag: cls for cls, tag in TAG_OF.items()}
 
@@ -187,7 +388,7 @@ def expect(tag: int, payload: object) -> Payload:
     """
     try:
         kind = PAYLOAD_OF[Tag(tag)]
-    except ValueError:
+    except (ValueError, KeyError):
         raise TypeError(f"message tag {tag} is not a runtime tag ({', '.join(t.name for t in Tag)})") from None
     if type(payload) is not kind:
         raise TypeError(f"message under tag {Tag(tag).name} carries a {type(payload).__name__}, not a {kind.__name__}")

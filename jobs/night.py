@@ -1,0 +1,11 @@
+"""The observing night on MPI: ``mpiexec -n K python -m mpi4py jobs/night.py --repo REPO --out OUT``.
+
+Thin entry point; everything is in :mod:`lsstpipe.runtime.night` (``--help`` lists the options and faults).
+"""
+
+import sys
+
+from lsstpipe.runtime.night import main
+
+if __name__ == "__main__":
+    sys.exit(main())

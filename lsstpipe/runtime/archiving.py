@@ -1,0 +1,467 @@
+"""Replicator and distributor ranks: raft images from the CDS buffer to the Archive (LDM-230 §2.2).
+
+A replicator job (one raft, or the wavefront sensors, of one exposure) follows LDM-230: tell the paired
+distributor which images come; wait for startReadout; take the crosstalk-corrected raft image from the
+CDS, verify its checksum, send it with its telemetry to the distributor (zlib-compressed if configured)
+while keeping a copy in the Base's network outage buffer and raw image cache; then the same for the raw
+image, which goes to the outage buffer and the Base tape. Every transfer, good or bad, goes to the DMCS as
+an :class:`~lsstpipe.db.records.ImageTransfer` for the control database.
+
+The distributor verifies what it receives, stores it at the Archive (crosstalk-corrected images in the
+raw image cache, raw images on tape), reads the stored copy back and verifies it before it reports the
+image :class:`~lsstpipe.runtime.messages.Archived`; it publishes each crosstalk-corrected raft to the
+Archive DMCS and serves workers' requests for its CCDs. An outage-buffer copy leaves the buffer only when
+the Archive's confirmation comes back.
+
+Catch-up jobs use the same classes: a catch-up replicator sends an image found in the outage buffer or,
+failing that, the CDS buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lsstpipe.archive.storage import (
+    ImageKey,
+    ItemMeta,
+    OutageBuffer,
+    OutageBufferFull,
+    RawImageCache,
+    decode_image,
+)
+from lsstpipe.archive.tape import TapeArchive
+from lsstpipe.cds.image import CDSError, RaftImage
+from lsstpipe.db.records import ImageTransfer
+from lsstpipe.runtime.messages import (
+    Archived,
+    CcdData,
+    CcdRequest,
+    Expect,
+    FaultOrder,
+    Heartbeat,
+    ImageData,
+    JobAssignment,
+    JobKind,
+    JobResult,
+    LinkStatus,
+    RaftPublished,
+    ReadoutStarted,
+)
+from lsstpipe.runtime.postman import Envelope, PeerLost, Postman
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ArchiveSettings", "Distributor", "Replicator", "StoragePaths"]
+
+KINDS = ("crosstalk_corrected", "raw")
+
+
+@dataclass(frozen=True)
+class StoragePaths:
+    """Where the night stores images: the Base's and the Archive's stores are separate."""
+
+    out: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+
+    @property
+    def cds(self) -> Path:
+        return self.out / "cds"
+
+    @property
+    def outage_buffer(self) -> Path:
+        return self.out / "base" / "outage_buffer"
+
+    @property
+    def base_raw_cache(self) -> Path:
+        return self.out / "base" / "raw_cache"
+
+    @property
+    def base_tape(self) -> Path:
+        return self.out / "base" / "tape"
+
+    @property
+    def archive_raw_cache(self) -> Path:
+        return self.out / "archive" / "raw_cache"
+
+    @property
+    def archive_tape(self) -> Path:
+        return self.out / "archive" / "tape"
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """Archiver settings used by the ranks (from the Archiver's configuration)."""
+
+    compress: bool = True
+    max_retries: int = 3
+    outage_capacity_bytes: int = 8 << 30
+    readout_timeout_s: float = 30.0
+    """How long a replicator waits for an image after startReadout before leaving it to catch-up."""
+    heartbeat_s: float = 0.25
+    link_timeout_s: float = 1.5
+    """A link without a heartbeat answer for this long is down."""
+    slow_link_delay_s: float = 0.8
+    """Extra seconds per transfer on a slow link (fault injection)."""
+    slow_transfer_s: float = 0.5
+    """A transfer slower than this makes the replicator report its link slow."""
+    keep_rafts: int = 24
+    """Crosstalk-corrected rafts a distributor keeps in memory for CCD requests (older ones: raw cache)."""
+
+
+def _sha(data: np.ndarray | bytes) -> str:
+    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+
+
+@dataclass
+class _RepJob:
+    job: JobAssignment
+    readout: bool = False
+    readout_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.time)
+    sent: int = 0
+    stored: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+class Replicator:
+    """The replicator side of a pair (or of a catch-up pair), on rank ``postman.rank``."""
+
+    def __init__(self, postman: Postman, distributor: int, paths: StoragePaths, settings: ArchiveSettings,
+                 dmcs: int = 0) -> None:  # fmt: skip
+        self.post, self.distributor, self.paths, self.settings, self.dmcs = postman, distributor, paths, settings, dmcs
+        self.name = f"replicator {postman.rank}"
+        self.jobs: dict[int, _RepJob] = {}
+        self.outage = OutageBuffer(paths.outage_buffer, settings.outage_capacity_bytes)
+        self.raw_cache = RawImageCache(paths.base_raw_cache)
+        self.tape = TapeArchive(paths.base_tape, f"base-{postman.rank:04d}")
+        self.link_up = True
+        self.link_cut = self.slow = self.corrupt_next = self.buffer_full = False
+        self._last_beat = self._last_ack = time.monotonic()
+        self._seq = self._unanswered = 0
+        self.die_in_visit: int | None = None
+        self._reported_up = True
+
+    # ---- messages -----------------------------------------------------------------------------------------
+    def handle(self, env: Envelope) -> bool:
+        p = env.payload
+        if isinstance(p, JobAssignment) and p.kind in (JobKind.SCIENCE_RAFT, JobKind.WAVEFRONT, JobKind.CATCHUP):
+            self._start(p)
+        elif isinstance(p, ReadoutStarted):
+            for job in self.jobs.values():
+                if p.image_id in job.job.image_ids and not job.readout:
+                    job.readout, job.readout_at = True, time.time()
+        elif isinstance(p, Archived) and p.to_base:
+            self._confirmed(p)
+        elif isinstance(p, Heartbeat) and p.role.name == "DISTRIBUTOR" and env.source == self.distributor:
+            self._last_ack, self._unanswered = time.monotonic(), 0
+        elif isinstance(p, FaultOrder):
+            self._fault(p)
+        else:
+            return False
+        return True
+
+    def _fault(self, order: FaultOrder) -> None:
+        if order.kind == "link-cut":
+            self.link_cut = order.on
+        elif order.kind == "slow-link":
+            self.slow = order.on
+        elif order.kind == "corrupt":
+            self.corrupt_next = order.on
+        elif order.kind == "fill-buffer":
+            self.buffer_full = order.on
+        elif order.kind == "kill-replicator":
+            self.die_in_visit = order.visit if order.on else None
+
+    def _start(self, job: JobAssignment) -> None:
+        self.jobs[job.job_id] = _RepJob(job, readout=job.kind is JobKind.CATCHUP)
+        if job.kind is not JobKind.CATCHUP and self._link_ok():
+            for image_id in job.image_ids:
+                self._send_safe(Expect(job.job_id, job.visit, job.exposure, image_id, job.raft or "", self.post.rank))
+
+    # ---- periodic work --------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat >= self.settings.heartbeat_s:
+            self._last_beat = now
+            self._seq += 1
+            beat = Heartbeat(self.post.rank, _role_replicator(), self._seq, time.time())
+            if not self.link_cut:
+                self._send_safe(beat)
+            if self.dmcs != self.post.rank:  # the DMCS watches replicators of their own ranks
+                try:
+                    self.post.send(beat, self.dmcs)
+                except PeerLost:
+                    pass
+            self._unanswered += 1
+        # counted in beats, not seconds: a rank busy with a long transfer sends none and concludes nothing
+        up = not self.link_cut and self._unanswered <= max(2, round(self.settings.link_timeout_s /
+                                                                      self.settings.heartbeat_s))  # fmt: skip
+        if up != self._reported_up:
+            self._reported_up = up
+            self._report_link(up, "heartbeats answered again" if up else "no heartbeat answer from the distributor")
+        for job_id, rj in list(self.jobs.items()):
+            if rj.readout and (rj.job.kind is JobKind.CATCHUP or self._arrived(rj)):
+                del self.jobs[job_id]
+                self._run(rj)
+
+    def _arrived(self, rj: _RepJob) -> bool:
+        """Whether the job's images are in the CDS buffer (or it waited too long: fetch fails and says so)."""
+        if time.time() - rj.readout_at > self.settings.readout_timeout_s:
+            return True
+        return all(self._cds_path(ImageKey(i, rj.job.raft or "R00", k)).is_file()
+                   for i in rj.job.image_ids for k in KINDS)  # fmt: skip
+
+    def _cds_path(self, key: ImageKey) -> Path:
+        return self.paths.cds / key.day_obs / key.image_id / f"{key.raft}_{key.kind}.h5"
+
+    def _report_link(self, up: bool, reason: str) -> None:
+        self.link_up = up
+        try:
+            self.post.send(LinkStatus(self.post.rank, up, reason), self.dmcs)
+        except PeerLost:
+            pass
+
+    def _link_ok(self) -> bool:
+        return not self.link_cut and self.link_up
+
+    def _send_safe(self, payload, data=None) -> bool:
+        if self.distributor in self.post.dead:
+            return False
+        try:
+            self.post.send(payload, self.distributor, data)
+            return True
+        except PeerLost:
+            return False
+
+    # ---- one job ------------------------------------------------------------------------------------------
+    def _run(self, rj: _RepJob) -> None:
+        job = rj.job
+        t0 = time.time()
+        kinds = (job.mode.split(":", 1)[1],) if job.kind is JobKind.CATCHUP and ":" in job.mode else KINDS
+        for image_id in job.image_ids:
+            for kind in kinds:
+                key = ImageKey(image_id, job.raft or "R00", kind)
+                try:
+                    data = self._fetch(key, job)
+                except (CDSError, OSError, LookupError) as exc:
+                    rj.failures.append(f"{key}: {exc}")
+                    self._transfer(key, "cds", self.name, None, 0, False, f"fetch failed: {exc}")
+                    continue
+                self._store_base(rj, key, data, job)
+                if self.die_in_visit is not None and job.visit == self.die_in_visit and self.post.rank != self.dmcs:
+                    log.error("fault injection: replicator rank %d dies while it holds %s", self.post.rank, key)
+                    os._exit(137)
+                self._ship(rj, key, data, job)
+        counts = (("sent", rj.sent), ("stored", rj.stored), ("failures", len(rj.failures)))
+        if rj.failures and not rj.sent and not rj.stored:
+            exc = RuntimeError("; ".join(rj.failures)[:2000])
+            result = JobResult.failure(job.job_id, self.post.rank, exc, time.time() - t0, retriable=True)
+        else:
+            result = JobResult(job.job_id, self.post.rank, True, time.time() - t0, counts=counts,
+                               message="; ".join(rj.failures)[:2000] or None)  # fmt: skip
+        self.post.send(result, self.dmcs)
+
+    def _fetch(self, key: ImageKey, job: JobAssignment) -> bytes:
+        """The image's bytes, verified: from the outage buffer (catch-up) or the CDS buffer."""
+        if job.kind is JobKind.CATCHUP and self.outage.has(key):
+            data = self.outage.get(key)
+        else:
+            path = self._cds_path(key)
+            if not path.is_file():
+                raise CDSError(f"{key} is not in the CDS buffer {self.paths.cds} "
+                               f"{self.settings.readout_timeout_s:g} s after startReadout")  # fmt: skip
+            data = path.read_bytes()
+        decode_image(data, key)  # verifies the checksum
+        return data
+
+    def _store_base(self, rj: _RepJob, key: ImageKey, data: bytes, job: JobAssignment) -> None:
+        meta = ItemMeta(_checksum_of(key, data), len(data), job.mode.split(":", 1)[0])
+        if job.kind is not JobKind.CATCHUP:
+            for attempt in range(self.settings.max_retries + 1):
+                try:
+                    if key.kind == "raw":
+                        self.tape.append(key, data, meta)
+                    else:
+                        self.raw_cache.put(key, data, meta)
+                    break
+                except OSError as exc:
+                    if attempt == self.settings.max_retries:
+                        rj.failures.append(f"{key}: Base store failed: {exc}")
+            where = "outage_buffer"
+            try:
+                if self.buffer_full:
+                    raise OutageBufferFull(f"the network outage buffer {self.paths.outage_buffer} is full "
+                                           "(injected fault)")  # fmt: skip
+                self.outage.put(key, data, meta)
+                rj.stored += 1
+                self._transfer(key, "cds", where, meta.checksum, len(data), True)
+            except OutageBufferFull as exc:
+                self._transfer(key, "cds", where, None, 0, False, str(exc))
+
+    def _ship(self, rj: _RepJob, key: ImageKey, data: bytes, job: JobAssignment) -> None:
+        if not self._link_ok():
+            rj.failures.append(f"{key}: link to distributor {self.distributor} down; left in the outage buffer")
+            self._transfer(key, self.name, f"distributor {self.distributor}", None, 0, False,
+                           "link down: image kept at the Base for the Catch-Up Archiver")  # fmt: skip
+            return
+        if self.slow:
+            time.sleep(self.settings.slow_link_delay_s)
+        payload = zlib.compress(data, 1) if self.settings.compress else data
+        if self.corrupt_next:
+            self.corrupt_next = False
+            damaged = bytearray(payload)
+            damaged[len(damaged) // 2] ^= 0xFF
+            payload = bytes(damaged)
+        header = ImageData(job.job_id, job.visit, job.exposure, key.image_id, key.raft, key.kind,
+                           _checksum_of(key, data), len(payload), self.settings.compress,
+                           job.mode.split(":", 1)[0], (), time.time())  # fmt: skip
+        t0 = time.monotonic()
+        if self._send_safe(header, payload):
+            rj.sent += 1
+            if time.monotonic() - t0 + (self.settings.slow_link_delay_s if self.slow else 0) > \
+                    self.settings.slow_transfer_s:  # fmt: skip
+                self._report_link(False, f"slow link: a {len(payload)} byte transfer took too long")
+                self._reported_up = False
+        else:
+            rj.failures.append(f"{key}: distributor {self.distributor} unreachable")
+
+    def resend(self, key: ImageKey, job_id: int) -> None:
+        """Send ``key`` again after the distributor rejected it (from the outage buffer, else the CDS)."""
+        data = self.outage.get(key) if self.outage.has(key) else self._cds_path(key).read_bytes()
+        job = JobAssignment(job_id, JobKind.CATCHUP, 0, raft=key.raft, image_ids=(key.image_id,),
+                            mode=f"science:{key.kind}")  # fmt: skip
+        self._ship(_RepJob(job), key, data, job)
+
+    def _confirmed(self, a: Archived) -> None:
+        key = ImageKey(a.image_id, a.raft, a.kind)
+        if a.ok:
+            if self.outage.has(key):
+                self.outage.confirm(key)
+        elif a.error and "resend" in a.error:
+            self.resend(key, a.job_id)
+
+    def _transfer(self, key: ImageKey, source: str, dest: str, checksum: str | None, nbytes: int, ok: bool,
+                  error: str | None = None) -> None:  # fmt: skip
+        try:
+            self.post.send(ImageTransfer(key.image_id, key.raft, key.kind, source, dest, checksum, nbytes, ok,
+                                         error, time.time()), self.dmcs)  # fmt: skip
+        except PeerLost:
+            pass
+
+
+def _role_replicator():
+    from lsstpipe.runtime.layout import Role
+
+    return Role.REPLICATOR
+
+
+def _checksum_of(key: ImageKey, data: bytes) -> str:
+    from lsstpipe.archive.storage import blob_checksum
+
+    return blob_checksum(key, data)
+
+
+class Distributor:
+    """The distributor side of a pair, on rank ``postman.rank``."""
+
+    def __init__(self, postman: Postman, paths: StoragePaths, settings: ArchiveSettings, dmcs: int = 0) -> None:
+        self.post, self.paths, self.settings, self.dmcs = postman, paths, settings, dmcs
+        self.name = f"distributor {postman.rank}"
+        self.raw_cache = RawImageCache(paths.archive_raw_cache)
+        self.tape = TapeArchive(paths.archive_tape, f"archive-{postman.rank:04d}")
+        self.rafts: OrderedDict[tuple[str, str], RaftImage] = OrderedDict()
+        self.expected: set[tuple[str, str]] = set()
+        self.rejected: dict[tuple[str, str, str], int] = {}
+
+    def handle(self, env: Envelope) -> bool:
+        p = env.payload
+        if isinstance(p, Expect):
+            self.expected.add((p.image_id, p.raft))
+        elif isinstance(p, ImageData):
+            self._receive(p, env.data, env.source)
+        elif isinstance(p, CcdRequest):
+            self._serve(p, env.source)
+        elif isinstance(p, Heartbeat) and p.role.name == "REPLICATOR":
+            try:
+                self.post.send(Heartbeat(self.post.rank, p.role.__class__.DISTRIBUTOR, p.sequence, time.time()),
+                               env.source)  # fmt: skip
+            except PeerLost:
+                pass
+        else:
+            return False
+        return True
+
+    def _receive(self, h: ImageData, data: np.ndarray | None, source: int) -> None:
+        key = ImageKey(h.image_id, h.raft, h.kind)
+        where = "tape" if h.kind == "raw" else "raw_cache"
+        try:
+            blob = zlib.decompress(data.tobytes()) if h.compressed else data.tobytes()
+            image = decode_image(blob, key)
+            if image.checksum != h.checksum:
+                raise CDSError(f"{key} carries checksum {image.checksum[:12]}…, the replicator sent "
+                               f"{h.checksum[:12]}…")  # fmt: skip
+        except (zlib.error, CDSError, ValueError) as exc:
+            n = self.rejected[(h.image_id, h.raft, h.kind)] = self.rejected.get((h.image_id, h.raft, h.kind), 0) + 1
+            retry = n <= self.settings.max_retries
+            error = f"damaged in transit ({exc}); " + ("resend" if retry else "given up: left to catch-up")
+            self._transfer(key, f"replicator {source}", self.name, None, int(data.nbytes), False, error)
+            self._report(Archived(h.job_id, h.image_id, h.raft, h.kind, False, where, None, self.post.rank, 0,
+                                  error), source)  # fmt: skip
+            return
+        meta = ItemMeta(image.checksum, len(blob), h.mode)
+        try:
+            if where == "tape":
+                self.tape.append(key, blob, meta)
+                checksum = self.tape.verify(key)
+            else:
+                self.raw_cache.put(key, blob, meta)
+                checksum = self.raw_cache.verify(key)
+        except Exception as exc:  # noqa: BLE001 — any storage failure is reported, the image stays at the Base
+            error = f"storing at the Archive failed: {exc}"
+            self._transfer(key, f"replicator {source}", f"archive {where}", None, len(blob), False, error)
+            self._report(Archived(h.job_id, h.image_id, h.raft, h.kind, False, where, None, self.post.rank, 0,
+                                  error), source)  # fmt: skip
+            return
+        self._transfer(key, f"replicator {source}", f"archive {where}", checksum, len(blob), True)
+        self._report(Archived(h.job_id, h.image_id, h.raft, h.kind, True, where, checksum, self.post.rank, len(blob)),
+                     source)  # fmt: skip
+        if h.kind == "crosstalk_corrected":
+            self.rafts[(h.image_id, h.raft)] = image
+            while len(self.rafts) > self.settings.keep_rafts:
+                self.rafts.popitem(last=False)
+            self.post.send(RaftPublished(h.visit, h.exposure, h.image_id, h.raft, self.post.rank), self.dmcs)
+
+    def _report(self, archived: Archived, replicator: int) -> None:
+        self.post.send(archived, self.dmcs)
+
+    def _serve(self, req: CcdRequest, worker: int) -> None:
+        raft = req.detector.split("_")[0]
+        image = self.rafts.get((req.image_id, raft))
+        try:
+            if image is None:
+                key = ImageKey(req.image_id, raft, "crosstalk_corrected")
+                image = decode_image(self.raw_cache.get(key), key)
+            pixels = np.ascontiguousarray(image.ccds[req.detector])
+            header = tuple(image.headers[req.detector].items())
+        except (LookupError, CDSError, OSError) as exc:
+            reply = CcdData(req.image_id, req.detector, (), "", 0, (), f"{self.name} cannot serve it: {exc}")
+            self.post.send(reply, worker)
+            return
+        reply = CcdData(req.image_id, req.detector, pixels.shape, _sha(pixels), pixels.nbytes, header)
+        self.post.send(reply, worker, pixels)
+
+    def _transfer(self, key: ImageKey, source: str, dest: str, checksum: str | None, nbytes: int, ok: bool,
+                  error: str | None = None) -> None:  # fmt: skip
+        self.post.send(ImageTransfer(key.image_id, key.raft, key.kind, source, dest, checksum, nbytes, ok, error,
+                                     time.time()), self.dmcs)  # fmt: skip

@@ -1,0 +1,560 @@
+"""Rank 0 of the night: the Base and Archive DMCS scheduling jobs on the night's ranks (LDM-230 §2.1–2.7).
+
+The OCS side plays the night's script into the Base DMCS of :mod:`lsstpipe.control` (init, configure,
+enable, each visit's events, the end-of-night release); the entities it enables turn events into jobs
+through :class:`NightCluster`, and this module runs them on MPI ranks:
+
+- ``startIntegration`` → one replicator job per raft and one for the wavefront sensors, on the
+  fully-operational pairs (at most two jobs per pair), then on the local-only pool;
+- ``nextVisit`` → one worker job per CCD and wavefront sensor on the next worker string, dispatched as
+  workers free up (a worker prefetches while the snaps integrate);
+- the Archive DMCS side answers workers' "which distributor holds this raft";
+- every transfer is recorded in the control database; the manifest says where every image is.
+
+Failure handling: a worker without heartbeats for ``heartbeat_timeout_s`` is dead and its job runs again
+on a spare at a lower priority, reading the Archive's raw image cache; an application failure is
+recorded and not rescheduled; a late job is queued for reprocessing after the night's last visit; a
+replicator whose link is down or slow moves to the local-only pool and comes back after a random interval
+once its heartbeats are answered again; images not archived in real time are moved by the Catch-Up
+Archiver's pairs (from the outage buffer, else the CDS buffer), oldest first.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lsstpipe.control.cluster import SimulatedCluster
+from lsstpipe.control.config import Pool
+from lsstpipe.control.states import EntityName
+from lsstpipe.runtime.layout import NightLayout, Role
+from lsstpipe.runtime.manifest import CcdRecord, Manifest
+from lsstpipe.runtime.messages import (
+    Archived,
+    FaultOrder,
+    Heartbeat,
+    ImageTransfer,
+    JobAssignment,
+    JobKind,
+    JobResult,
+    LinkStatus,
+    LocateRaft,
+    RaftLocation,
+    RaftPublished,
+    ReadoutStarted,
+    Stop,
+    TelemetryReport,
+)
+from lsstpipe.runtime.plan import EventKind, NightPlan, PlannedEvent, Visit
+from lsstpipe.runtime.postman import Envelope, PeerLost, Postman
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NightCluster", "NightDMCS", "SchedulerSettings"]
+
+
+class NightCluster(SimulatedCluster):
+    """The cluster the control plane sees: the night's layout; submitted batches go to the scheduler."""
+
+    def __init__(self, layout: NightLayout) -> None:
+        pools = {Pool.FULLY_OPERATIONAL: sum(p.pool is Pool.FULLY_OPERATIONAL for p in layout.pairs),
+                 Pool.LOCAL_ONLY: sum(p.pool is Pool.LOCAL_ONLY for p in layout.pairs),
+                 Pool.CATCHUP: len(layout.catchup_pairs)}  # fmt: skip
+        workers = len(layout.ranks_of(Role.WORKER)) + len(layout.spare_workers)
+        super().__init__(pools, workers=workers, job_seconds=0.0)
+        self.events: queue.Queue = queue.Queue()
+
+    def submit(self, entity: EntityName, label: str, n_jobs: int, event: Any = None):  # type: ignore[override]
+        batch = super().submit(entity, label, n_jobs)
+        if event is not None:
+            self.events.put((entity, event))
+        return batch
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    ccd_timeout_s: float = 120.0
+    """A CCD job not done this long after it started is late (killed, queued for later reprocessing)."""
+    heartbeat_timeout_s: float = 10.0
+    """A worker silent this long while it holds a job is dead."""
+    queue_limit: int = 1000
+    """Most unexecuted CCD jobs kept; beyond, the oldest are dropped (recorded as skipped)."""
+    sample_every: int = 1
+    """Process every n-th visit (1: all); the others are archived but not processed (skipped, sampled)."""
+    link_back_s: tuple[float, float] = (1.0, 3.0)
+    """A pair whose link came back returns to the fully-operational pool after a random wait in this range."""
+    catchup_after_s: float = 2.0
+    """An image not archived this long after its replicator job ended goes to the Catch-Up Archiver."""
+    reprocess: bool = True
+    """Run late and data-unavailable CCD jobs again after the last visit (catch-up processing)."""
+    raft_job_timeout_s: float = 60.0
+    """A replicator job without a result this long is given up (its images go to the Catch-Up Archiver)."""
+    catchup_timeout_s: float = 120.0
+    """End of night: how long the Catch-Up Archiver may take to bring the last images."""
+    seed: int = 0
+
+
+@dataclass
+class _Ccd:
+    job_id: int
+    visit: Visit
+    detector: str
+    det_id: int
+    string: int
+    record: CcdRecord
+    priority: int = 0
+    attempt: int = 1
+    rank: int | None = None
+    started: float = 0.0
+    from_raw_cache: bool = False
+    queued_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Pair:
+    index: int
+    replicator: int
+    distributor: int
+    pool: Pool
+    catchup: bool = False
+    jobs: int = 0
+    back_at: float | None = None
+    dead: bool = False
+
+
+class NightDMCS:
+    """The night's scheduler on rank 0 (module docstring)."""
+
+    def __init__(self, postman: Postman, layout: NightLayout, plan: NightPlan, manifest: Manifest,
+                 settings: SchedulerSettings, faults: tuple = (), recorder: Any = None,
+                 publish: Any = None) -> None:  # fmt: skip
+        self.post, self.layout, self.plan, self.manifest, self.settings = postman, layout, plan, manifest, settings
+        self.faults = faults
+        self.recorder = recorder
+        self.publish = publish  # (entity, name, value) → the OCS telemetry of the Base DMCS
+        self.rng = random.Random(settings.seed)
+        self.pairs = [_Pair(p.index, p.replicator, p.distributor, p.pool) for p in layout.pairs]
+        self.catchup_pairs = [_Pair(p.index, p.replicator, p.distributor, Pool.CATCHUP, catchup=True)
+                              for p in layout.catchup_pairs]  # fmt: skip
+        self.strings = [list(s) for s in layout.strings]
+        self.spares = list(layout.spare_workers)
+        self.busy: dict[int, _Ccd] = {}
+        self.last_seen: dict[int, float] = {}
+        self.dead: set[int] = set()
+        self.queue: list[_Ccd] = []
+        self.reprocess: list[_Ccd] = []
+        self.jobs: dict[int, Any] = {}
+        self.raft_jobs: dict[int, tuple[_Pair, str, tuple[str, ...], int, float | None]] = {}
+        self.locations: dict[tuple[str, str], int] = {}
+        self.waiting: dict[tuple[str, str], list[int]] = {}
+        self.readout_started: set[str] = set()
+        # replicators whose distributor is this rank: their heartbeats are the distributor's, not the DMCS's
+        self._local_partners = {p.replicator for p in self.pairs + self.catchup_pairs
+                                if p.distributor == postman.rank}  # fmt: skip
+        self.raft_started: dict[int, float] = {}
+        self._next_id = 1
+        self._next_string = 0
+        self.killed_visits: set[int] = set()
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def _id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _send(self, payload, dest: int) -> bool:
+        if dest in self.dead:
+            return False
+        try:
+            self.post.send(payload, dest)
+            return True
+        except PeerLost:
+            self._declare_dead(dest, "MPI reports it failed")
+            return False
+
+    # ---- events from the control plane --------------------------------------------------------------------
+    def on_event(self, entity: EntityName, event: PlannedEvent) -> None:
+        visit = event.visit
+        if entity is EntityName.ALERT_PRODUCTION_CLUSTER and event.kind is EventKind.NEXT_VISIT:
+            self._next_visit(visit)
+        elif entity is EntityName.ARCHIVER and event.kind is EventKind.START_INTEGRATION:
+            self._start_integration(visit, event.exposure)
+
+    def start_readout(self, visit: Visit, exposure: int) -> None:
+        image_id = visit.snaps[exposure].image_id
+        self.readout_started.add(image_id)
+        replicators = {pair.replicator for pair, _, images, _, _ in self.raft_jobs.values()
+                       if image_id in images and not pair.dead}  # fmt: skip
+        for replicator in sorted(replicators):
+            self._send(ReadoutStarted(visit.visit, exposure, image_id), replicator)
+
+    def end_readout(self, visit: Visit, exposure: int) -> None:
+        """The camera writes the exposure's raft images into the CDS buffer (copied from the repository)."""
+        snap = visit.snaps[exposure]
+        src = self.plan.repo / "cds" / snap.day_obs / snap.image_id
+        dst = self.manifest.out / "cds" / snap.day_obs / snap.image_id
+        dst.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for raft in self.plan.rafts:
+            for kind in ("crosstalk_corrected", "raw"):
+                for suffix in (".h5.sha256", ".h5"):  # the file last: readers wait for it
+                    name = f"{raft}_{kind}{suffix}"
+                    if (src / name).is_file():
+                        shutil.copyfile(src / name, dst / f".{name}.tmp")
+                        (dst / f".{name}.tmp").rename(dst / name)
+                self.manifest.image(visit, snap.image_id, raft, kind).readout_end = now
+        if exposure == len(visit.snaps) - 1:
+            for rec in self.manifest.ccds_of(visit.visit):
+                if rec.status != "processed":  # a CCD carried over from an earlier run keeps its record
+                    rec.readout_end = now
+
+    def _next_visit(self, visit: Visit) -> None:
+        sampled = (visit.number - 1) % self.settings.sample_every == 0
+        string = self._next_string
+        self._next_string = (self._next_string + 1) % len(self.strings)
+        for det_name in self.plan.detectors:
+            rec = self.manifest.ccd(visit, det_name)
+            if rec.status == "processed":
+                continue  # done in an earlier run of this night (idempotent restart)
+            if not sampled:
+                rec.set("skipped", f"visit not sampled (every {self.settings.sample_every}th visit is processed)")
+                continue
+            det = self.plan.camera[det_name]
+            self.queue.append(_Ccd(self._id(), visit, det_name, det.id, string, rec))
+        over = len(self.queue) - self.settings.queue_limit
+        if over > 0:
+            self.queue.sort(key=lambda j: (j.queued_at, j.job_id))
+            for job in self.queue[:over]:
+                job.record.set("skipped", f"dropped: more than {self.settings.queue_limit} jobs waited "
+                                          "(the oldest unexecuted jobs go first)")  # fmt: skip
+            del self.queue[:over]
+        for fault in self.faults:
+            if fault.kind == "kill-worker" and fault.covers(visit.number):
+                self._arm_kill(visit, string)
+
+    def requeue_visit(self, visit: Visit) -> None:
+        """Queue again every CCD of an announced visit that has no result (a standby DMCS taking over)."""
+        string = self._next_string
+        self._next_string = (self._next_string + 1) % len(self.strings)
+        for det_name in self.plan.detectors:
+            rec = self.manifest.ccd(visit, det_name)
+            if rec.status != "processed":
+                rec.reason = "requeued by the standby DMCS after a DMCS crash"
+                self.queue.append(_Ccd(self._id(), visit, det_name, self.plan.camera[det_name].id, string, rec))
+
+    def presume_busy_until_heard(self) -> None:
+        """A standby does not know which worker runs what: a worker is busy until it reports a result."""
+        for worker in self._all_workers():
+            if worker != self.post.rank:
+                self.busy[worker] = _Ccd(0, self.plan.visits[0], "", 0, 0, CcdRecord("(before the crash)"))
+                self.last_seen[worker] = time.monotonic()
+
+    def _arm_kill(self, visit: Visit, string: int) -> None:
+        victims = [w for w in self.strings[string] if w not in self.dead and w != self.post.rank]
+        if not victims:
+            log.warning("kill-worker@%d: no worker of its own to kill", visit.number)
+            return
+        self._send(FaultOrder("kill-worker", True, visit.visit), victims[0])
+
+    def _start_integration(self, visit: Visit, exposure: int) -> None:
+        image_id = visit.snaps[exposure].image_id
+        for fault in self.faults:
+            if fault.kind == "kill-replicator" and fault.first == visit.number and exposure == 0:
+                victim = self._replicator_victim()
+                if victim is not None:
+                    self._send(FaultOrder("kill-replicator", True, visit.visit), victim.replicator)
+            if fault.kind in ("link-cut", "slow-link", "fill-buffer", "corrupt"):
+                on = fault.covers(visit.number)
+                for pair in self.pairs:
+                    if fault.kind != "corrupt" or (on and exposure == 0):
+                        self._send(FaultOrder(fault.kind, on, visit.visit), pair.replicator)
+        for raft in self.plan.rafts:
+            pair = self._choose_pair()
+            if pair is None:  # no pair left: the images wait in the CDS buffer for the Catch-Up Archiver
+                for kind in ("crosstalk_corrected", "raw"):
+                    self.manifest.image(visit, image_id, raft, kind).replicator_done = time.time()
+                continue
+            job = JobAssignment(self._id(), JobKind.WAVEFRONT if raft in self.plan.wavefront_rafts else
+                                JobKind.SCIENCE_RAFT, visit.visit, exposure, raft, image_ids=(image_id,),
+                                mode="science")  # fmt: skip
+            pair.jobs += 1
+            self.raft_jobs[job.job_id] = (pair, raft, (image_id,), visit.number, None)
+            self.raft_started[job.job_id] = time.monotonic()
+            self._send(job, pair.replicator)
+            if image_id in self.readout_started:  # the event came late: the readout has begun already
+                self._send(ReadoutStarted(visit.visit, exposure, image_id), pair.replicator)
+
+    def _replicator_victim(self) -> _Pair | None:
+        """The pair whose replicator an injected kill-replicator takes: one with a rank of its own whose loss
+        leaves a catch-up pair on other ranks (the hot-spare pairs, if any, take the real-time jobs)."""
+        for pair in self.pairs:
+            catchup = [c for c in self.catchup_pairs if pair.replicator not in (c.replicator, c.distributor)]
+            if pair.replicator != self.post.rank and not pair.dead and catchup:
+                return pair
+        return None
+
+    def _choose_pair(self) -> _Pair | None:
+        live = [p for p in self.pairs if not p.dead]
+        full = sorted((p for p in live if p.pool is Pool.FULLY_OPERATIONAL), key=lambda p: p.jobs)
+        if full and full[0].jobs < 2:
+            return full[0]
+        local = sorted((p for p in live if p.pool is Pool.LOCAL_ONLY), key=lambda p: p.jobs)
+        if local and (not full or local[0].jobs < full[0].jobs):
+            return local[0]
+        if full:
+            return full[0]
+        if local:
+            return local[0]
+        log.error("no live replicator/distributor pair left: the Catch-Up Archiver takes the images")
+        return None
+
+    # ---- messages -----------------------------------------------------------------------------------------
+    def handle(self, env: Envelope) -> bool:
+        p, src = env.payload, env.source
+        self.last_seen[src] = time.monotonic()
+        if isinstance(p, JobResult):
+            self._result(p, src)
+        elif isinstance(p, Heartbeat) and (
+            p.role is Role.WORKER
+            or (p.role is Role.REPLICATOR and src != self.post.rank and src not in self._local_partners)
+        ):
+            pass  # liveness only (last_seen, above)
+        elif isinstance(p, ImageTransfer):
+            if self.recorder is not None:
+                self.recorder.image_transferred(p)
+        elif isinstance(p, Archived) and not p.to_base:
+            self._archived(p)
+        elif isinstance(p, RaftPublished):
+            key = (p.image_id, p.raft)
+            self.locations[key] = p.distributor
+            for worker in self.waiting.pop(key, []):
+                self._send(RaftLocation(p.image_id, p.raft, p.distributor), worker)
+        elif isinstance(p, LocateRaft):
+            self._locate(p, src)
+        elif isinstance(p, LinkStatus):
+            self._link(p)
+        elif isinstance(p, TelemetryReport):
+            if self.publish is not None:
+                for name, value in p.values:
+                    self.publish(f"{p.detector}.{name}", value)
+        else:
+            return False
+        return True
+
+    def _locate(self, p: LocateRaft, worker: int) -> None:
+        key = (p.image_id, p.raft)
+        if key in self.locations and self.locations[key] not in self.dead:
+            self._send(RaftLocation(p.image_id, p.raft, self.locations[key]), worker)
+            return
+        image = self.manifest.find_image(p.image_id, p.raft, "crosstalk_corrected")
+        if image is not None and image.raw_cache:  # archived, but no distributor known (e.g. after a takeover)
+            self._send(RaftLocation(p.image_id, p.raft, None, "in the Archive's raw image cache"), worker)
+            return
+        if image is not None and image.replicator_done and not image.raw_cache:
+            self._send(RaftLocation(p.image_id, p.raft, None, "not archived in real time (link down or transfer "
+                                    "failed); left to the Catch-Up Archiver"), worker)  # fmt: skip
+            return
+        if worker not in self.waiting.setdefault(key, []):
+            self.waiting[key].append(worker)
+
+    def _archived(self, a: Archived) -> None:
+        image = self.manifest.find_image(a.image_id, a.raft, a.kind)
+        if image is None:
+            return
+        if a.ok:
+            if a.kind == "raw":
+                image.tape = True
+            else:
+                image.raw_cache = True
+            image.checksum = a.checksum
+        job = self.raft_jobs.get(a.job_id)
+        target = job[0].replicator if job is not None else None
+        if target is None:
+            target = next((p.replicator for p in self.pairs + self.catchup_pairs if p.distributor == a.distributor),
+                          None)  # fmt: skip
+        if target is not None:
+            self._send(Archived(a.job_id, a.image_id, a.raft, a.kind, a.ok, a.where, a.checksum, a.distributor,
+                                a.nbytes, a.error, to_base=True), target)  # fmt: skip
+
+    def _link(self, s: LinkStatus) -> None:
+        pair = next((p for p in self.pairs if p.replicator == s.replicator), None)
+        if pair is None:
+            return
+        if not s.up and pair.pool is Pool.FULLY_OPERATIONAL:
+            log.warning("pair %d (replicator %d) → local-only pool: %s", pair.index, s.replicator, s.reason)
+            pair.pool, pair.back_at = Pool.LOCAL_ONLY, None
+        elif s.up and pair.pool is Pool.LOCAL_ONLY:
+            pair.back_at = time.monotonic() + self.rng.uniform(*self.settings.link_back_s)
+
+    def _result(self, r: JobResult, src: int) -> None:
+        if r.job_id in self.raft_jobs:
+            pair, raft, images, number, done = self.raft_jobs[r.job_id]
+            if done is not None:
+                return
+            pair.jobs = max(0, pair.jobs - 1)
+            self.raft_jobs[r.job_id] = (pair, raft, images, number, time.time())
+            catchup = pair.catchup or number == 0
+            for image_id in images:
+                for kind in ("crosstalk_corrected", "raw"):
+                    image = self.manifest.find_image(image_id, raft, kind)
+                    if image is None:
+                        continue
+                    image.replicator_done = time.time()
+                    if catchup:
+                        image.catchup_pending = False  # not archived by it: the next scan tries again
+                    else:
+                        image.outage_buffer = image.outage_buffer or r.ok
+            return
+        job = self.busy.get(src)
+        if job is not None and job.job_id == 0:  # a job from before a DMCS crash: the worker is free again
+            del self.busy[src]
+            return
+        if job is None or job.job_id != r.job_id:
+            return  # a result of a job already given up on (rescheduled elsewhere): dropped, not counted twice
+        del self.busy[src]
+        rec = job.record
+        rec.rank, rec.attempt, rec.seconds = src, job.attempt, r.elapsed_s
+        if r.ok:
+            rec.set("processed", rec.reason if job.attempt > 1 else "", diasources=r.count("diasources"),
+                    alerts=r.count("alerts"))  # fmt: skip
+            last = r.count("last_alert_ms")
+            rec.last_alert_time = last / 1000.0 if last else None
+            rec.catchup = job.from_raw_cache
+        elif r.retriable and r.error_type == "JobLate":
+            rec.set("late", r.message or "late")
+            if self.settings.reprocess:
+                self.reprocess.append(job)
+        elif r.retriable:
+            rec.set("failed", f"{r.error_type}: {r.message}")
+            if self.settings.reprocess:
+                self.reprocess.append(job)
+        else:
+            rec.set("failed", f"{r.error_type}: {r.message}")
+
+    # ---- dispatch, liveness -------------------------------------------------------------------------------
+    def dispatch(self) -> None:
+        if not self.queue:
+            return
+        self.queue.sort(key=lambda j: (j.priority, j.queued_at, j.job_id))
+        for job in list(self.queue):
+            free = [w for w in self._all_workers() if w not in self.busy and w not in self.dead]
+            string = [w for w in self.strings[job.string] if w in free]
+            spares = [w for w in self.spares if w in free]
+            # a first try runs on its string (a spare if the string is short); a rescheduled job on a spare
+            # at a lower priority, else on any free worker
+            string_dead = all(w in self.dead for w in self.strings[job.string])
+            pool = (spares or string or free) if job.priority > 0 or string_dead else (string or spares)
+            if not pool:
+                continue
+            worker = pool[0]
+            deadline = time.time() + self.settings.ccd_timeout_s
+            assignment = JobAssignment(job.job_id, JobKind.CCD, job.visit.visit, detector=job.det_id,
+                                       deadline=deadline, priority=job.priority, attempt=job.attempt,
+                                       image_ids=tuple(s.image_id for s in job.visit.snaps),
+                                       from_raw_cache=job.from_raw_cache)  # fmt: skip
+            if self._send(assignment, worker):
+                job.rank, job.started = worker, time.time()
+                job.record.status = "running"
+                self.busy[worker] = job
+                self.last_seen[worker] = time.monotonic()
+                self.queue.remove(job)
+
+    def _all_workers(self) -> list[int]:
+        return [w for s in self.strings for w in s] + list(self.spares)
+
+    def check_liveness(self) -> None:
+        now = time.monotonic()
+        for worker, job in list(self.busy.items()):
+            if job.job_id == 0:  # presumed busy by a standby: idle workers send no heartbeat, so it frees them
+                if now - self.last_seen.get(worker, now) > 2.0:
+                    del self.busy[worker]
+                continue
+            if now - self.last_seen.get(worker, now) > self.settings.heartbeat_timeout_s:
+                self._declare_dead(worker, f"no heartbeat for {self.settings.heartbeat_timeout_s:g} s")
+            elif time.time() - job.started > self.settings.ccd_timeout_s * 1.5:
+                # alive but not giving up on its own: take the job back; its late result will be dropped
+                del self.busy[worker]
+                job.record.set("late", f"no result {self.settings.ccd_timeout_s * 1.5:g} s after it started; "
+                                       "queued for later reprocessing")  # fmt: skip
+                if self.settings.reprocess:
+                    self.reprocess.append(job)
+        for pair in self.pairs + self.catchup_pairs:
+            rep = pair.replicator
+            if rep != self.post.rank and rep not in self.dead and rep in self.last_seen and \
+                    now - self.last_seen[rep] > self.settings.heartbeat_timeout_s:  # fmt: skip
+                self._declare_dead(rep, f"no heartbeat for {self.settings.heartbeat_timeout_s:g} s")
+        stale = self.settings.raft_job_timeout_s
+        for job_id, (pair, raft, images, _number, done) in list(self.raft_jobs.items()):
+            if done is None and now - self.raft_started.get(job_id, now) > stale:
+                log.error("replicator job %d (%s %s) gave no result in %g s: left to the Catch-Up Archiver",
+                          job_id, images[0], raft, stale)  # fmt: skip
+                self._result(JobResult.failure(job_id, pair.replicator, TimeoutError("no result")), pair.replicator)
+        for pair in self.pairs:
+            if pair.back_at is not None and now >= pair.back_at:
+                log.info("pair %d back in the fully-operational pool", pair.index)
+                pair.pool, pair.back_at = Pool.FULLY_OPERATIONAL, None
+
+    def _declare_dead(self, rank: int, why: str) -> None:
+        if rank in self.dead:
+            return
+        log.error("rank %d is dead (%s)", rank, why)
+        self.dead.add(rank)
+        self.post.dead.add(rank)
+        job = self.busy.pop(rank, None)
+        if job is not None:
+            job.attempt += 1
+            job.priority += 1
+            job.from_raw_cache = True
+            job.queued_at = time.time()
+            job.record.reason = f"rank {rank} died ({why}); rescheduled on a spare from the raw image cache"
+            job.record.rescheduled_at = time.time()
+            self.queue.append(job)
+        for pair in self.pairs + self.catchup_pairs:
+            if rank in (pair.replicator, pair.distributor):
+                pair.dead = True
+        for job_id, (pair, _, _, _, done) in list(self.raft_jobs.items()):
+            if pair.dead and done is None:  # its images go to the Catch-Up Archiver (from the CDS buffer)
+                self._result(JobResult.failure(job_id, pair.replicator, RuntimeError(f"rank {rank} died")),
+                             pair.replicator)  # fmt: skip
+
+    # ---- catch-up -----------------------------------------------------------------------------------------
+    def catchup_jobs(self, final: bool = False) -> int:
+        """Send unarchived images to the catch-up pairs, oldest first; returns how many jobs were sent."""
+        now = time.time()
+        todo = [im for im in self.manifest.images() if not im.archived and im.readout_end is not None
+                and not im.catchup_pending and (final or (im.replicator_done and
+                                                          now - im.replicator_done > self.settings.catchup_after_s))]  # fmt: skip
+        todo.sort(key=lambda im: (im.readout_end, im.image_id, im.raft, im.kind))
+        pairs = [p for p in self.catchup_pairs if not p.dead and p.replicator not in self.dead]
+        if not pairs:
+            return 0
+        for k, im in enumerate(todo):
+            pair = pairs[k % len(pairs)]
+            job = JobAssignment(self._id(), JobKind.CATCHUP, im.visit, raft=im.raft, image_ids=(im.image_id,),
+                                mode=f"catchup:{im.kind}")  # fmt: skip
+            self.raft_jobs[job.job_id] = (pair, im.raft, (im.image_id,), 0, None)
+            im.catchup_pending = True
+            im.catchup = True
+            self._send(job, pair.replicator)
+        return len(todo)
+
+    def start_reprocessing(self) -> int:
+        jobs, self.reprocess = self.reprocess, []
+        for job in jobs:
+            job.job_id, job.attempt, job.priority = self._id(), job.attempt + 1, job.priority + 1
+            job.from_raw_cache, job.queued_at = True, time.time()
+            job.record.status = "queued"
+            self.queue.append(job)
+        return len(jobs)
+
+    def idle(self) -> bool:
+        return not self.queue and not self.busy
+
+    def stop_all(self, reason: str) -> None:
+        for rank in range(1, self.layout.size):
+            if rank not in self.dead:
+                self._send(Stop(reason, skip_finalize=bool(self.dead)), rank)

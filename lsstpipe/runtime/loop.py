@@ -1,0 +1,134 @@
+"""The rank loops of the night: rank 0 plays the OCS, the camera and the DMCS; the others serve their roles.
+
+A rank hosts one handler per role it plays (a replicator, a distributor, a worker, and on rank 0 the
+DMCS); each message goes to the first handler that takes it. Rank 0 never blocks on a job: replicator
+work on it is a file read and a local hand-over, and workers always have ranks of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lsstpipe.runtime.archiving import ArchiveSettings, Distributor, Replicator, StoragePaths
+from lsstpipe.runtime.layout import Role
+from lsstpipe.runtime.messages import Stop
+from lsstpipe.runtime.postman import Postman
+
+log = logging.getLogger("lsstpipe.night")
+
+
+@dataclass
+class Level1Handles:
+    """The open APDB and alert writer of a worker rank."""
+
+    apdb: Any
+    alerts: Any
+    ss_coefficients: Any = None
+
+
+def _handlers(post: Postman, layout, config: dict, repo, out: Path, level1: Level1Handles | None) -> list:
+    from lsstpipe.runtime.worker import Worker, WorkerSettings
+
+    rank = post.rank
+    paths = StoragePaths(out)
+    archive = ArchiveSettings(**config["archive"])
+    handlers: list = []
+    pairs = list(layout.pairs) + list(layout.catchup_pairs)
+    rep = next((p for p in pairs if p.replicator == rank), None)
+    if rep is not None:
+        handlers.append(Replicator(post, rep.distributor, paths, archive))
+    if any(p.distributor == rank for p in pairs):
+        handlers.append(Distributor(post, paths, archive))
+    roles = layout.roles_of(rank)
+    if (Role.WORKER in roles or Role.SPARE in roles) and rank != 0:
+        handlers.append(Worker(post, repo, out, WorkerSettings(**config["worker"]), level1=level1))
+    return handlers
+
+
+def _level1(out: Path, config: dict, plan) -> Level1Handles | None:
+    if not config["worker"].get("level1", True):
+        return None
+    from lsstpipe.alerts import AlertWriter
+    from lsstpipe.db.apdb import Level1Database
+
+    apdb = Level1Database(out / "apdb-config.yaml")
+    coefficients = None
+    ss = apdb.ss_objects()
+    if ss is not None and len(ss):
+        from lsstpipe.pipelines.mops_orbits import nightly_coefficients
+
+        mjds = [s.mjd for v in plan.visits for s in v.snaps]
+        coefficients = nightly_coefficients(ss, min(mjds) - 0.01, max(mjds) + 0.01)
+    return Level1Handles(apdb, AlertWriter(out / "alerts", batch_size=int(config["alerts"]["batch_size"])),
+                         coefficients)  # fmt: skip
+
+
+def run_rank(comm, args: argparse.Namespace, config: dict, repo, plan, layout, faults) -> int:
+    out = Path(args.out)
+    if not (repo.root / "calib.sqlite3").is_file():  # masters missing: the Calibration Products Production first
+        from lsstpipe.calib.cpp import CppRequest, run_cpp
+
+        if comm.Get_rank() == 0:
+            print(f"night: {repo.root} has no certified calibrations; running the Calibration Products "
+                  "Production first", flush=True)  # fmt: skip
+        run_cpp(CppRequest(str(repo.root)), comm)
+    if comm.Get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _prepare_out(out, repo, config)
+    comm.Barrier()
+    post = Postman(comm)
+    level1 = _level1(out, config, plan) if any(r in layout.roles_of(post.rank) for r in (Role.WORKER, Role.SPARE)) \
+        and post.rank != 0 else None  # fmt: skip
+    handlers = _handlers(post, layout, config, repo, out, level1)
+    if post.rank == 0:
+        from lsstpipe.runtime.conductor import conduct
+
+        rc = conduct(post, args, config, repo, plan, layout, faults, handlers)
+        if post.dead:  # MPICH's MPI_Finalize would wait for the dead rank forever
+            _exit_now(rc)
+        return rc
+    stop = None
+    try:
+        while True:
+            env = post.poll()
+            if env is None:
+                for h in handlers:
+                    if hasattr(h, "tick"):
+                        h.tick()
+                time.sleep(0.0005)
+                continue
+            if isinstance(env.payload, Stop):
+                stop = env.payload
+                break
+            if not any(h.handle(env) for h in handlers):
+                log.warning("rank %d: nothing here takes %r", post.rank, env)
+    finally:
+        if level1 is not None:
+            level1.alerts.close()
+    if stop is not None and stop.skip_finalize:
+        _exit_now(0)
+    return 0
+
+
+def _exit_now(rc: int) -> None:
+    """Leave without MPI_Finalize (a peer is dead): flush what the process printed, then exit."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(rc)
+
+
+def _prepare_out(out: Path, repo, config: dict) -> None:
+    """The APDB and its client configuration, and the calibration products when the repository has none."""
+    from lsstpipe.db.apdb import create_apdb
+
+    if not (out / "apdb-config.yaml").is_file():
+        create_apdb(out / "apdb.sqlite3", out / "apdb-config.yaml")

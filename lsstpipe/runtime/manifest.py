@@ -1,0 +1,189 @@
+"""``OUT/manifest.json``: what the night did with every CCD and every image, machine-readable.
+
+::
+
+    {"night": {...}, "complete": true,
+     "visits": [{"visit": 2023093000001, "number": 1, "band": "i",
+                 "ccds": [{"detector": "R10_S00", "status": "processed", "reason": "", "diasources": 3,
+                           "alerts": 3, "rank": 3, "attempt": 1, "seconds": 1.2, "readout_end": …,
+                           "last_alert_time": …, "catchup": false}],
+                 "images": [{"image_id": "MC_O_…", "raft": "R10", "kind": "raw", "checksum": "…",
+                             "tape": true, "raw_cache": false, "outage_buffer": true, "catchup": false}]}]}
+
+``status`` is ``processed``, ``failed`` (with the reason), ``skipped`` (not sampled, dropped from a full
+queue) or ``late`` (past its deadline and not reprocessed). ``tape`` and ``raw_cache`` are true only once
+the stored copy at the Archive was read back and its checksum verified (:meth:`Manifest.verify_archive`):
+raw images belong on tape, crosstalk-corrected ones in the raw image cache. ``outage_buffer`` says the
+Base kept a copy in the network outage buffer until the Archive confirmed it.
+
+The manifest is rewritten atomically as the night goes on; a night started again on the same ``OUT``
+reads it and skips every CCD already processed; the others run again (the restart is idempotent: the
+APDB, the alerts and the archive take a CCD's or an image's second copy as the first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CcdRecord", "ImageRecord", "Manifest"]
+
+TERMINAL = ("processed", "failed", "skipped", "late")
+
+
+@dataclass
+class CcdRecord:
+    detector: str
+    status: str = "queued"
+    reason: str = ""
+    diasources: int = 0
+    alerts: int = 0
+    rank: int | None = None
+    attempt: int = 0
+    seconds: float | None = None
+    readout_end: float | None = None
+    """``time.time()`` at the end of the readout of the visit's last snap."""
+    last_alert_time: float | None = None
+    """``time.time()`` when the CCD's last alert was written."""
+    catchup: bool = False
+    """Processed after the night's last visit (reprocessing, catch-up processing) or from the raw cache."""
+    rescheduled_at: float | None = None
+
+    def set(self, status: str, reason: str = "", **counts: int) -> None:
+        self.status, self.reason = status, reason
+        for name, value in counts.items():
+            setattr(self, name, int(value))
+
+
+@dataclass
+class ImageRecord:
+    image_id: str
+    raft: str
+    kind: str
+    visit: int
+    checksum: str | None = None
+    tape: bool = False
+    raw_cache: bool = False
+    outage_buffer: bool = False
+    catchup: bool = False
+    readout_end: float | None = field(default=None, metadata={"internal": True})
+    replicator_done: float | None = field(default=None, metadata={"internal": True})
+    catchup_pending: bool = field(default=False, metadata={"internal": True})
+
+    @property
+    def archived(self) -> bool:
+        """At its place at the Archive: a raw image on tape, a crosstalk-corrected one in the raw cache."""
+        return self.tape if self.kind == "raw" else self.raw_cache
+
+
+class Manifest:
+    """The night's manifest under ``out`` (module docstring)."""
+
+    def __init__(self, out: Path, night: dict[str, Any] | None = None) -> None:
+        self.out = Path(out)
+        self.night = dict(night or {})
+        self.visits: dict[int, dict[str, Any]] = {}
+        self._ccds: dict[int, dict[str, CcdRecord]] = {}
+        self._images: dict[tuple[str, str, str], ImageRecord] = {}
+        self.complete = False
+        self.previous: dict[tuple[int, str], dict] = {}
+        path = self.path
+        if path.is_file():
+            old = json.loads(path.read_text())
+            for v in old.get("visits", []):
+                for c in v.get("ccds", []):
+                    self.previous[(int(v["visit"]), c["detector"])] = c
+
+    @property
+    def path(self) -> Path:
+        return self.out / "manifest.json"
+
+    def _visit(self, visit) -> dict[str, Any]:
+        if visit.visit not in self.visits:
+            self.visits[visit.visit] = {"visit": visit.visit, "number": visit.number, "band": visit.band}
+            self._ccds[visit.visit] = {}
+        return self.visits[visit.visit]
+
+    def ccd(self, visit, detector: str) -> CcdRecord:
+        """The record of ``detector`` in ``visit`` (created queued; carried over from an earlier run)."""
+        self._visit(visit)
+        recs = self._ccds[visit.visit]
+        if detector not in recs:
+            old = self.previous.get((visit.visit, detector))
+            recs[detector] = CcdRecord(**old) if old and old.get("status") == "processed" else CcdRecord(detector)
+        return recs[detector]
+
+    def ccds_of(self, visit_id: int) -> list[CcdRecord]:
+        return list(self._ccds.get(visit_id, {}).values())
+
+    def image(self, visit, image_id: str, raft: str, kind: str) -> ImageRecord:
+        self._visit(visit)
+        key = (image_id, raft, kind)
+        if key not in self._images:
+            self._images[key] = ImageRecord(image_id, raft, kind, visit.visit)
+        return self._images[key]
+
+    def find_image(self, image_id: str, raft: str, kind: str) -> ImageRecord | None:
+        return self._images.get((image_id, raft, kind))
+
+    def images(self) -> list[ImageRecord]:
+        return list(self._images.values())
+
+    def verify_archive(self) -> list[str]:
+        """Read every image back from the Archive and set ``tape``/``raw_cache`` from what verifies.
+
+        Returns the problems found (an image missing or damaged at the Archive).
+        """
+        from lsstpipe.archive.storage import ImageKey, RawImageCache
+        from lsstpipe.archive.tape import TapeLibrary
+
+        for folder in ("tape", "raw_cache"):
+            (self.out / "archive" / folder).mkdir(parents=True, exist_ok=True)
+        tape = TapeLibrary(self.out / "archive" / "tape")
+        cache = RawImageCache(self.out / "archive" / "raw_cache")
+        problems = []
+        for im in self._images.values():
+            key = ImageKey(im.image_id, im.raft, im.kind)
+            try:
+                checksum = tape.verify(key) if im.kind == "raw" else cache.verify(key)
+                ok = im.checksum is None or checksum == im.checksum
+                im.checksum = checksum
+            except Exception as exc:  # noqa: BLE001 — missing or damaged: reported, flag stays false
+                ok = False
+                problems.append(f"{key}: {exc}")
+            if im.kind == "raw":
+                im.tape = ok
+            else:
+                im.raw_cache = ok
+        return problems
+
+    def to_json(self) -> dict[str, Any]:
+        visits = []
+        for vid, v in self.visits.items():
+            ccds = [asdict(c) for c in self._ccds[vid].values()]
+            images = [{k: val for k, val in asdict(im).items()
+                       if k not in ("readout_end", "replicator_done", "catchup_pending")}
+                      for im in self._images.values() if im.visit == vid]  # fmt: skip
+            visits.append({**v, "ccds": ccds, "images": images})
+        return {"night": self.night, "complete": self.complete, "written": time.time(), "visits": visits}
+
+    def write(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / ".manifest.json.tmp"
+        tmp.write_text(json.dumps(self.to_json(), indent=1, default=str))
+        os.replace(tmp, self.path)
+        return self.path
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for recs in self._ccds.values():
+            for c in recs.values():
+                counts[c.status] = counts.get(c.status, 0) + 1
+        counts["images"] = len(self._images)
+        counts["archived"] = sum(im.archived for im in self._images.values())
+        counts["alerts"] = sum(c.alerts for recs in self._ccds.values() for c in recs.values())
+        return counts

@@ -1,0 +1,155 @@
+"""The night to play: the visits of a repository, their images, and the OCS timeline of their events.
+
+The simulated night replays a repository's science visits in time order. Each visit is announced by the
+OCS's ``nextVisit``; each of its snaps by ``startIntegration``, then ``startReadout`` after the exposure
+time; the camera writes the snap's raft images into the CDS buffer at the end of the readout. Times are
+compressed by ``time_scale`` (0.1 plays a 15 s snap in 1.5 s) and visits follow each other every
+``cadence`` seconds of the compressed clock (default: the visit's own length, snaps and readouts).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lsstpipe.camera.geometry import Camera, DetectorType, get_camera
+from lsstpipe.repo import Repository
+
+__all__ = ["EventKind", "NightPlan", "PlannedEvent", "Snap", "Visit", "plan_night"]
+
+READOUT_S = 2.0
+"""LSSTCam's readout time (seconds of the real clock)."""
+
+
+class EventKind(enum.Enum):
+    """Timeline events: the OCS's, and the camera writing an image into the CDS buffer."""
+
+    NEXT_VISIT = "nextVisit"
+    START_INTEGRATION = "startIntegration"
+    START_READOUT = "startReadout"
+    END_READOUT = "endReadout"
+    """The camera has written the exposure's raft images into the CDS buffer."""
+
+
+@dataclass(frozen=True)
+class Snap:
+    """One exposure of a visit: its OBSID, snap index, start MJD and exposure time."""
+
+    index: int
+    image_id: str
+    day_obs: str
+    mjd: float
+    exptime: float
+
+
+@dataclass(frozen=True)
+class Visit:
+    """One science visit: id, band, pointing and snaps, and its place (from 1) in the night."""
+
+    number: int
+    visit: int
+    band: str
+    ra: float
+    dec: float
+    rotpa: float
+    snaps: tuple[Snap, ...]
+
+
+@dataclass(frozen=True, order=True)
+class PlannedEvent:
+    """One event at ``t`` seconds from the start of the night (compressed clock)."""
+
+    t: float
+    order: int
+    kind: EventKind = field(compare=False)
+    visit: Visit = field(compare=False)
+    exposure: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class NightPlan:
+    """The visits of the night with the rafts to archive and the detectors to process."""
+
+    repo: Path
+    camera: Camera
+    visits: tuple[Visit, ...]
+    rafts: tuple[str, ...]
+    """Raft names in the CDS, science rafts first, then the wavefront-sensor rafts."""
+    wavefront_rafts: tuple[str, ...]
+    detectors: tuple[str, ...]
+    """Every detector a visit's workers process: science CCDs, then wavefront sensors."""
+    time_scale: float
+    cadence: float
+
+    def timeline(self) -> list[PlannedEvent]:
+        """Every event of the night, in time order (ties in the order they were planned)."""
+        events: list[PlannedEvent] = []
+        n = 0
+        for k, visit in enumerate(self.visits):
+            t = k * self.cadence
+            events.append(PlannedEvent(t, n, EventKind.NEXT_VISIT, visit))
+            n += 1
+            t += 0.05 * self.cadence  # nextVisit comes ahead of the first integration
+            for snap in visit.snaps:
+                for kind, dt in ((EventKind.START_INTEGRATION, snap.exptime), (EventKind.START_READOUT,
+                                 READOUT_S), (EventKind.END_READOUT, 0.0)):  # fmt: skip
+                    events.append(PlannedEvent(t, n, kind, visit, snap.index))
+                    n += 1
+                    t += dt * self.time_scale
+        heapq.heapify(events)
+        return [heapq.heappop(events) for _ in range(len(events))]
+
+    def visit_by_number(self, number: int) -> Visit:
+        return self.visits[number - 1]
+
+
+def plan_night(repo: str | Path | Repository, *, time_scale: float = 0.1, cadence: float | None = None,
+               max_visits: int | None = None) -> NightPlan:  # fmt: skip
+    """The plan of the night on ``repo``'s science visits (all, or the first ``max_visits``).
+
+    Raises
+    ------
+    ValueError
+        The repository has no science visits, or a visit lacks its CDS images, or the clock settings are
+        not positive — with what to do.
+    """
+    repo = repo if isinstance(repo, Repository) else Repository(repo)
+    if not time_scale > 0:
+        raise ValueError(f"time_scale must be > 0 (1 plays the night in real time), not {time_scale!r}")
+    camera = get_camera(repo.read_config()["camera"])
+    rows = sorted(repo.exposures("OBJECT"), key=lambda r: (r["mjd_obs"], r["visit"], r["snap"]))
+    by_visit: dict[int, list[dict]] = {}
+    for r in rows:
+        by_visit.setdefault(int(r["visit"]), []).append(r)
+    if not by_visit:
+        raise ValueError(f"{repo.root} has no science exposures: simulate a night first "
+                         f"(lsstpipe simulate --repo {repo.root} --calibs)")  # fmt: skip
+    visits = []
+    for number, (visit, snaps) in enumerate(by_visit.items(), start=1):
+        if max_visits is not None and number > max_visits:
+            break
+        first = snaps[0]
+        visits.append(Visit(number, visit, str(first["band"]), float(first["ra"]), float(first["dec"]),
+                            float(first["rotpa"]),
+                            tuple(Snap(int(s["snap"]), str(s["obsid"]), str(s["day_obs"]), float(s["mjd_obs"]),
+                                       float(s["exptime"])) for s in sorted(snaps, key=lambda s: s["snap"]))))  # fmt: skip
+    simulated = {r["detector"] for r in repo.raws(visits[0].snaps[0].image_id)}
+    present = [d for d in camera.detectors if d.name in simulated]  # a repository may hold some detectors only
+    science = tuple(d for d in present if d.type is DetectorType.SCIENCE)
+    wfs = tuple(d for d in present if d.type is not DetectorType.SCIENCE)
+    sci_rafts = tuple(dict.fromkeys(d.raft for d in science))
+    wfs_rafts = tuple(dict.fromkeys(d.raft for d in wfs))
+    missing = [(s.image_id, r) for v in visits for s in v.snaps for r in sci_rafts + wfs_rafts
+               if not (repo.root / "cds" / s.day_obs / s.image_id / f"{r}_raw.h5").is_file()]  # fmt: skip
+    if missing:
+        raise ValueError(f"{repo.root}: {len(missing)} raft image(s) are not in the repository's CDS buffer "
+                         f"(first: {missing[0][0]} {missing[0][1]}); simulate without --no-cds")  # fmt: skip
+    length = max(sum(s.exptime + READOUT_S for s in v.snaps) for v in visits) * time_scale
+    if cadence is None:
+        cadence = length * 1.1  # the nextVisit lead (5 %) and some slack
+    if not cadence > 0:
+        raise ValueError(f"cadence must be > 0 seconds, not {cadence!r}")
+    return NightPlan(repo.root, camera, tuple(visits), sci_rafts + wfs_rafts, wfs_rafts,
+                     tuple(d.name for d in science + wfs), time_scale, float(cadence))  # fmt: skip

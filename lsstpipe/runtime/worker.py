@@ -1,0 +1,268 @@
+"""A worker rank of the Alert Production Cluster: one CCD (or wavefront sensor) job at a time (LDM-230 §2.4).
+
+On its assignment (sent at nextVisit) a job prefetches what does not depend on the pixels — master
+calibrations, the template, the reference catalogue, the region's DIAObjects and Solar System predictions
+— then, for each snap, asks the Archive DMCS which distributor holds its raft, fetches its CCD, verifies
+its checksum, runs :func:`~lsstpipe.pipelines.ap.process_ccd` on the crosstalk-corrected pixels and the
+Level 1 stage (association, APDB, alerts), writes its outputs and sends SDQA, WCS and PSF telemetry to the
+DMCS. A rescheduled job (``from_raw_cache``) reads the Archive's raw image cache instead.
+
+A job that passes its deadline before its outputs are written is abandoned and reported late (the DMCS
+queues it for later reprocessing); any exception is caught and reported, so one bad CCD never takes the
+rank down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lsstpipe.archive.storage import ImageKey, RawImageCache, decode_image
+from lsstpipe.camera.geometry import DetectorType
+from lsstpipe.repo import Repository
+from lsstpipe.runtime.messages import (
+    CcdData,
+    CcdRequest,
+    FaultOrder,
+    Heartbeat,
+    JobAssignment,
+    JobKind,
+    JobResult,
+    LocateRaft,
+    RaftLocation,
+    Tag,
+    TelemetryReport,
+)
+from lsstpipe.runtime.postman import Envelope, Postman
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DataUnavailable", "JobLate", "Worker", "WorkerSettings"]
+
+
+class JobLate(RuntimeError):
+    """The job passed its deadline before its outputs were written; it is queued for later reprocessing."""
+
+
+class DataUnavailable(RuntimeError):
+    """The job's pixels are not at the Archive (yet): retriable once the Catch-Up Archiver brought them."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker waits for its data and where it writes."""
+
+    locate_timeout_s: float = 30.0
+    """How long to wait for the Archive DMCS to name a distributor for a raft."""
+    fetch_timeout_s: float = 30.0
+    heartbeat_s: float = 0.5
+    calibs: str = "auto"
+    level1: bool = True
+    """Associate, store in the APDB and send alerts (False: the science chain only)."""
+
+
+def _metadata(header: dict, detector: str) -> dict:
+    """ISR metadata of one snap from its CDS header (as :func:`lsstpipe.pipelines.isr.raw_metadata`)."""
+    return {"exptime": float(header["EXPTIME"]), "dark_time": float(header.get("DARKTIME", header["EXPTIME"])),
+            "band": str(header.get("FILTER", "NONE")).strip(), "obsid": str(header.get("OBSID", "")),
+            "detector": detector, "mjd": float(header.get("MJD-OBS", math.nan))}  # fmt: skip
+
+
+class Worker:
+    """Runs CCD jobs on one rank; ``level1`` holds the open APDB and alert writer of this rank."""
+
+    def __init__(self, postman: Postman, repo: Repository, out: Path, settings: WorkerSettings, dmcs: int = 0,
+                 level1: Any = None) -> None:  # fmt: skip
+        from lsstpipe.camera import get_camera
+
+        self.post, self.repo, self.out, self.settings, self.dmcs = postman, repo, out, settings, dmcs
+        self.camera = get_camera(repo.read_config()["camera"])
+        self.level1 = level1
+        self.die_in_visit: int | None = None
+        self.raw_cache = RawImageCache(out / "archive" / "raw_cache")
+        self._beating = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+
+    # ---- heartbeats while a job runs ------------------------------------------------------------------------
+    def _beat(self) -> None:
+        from lsstpipe.runtime.layout import Role
+
+        seq = 0
+        while not self._beating.wait(self.settings.heartbeat_s):
+            seq += 1
+            try:
+                self.post.comm.send(Heartbeat(self.post.rank, Role.WORKER, seq, time.time()), dest=self.dmcs,
+                                    tag=int(Tag.HEARTBEAT))  # fmt: skip
+            except Exception:  # noqa: BLE001 — a DMCS that cannot be reached: the main loop finds out
+                return
+
+    def handle(self, env: Envelope) -> bool:
+        p = env.payload
+        if isinstance(p, FaultOrder) and p.kind == "kill-worker":
+            self.die_in_visit = p.visit if p.on else None
+            return True
+        if isinstance(p, JobAssignment) and p.kind is JobKind.CCD:
+            remote = self.dmcs != self.post.rank
+            if remote:
+                self._beating.clear()
+                self._beat_thread = threading.Thread(target=self._beat, daemon=True)
+                self._beat_thread.start()
+            try:
+                result = self.run(p)
+            finally:
+                if remote:
+                    self._beating.set()
+                    self._beat_thread.join()
+            self.post.send(result, self.dmcs)
+            return True
+        return False
+
+    # ---- one job ------------------------------------------------------------------------------------------
+    def run(self, job: JobAssignment) -> JobResult:
+        t0 = time.time()
+        det = self.camera[job.detector]
+        try:
+            counts = self._run(job, det, t0)
+            return JobResult(job.job_id, self.post.rank, True, time.time() - t0, counts=counts)
+        except (JobLate, DataUnavailable) as exc:
+            return JobResult.failure(job.job_id, self.post.rank, exc, time.time() - t0, retriable=True)
+        except Exception as exc:  # noqa: BLE001 — an application failure: recorded, the rank goes on
+            log.warning("CCD job %d (%s visit %d) failed: %s", job.job_id, det.name, job.visit, exc)
+            return JobResult.failure(job.job_id, self.post.rank, exc, time.time() - t0)
+
+    def _check_deadline(self, job: JobAssignment, what: str) -> None:
+        if time.time() > job.deadline:
+            raise JobLate(f"deadline passed {time.time() - job.deadline:.1f} s ago {what}; queued for later "
+                          "reprocessing")  # fmt: skip
+
+    def _run(self, job: JobAssignment, det, t0: float) -> tuple[tuple[str, int], ...]:
+        from lsstpipe.pipelines.ap import process_ccd
+        from lsstpipe.pipelines.inputs import load_ccd_inputs
+
+        inputs = load_ccd_inputs(self.repo, job.visit, det.name, self.settings.calibs, with_raws=False)
+        prefetch = None
+        if self.level1 is not None and det.type is DetectorType.SCIENCE:
+            from lsstpipe.pipelines.level1 import prefetch_region
+
+            prefetch = prefetch_region(self.level1.apdb, inputs, self._visit_midpoint(job),
+                                       self.level1.ss_coefficients)  # fmt: skip
+            inputs = dataclasses.replace(inputs, dia_objects=prefetch.dia_objects_for_forced())
+        t_prefetch = time.time()
+        raws, metas = [], []
+        for image_id in job.image_ids:
+            header, pixels = self._fetch(job, image_id, det.name)
+            raws.append(pixels)
+            metas.append(_metadata(header, det.name))
+        t_fetch = time.time()
+        if self.die_in_visit is not None and self.die_in_visit == job.visit:
+            log.error("fault injection: worker rank %d dies in the middle of %s visit %d", self.post.rank,
+                      det.name, job.visit)  # fmt: skip
+            os._exit(137)
+        # the CDS's crosstalk-corrected images: ISR must not correct crosstalk again
+        inputs = dataclasses.replace(inputs, raw_snaps=tuple(raws), snap_metadata=tuple(metas),
+                                     calibs=dataclasses.replace(inputs.calibs, crosstalk=None))  # fmt: skip
+        del raws
+        if det.type is not DetectorType.SCIENCE:
+            inputs = dataclasses.replace(inputs, template_patches=())
+        result = process_ccd(inputs, release_inputs=True)  # raws, masters and templates freed as used
+        self._check_deadline(job, "after processing")
+        l1 = None
+        if prefetch is not None and self.level1 is not None:
+            from lsstpipe.pipelines.level1 import ccd_level1, visit_midpoint_mjd_tai
+
+            l1 = ccd_level1(inputs, result, prefetch, visit=job.visit, detector_id=det.id,
+                            midpoint_mjd_tai=visit_midpoint_mjd_tai(inputs), apdb=self.level1.apdb,
+                            alerts=self.level1.alerts)  # fmt: skip
+        self._write_outputs(job, det, result, l1, {"prefetch": t_prefetch - t0, "fetch": t_fetch - t_prefetch,
+                                                   "process": time.time() - t_fetch})  # fmt: skip
+        self._telemetry(job, det.name, result)
+        counts = {"diasources": len(result.dia_sources), "alerts": l1.alerts if l1 else 0,
+                  "forced": len(result.forced), "new_objects": l1.new_objects if l1 else 0,
+                  "ss_matched": l1.ss_matched if l1 else 0,
+                  "last_alert_ms": int(round(1000 * l1.last_alert_time)) if l1 and l1.alerts else 0,
+                  "flags": len(result.flags)}  # fmt: skip
+        return tuple(counts.items())
+
+    def _visit_midpoint(self, job: JobAssignment) -> float:
+        """The scheduled exposure midpoint of the visit (MJD), before any pixel arrives."""
+        from lsstpipe.pipelines.inputs import visit_exposures
+
+        rows = visit_exposures(self.repo, job.visit)
+        return 0.5 * (float(rows[0]["mjd_obs"]) + float(rows[-1]["mjd_obs"]) + float(rows[-1]["exptime"]) / 86400.0)
+
+    def _fetch(self, job: JobAssignment, image_id: str, detector: str) -> tuple[dict, np.ndarray]:
+        raft = detector.split("_")[0]
+        if job.from_raw_cache:
+            return self._from_cache(image_id, raft, detector)
+        env, end = None, time.monotonic() + self.settings.locate_timeout_s
+        while env is None and time.monotonic() < end:  # asked again every 2 s: a DMCS that crashed forgot it
+            self.post.send(LocateRaft(image_id, raft), self.dmcs)
+            env = self.post.wait_for(lambda e: isinstance(e.payload, RaftLocation) and e.payload.image_id == image_id
+                                     and e.payload.raft == raft, min(2.0, end - time.monotonic()))  # fmt: skip
+        if env is None or env.payload.distributor is None:
+            why = env.payload.reason if env is not None else f"no answer within {self.settings.locate_timeout_s:g} s"
+            try:  # the Catch-Up Archiver may already have brought it
+                return self._from_cache(image_id, raft, detector)
+            except DataUnavailable:
+                raise DataUnavailable(f"{image_id} raft {raft} is not at any distributor ({why})") from None
+        self.post.send(CcdRequest(image_id, detector), env.payload.distributor)
+        got = self.post.wait_for(lambda e: isinstance(e.payload, CcdData) and e.payload.image_id == image_id
+                                 and e.payload.detector == detector, self.settings.fetch_timeout_s)  # fmt: skip
+        if got is None or got.payload.error:
+            why = got.payload.error if got is not None else "no answer"
+            try:
+                return self._from_cache(image_id, raft, detector)
+            except DataUnavailable:
+                raise DataUnavailable(f"{image_id} {detector}: distributor {env.payload.distributor}: {why}") from None
+        h: CcdData = got.payload
+        if hashlib.sha256(got.data).hexdigest() != h.checksum:
+            raise DataUnavailable(f"{image_id} {detector} arrived damaged (checksum mismatch); fetch it again")
+        return dict(h.header), got.data.view(np.int32).reshape(h.shape)
+
+    def _from_cache(self, image_id: str, raft: str, detector: str) -> tuple[dict, np.ndarray]:
+        key = ImageKey(image_id, raft, "crosstalk_corrected")
+        if not self.raw_cache.has(key):
+            raise DataUnavailable(f"{key} is not in the Archive's raw image cache yet")
+        image = decode_image(self.raw_cache.get(key), key)
+        return image.headers[detector], image.ccds[detector]
+
+    def _write_outputs(self, job: JobAssignment, det, result, l1, timings: dict) -> None:
+        folder = self.out / "ccds" / str(job.visit)
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"visit": job.visit, "detector": det.name, "attempt": job.attempt, "rank": self.post.rank,
+                  "flags": list(result.flags), "sdqa": result.sdqa, "timings": {**result.timings, **timings},
+                  "diasources": int(len(result.dia_sources)), "alerts": l1.alerts if l1 else 0,
+                  "first_alert_time": l1.first_alert_time if l1 and l1.alerts else None,
+                  "last_alert_time": l1.last_alert_time if l1 and l1.alerts else None}  # fmt: skip
+        if len(result.dia_sources):
+            np.save(folder / f"{det.name}_diasources.npy", result.dia_sources)
+        tmp = folder / f".{det.name}.json.tmp"
+        tmp.write_text(json.dumps(record, default=_jsonable, indent=1))
+        os.replace(tmp, folder / f"{det.name}.json")
+
+    def _telemetry(self, job: JobAssignment, detector: str, result) -> None:
+        values = [(k, float(v)) for k, v in result.sdqa.items() if isinstance(v, int | float) and math.isfinite(v)]
+        char = result.characterization
+        wcs = getattr(char, "wcs", None) if char is not None else None
+        if wcs is not None:
+            values += [("wcs_crval1", float(wcs.wcs.crval[0])), ("wcs_crval2", float(wcs.wcs.crval[1]))]
+        self.post.send(TelemetryReport(job.visit, detector, tuple(values)), self.dmcs)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)

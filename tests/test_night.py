@@ -1,0 +1,156 @@
+"""The observing night end to end on MPI (``lsstpipe night``), clean and with each injected fault.
+
+One small ``mini`` repository (two science CCDs on two rafts and the wavefront sensor, 3 visits of 2
+snaps, calibration exposures) is simulated once; its first night also runs the Calibration Products
+Production (no certified masters yet). Every night is checked for the issue's invariants: nothing lost
+(every raw image on tape and every crosstalk-corrected one in the raw image cache, read back and verified
+at the Archive), every CCD processed exactly once or failed with its reason, exactly one alert per
+DIASource stored in the APDB, and the visits after a fault processed normally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DETECTORS = "R10_S11,R11_S11,R00_SW"
+
+
+def _env(cache: Path) -> dict:
+    return {**os.environ, "NUMBA_CACHE_DIR": str(cache), "LSSTPIPE_NUMBA_CACHE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _night(repo: Path, out: Path, ranks: int, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lsstpipe", "night", "-n", str(ranks), "--repo", str(repo), "--out", str(out),
+           *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(cache))
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    """The repository and its first (clean) night on 3 ranks, which certifies the masters first."""
+    root = tmp_path_factory.mktemp("night")
+    repo, cache = root / "repo", root / "numba"
+    sim = subprocess.run([sys.executable, "-m", "lsstpipe", "simulate", "--repo", str(repo), "--detectors",
+                          DETECTORS, "--visits", "3", "--calibs", "--quiet", "-n", "2"],
+                         capture_output=True, text=True, timeout=900, env=_env(cache))  # fmt: skip
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    out = root / "clean"
+    run = _night(repo, out, 3, cache)
+    return repo, cache, out, run
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _alert_ids(out: Path) -> Counter:
+    from lsstpipe.alerts import read_alerts
+
+    ids: Counter = Counter()
+    for path in sorted((out / "alerts").rglob("*.avro")):
+        for alert in read_alerts(path):
+            ids[alert["diaSource"]["diaSourceId"]] += 1
+    return ids
+
+
+def _stored_sources(out: Path) -> set[int]:
+    with sqlite3.connect(out / "apdb.sqlite3") as db:
+        return {row[0] for row in db.execute('SELECT "diaSourceId" FROM "DiaSource"')}
+
+
+def _check_night(out: Path, run: subprocess.CompletedProcess, n_visits: int = 3) -> dict:
+    assert run.returncode == 0, f"night failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    m = _manifest(out)
+    assert m["complete"] and len(m["visits"]) == n_visits
+    for v in m["visits"]:
+        assert len(v["ccds"]) == len(DETECTORS.split(","))
+        for c in v["ccds"]:
+            assert c["status"] in ("processed", "failed"), c
+            assert c["status"] == "processed" or c["reason"], c
+        assert len(v["images"]) == 2 * 3 * 2  # 2 snaps × 3 rafts × (raw, crosstalk-corrected)
+        for im in v["images"]:  # nothing lost, each kind at its place, read back and verified
+            assert im["tape"] if im["kind"] == "raw" else im["raw_cache"], im
+            assert len(im["checksum"]) == 64
+    alerts = _alert_ids(out)
+    assert all(n == 1 for n in alerts.values()), [k for k, n in alerts.items() if n > 1][:5]
+    assert set(alerts) == _stored_sources(out)  # one alert per stored DIASource, none for anything else
+    assert sum(c["alerts"] for v in m["visits"] for c in v["ccds"]) == len(alerts)
+    return m
+
+
+def test_clean_night_certifies_masters_archives_everything_and_alerts(night):
+    repo, _, out, run = night
+    assert "running the Calibration Products Production first" in run.stdout
+    assert (repo / "calib.sqlite3").is_file()
+    m = _check_night(out, run)
+    assert all(c["status"] == "processed" for v in m["visits"] for c in v["ccds"])
+    assert sum(c["alerts"] for v in m["visits"] for c in v["ccds"]) > 0
+    # Rubin's own APDB client reads what the night wrote
+    from lsst.dax.apdb import Apdb
+
+    assert Apdb.from_uri(str(out / "apdb-config.yaml")) is not None
+    with sqlite3.connect(out / "control.sqlite3") as db:  # every transfer recorded
+        n_ok = db.execute("SELECT count(*) FROM image_transfers WHERE ok = 1").fetchone()[0]
+    assert n_ok >= 36 * 2  # into the outage buffer and into the Archive, per image
+
+
+@pytest.mark.parametrize(
+    ("fault", "ranks"),
+    [
+        ("kill-worker@2", 5),
+        ("kill-replicator@2", 7),
+        ("link-cut@2", 4),
+        ("corrupt@2", 4),
+        ("fill-buffer@2", 4),
+        ("slow-link@2", 4),
+        ("restart-dmcs@2", 4),
+    ],
+)
+def test_night_survives_fault(night, tmp_path, fault, ranks):
+    repo, cache, _, _ = night
+    out = tmp_path / "out"
+    run = _night(repo, out, ranks, cache, "--inject", fault)
+    m = _check_night(out, run)
+    after = m["visits"][2]  # the visit after the fault: processed normally
+    assert all(c["status"] == "processed" for c in after["ccds"]), after["ccds"]
+    kind = fault.split("@")[0]
+    if kind == "kill-worker":
+        hit = [c for c in m["visits"][1]["ccds"] if c["attempt"] > 1]
+        assert hit and all(c["status"] == "processed" and "died" in c["reason"] for c in hit), m["visits"][1]
+    if kind == "link-cut":
+        # the cut visit's images went through the Catch-Up Archiver
+        assert any(im["catchup"] for im in m["visits"][1]["images"])
+        from lsstpipe.archive import OutageBuffer
+
+        assert len(OutageBuffer(out / "base" / "outage_buffer")) == 0  # every copy confirmed and released
+    if kind == "kill-replicator":  # its images were archived by the Catch-Up Archiver from the CDS buffer
+        assert "replicator rank" in run.stderr and any(im["catchup"] for v in m["visits"][1:] for im in v["images"])
+    if kind == "restart-dmcs":
+        assert "a standby takes over" in run.stdout
+    if kind == "corrupt":
+        with sqlite3.connect(out / "control.sqlite3") as db:
+            bad = db.execute("SELECT count(*) FROM image_transfers WHERE ok = 0 AND error LIKE '%damaged%'")
+            assert bad.fetchone()[0] >= 1
+
+
+def test_restart_skips_completed_work(night, tmp_path):
+    repo, cache, _, _ = night
+    out = tmp_path / "out"
+    first = _night(repo, out, 3, cache, "--max-visits", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {(v["visit"], c["detector"]): c for v in _manifest(out)["visits"] for c in v["ccds"]}
+    again = _night(repo, out, 3, cache)
+    m = _check_night(out, again)
+    for v in m["visits"][:2]:
+        for c in v["ccds"]:
+            assert c == before[(v["visit"], c["detector"])]  # carried over, not run again

@@ -1,0 +1,120 @@
+"""The night runtime's pieces without MPI: faults, the plan's timeline, the manifest, the launcher, configs."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from lsstpipe import night_cli
+from lsstpipe.runtime import faults as F
+from lsstpipe.runtime.manifest import Manifest
+from lsstpipe.runtime.messages import CcdData, ImageData, Tag, expect, tag_of
+from lsstpipe.runtime.night import NightError, load_config
+from lsstpipe.runtime.plan import EventKind, NightPlan, Snap, Visit
+
+
+def test_faults_parse_spans_and_reject_bad_values():
+    got = F.parse_faults(["kill-worker@2", "link-cut@2-3"], n_visits=4)
+    assert [(f.kind, f.first, f.last) for f in got] == [("kill-worker", 2, 2), ("link-cut", 2, 3)]
+    assert got[1].covers(3) and not got[1].covers(4) and str(got[1]) == "link-cut@2-3"
+    for bad, words in (("explode@1", "unknown fault"), ("kill-worker", "FAULT@VISIT"), ("link-cut@3-2", "forward"),
+                       ("corrupt@0", "from 1"), ("corrupt@5", "4 visit")):  # fmt: skip
+        with pytest.raises(F.FaultError, match=words):
+            F.parse_faults([bad], n_visits=4)
+
+
+def _visit(number: int, snaps: int = 2) -> Visit:
+    return Visit(number, 1000 + number, "r", 10.0, -5.0, 0.0,
+                 tuple(Snap(k, f"MC_O_20260101_{number * 10 + k:06d}", "20260101", 61000.0, 15.0)
+                       for k in range(snaps)))  # fmt: skip
+
+
+def test_timeline_orders_each_visits_events():
+    from lsstpipe.camera import get_camera
+
+    plan = NightPlan(repo=None, camera=get_camera("mini"), visits=(_visit(1), _visit(2)), rafts=("R10",),
+                     wavefront_rafts=(), detectors=("R10_S11",), time_scale=0.1, cadence=4.0)  # fmt: skip
+    events = plan.timeline()
+    assert [e.t for e in events] == sorted(e.t for e in events)
+    first = [(e.kind, e.exposure) for e in events if e.visit.number == 1]
+    assert first == [(EventKind.NEXT_VISIT, 0), (EventKind.START_INTEGRATION, 0), (EventKind.START_READOUT, 0),
+                     (EventKind.END_READOUT, 0), (EventKind.START_INTEGRATION, 1), (EventKind.START_READOUT, 1),
+                     (EventKind.END_READOUT, 1)]  # fmt: skip
+    readout = [e for e in events if e.visit.number == 1 and e.kind is EventKind.START_READOUT][0]
+    integration = [e for e in events if e.visit.number == 1 and e.kind is EventKind.START_INTEGRATION][0]
+    assert readout.t - integration.t == pytest.approx(1.5)  # 15 s at time_scale 0.1
+    assert min(e.t for e in events if e.visit.number == 2) == pytest.approx(4.0)
+
+
+def test_manifest_round_trip_and_restart_keeps_only_processed(tmp_path):
+    m = Manifest(tmp_path, {"ranks": 3})
+    v = _visit(1)
+    m.ccd(v, "R10_S11").set("processed", "", diasources=4, alerts=4)
+    m.ccd(v, "R11_S11").set("failed", "DataUnavailable: link down")
+    raw = m.image(v, v.snaps[0].image_id, "R10", "raw")
+    raw.tape = True
+    m.image(v, v.snaps[0].image_id, "R10", "crosstalk_corrected")
+    m.write()
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    ccds = {c["detector"]: c for c in data["visits"][0]["ccds"]}
+    assert ccds["R10_S11"]["status"] == "processed" and ccds["R10_S11"]["alerts"] == 4
+    assert ccds["R11_S11"]["reason"].startswith("DataUnavailable")
+    images = data["visits"][0]["images"]
+    assert {(i["kind"], i["tape"], i["raw_cache"]) for i in images} == {
+        ("raw", True, False),
+        ("crosstalk_corrected", False, False),
+    }
+    assert "replicator_done" not in images[0]
+    again = Manifest(tmp_path)
+    assert again.ccd(v, "R10_S11").status == "processed" and again.ccd(v, "R10_S11").alerts == 4
+    assert again.ccd(v, "R11_S11").status == "queued"  # a failed CCD runs again after a restart
+    assert m.summary()["archived"] == 1 and m.summary()["images"] == 2
+
+
+def test_manifest_archive_check_finds_missing_copies(tmp_path):
+    m = Manifest(tmp_path)
+    v = _visit(1, snaps=1)
+    im = m.image(v, v.snaps[0].image_id, "R10", "raw")
+    im.tape = True  # claimed, but nothing is on tape: the read-back check must clear it
+    problems = m.verify_archive()
+    assert len(problems) == 1 and not im.tape
+
+
+def test_runtime_messages_have_their_own_tags():
+    h = ImageData(1, 2, 0, "MC_O_20260101_000001", "R10", "raw", "0" * 64, 100, True, "science")
+    assert tag_of(h) is Tag.IMAGE and expect(int(Tag.IMAGE), h) is h
+    with pytest.raises(TypeError, match="carries a ImageData"):
+        expect(int(Tag.CCD_DATA), h)
+    assert tag_of(CcdData("x", "R10_S11", (16, 2, 2), "", 256)) is Tag.CCD_DATA
+
+
+def test_launcher_flags_for_each_mpi(monkeypatch):
+    monkeypatch.setattr(night_cli, "mpi_flavour", lambda exe: "mpich")
+    cmd, flavour = night_cli.launcher_command(3, ["--repo", "R", "--out", "O"], "/usr/bin/mpiexec")
+    assert flavour == "mpich" and cmd[:4] == ["/usr/bin/mpiexec", "-disable-auto-cleanup", "-n", "3"]
+    assert cmd[-4:] == ["--repo", "R", "--out", "O"]
+    monkeypatch.setattr(night_cli, "mpi_flavour", lambda exe: "openmpi")
+    cmd, _ = night_cli.launcher_command(64, [], "/opt/ompi/bin/mpiexec")
+    assert cmd[1:6] == ["--with-ft", "ulfm", "--mca", "btl", "tcp,self"] and "--oversubscribe" in cmd
+    with pytest.raises(ValueError, match="at least 2"):
+        night_cli.run(SimpleNamespace(ranks=1))
+
+
+def test_config_defaults_and_unknown_keys(tmp_path):
+    base = load_config(None)
+    assert base["clock"]["time_scale"] == 0.1 and base["scheduler"]["sample_every"] == 1
+    good = tmp_path / "fast.yaml"
+    good.write_text("clock: {time_scale: 0.05}\nmax_visits: 2\n")
+    cfg = load_config(good)
+    assert cfg["clock"]["time_scale"] == 0.05 and cfg["clock"]["cadence"] is None and cfg["max_visits"] == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clock: {speed: 2}\n")
+    with pytest.raises(NightError, match="unknown clock key"):
+        load_config(bad)
+    bad.write_text("visits: 3\n")
+    with pytest.raises(NightError, match="unknown key"):
+        load_config(bad)
+    with pytest.raises(NightError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
