@@ -288,8 +288,11 @@ def test_cutout_at_ccd_edge_keeps_size_and_centre(wcs):
     assert outside[:, : n // 2 - 3].all() and outside[n // 2 + 2 :, :].all() and not outside[n // 2, n // 2]
     assert ((c.mask[outside] & int(MaskBit.NO_DATA)) != 0).all() and (c.mask[~outside] == 0).all()
     assert np.isnan(c.variance[outside]).all()
+    # a centroid just off the edge (a source the edge cuts) gets its cutout at the nearest edge pixel
+    edge = read_cutout(make_cutout(img, -1.4, y, wcs, n, img, np.zeros(img.shape, np.int32)))
+    assert edge.image.shape == (n, n) and np.isfinite(edge.image[n // 2, n // 2])
     with pytest.raises(ValueError, match="outside"):
-        make_cutout(img, NX + 3.0, 5.0, wcs, n)
+        make_cutout(img, NX + n, 5.0, wcs, n)
     with pytest.raises(ValueError, match="odd"):
         make_cutout(img, x, y, wcs, 150)
 

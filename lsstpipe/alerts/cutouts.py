@@ -94,9 +94,11 @@ def make_cutout(
         if plane is not None and np.shape(plane) != image.shape:
             raise ValueError(f"{name} has shape {np.shape(plane)}; the image is {image.shape}")
     ny, nx = image.shape
-    if not (-0.5 <= x < nx - 0.5 and -0.5 <= y < ny - 0.5):
+    half = size // 2
+    if not (-0.5 - half <= x < nx - 0.5 + half and -0.5 - half <= y < ny - 0.5 + half):
         raise ValueError(f"source at ({x:.2f}, {y:.2f}) lies outside the {nx}×{ny} CCD")
-    pos = (float(round(x)), float(round(y)))
+    # a centroid just off the edge (a source cut by it) gets the cutout at the nearest edge pixel
+    pos = (float(min(max(round(x), 0), nx - 1)), float(min(max(round(y), 0), ny - 1)))
     cut = Cutout2D(image.astype(np.float32, copy=False), pos, (size, size), wcs=wcs, mode="partial",
                    fill_value=np.nan, copy=True)  # fmt: skip
     header = cut.wcs.to_header(relax=True)

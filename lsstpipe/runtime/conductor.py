@@ -22,6 +22,7 @@ from lsstpipe.runtime.plan import EventKind
 log = logging.getLogger("lsstpipe.night")
 
 _EVENTS = {EventKind.NEXT_VISIT: OCSEvent.NEXT_VISIT, EventKind.START_INTEGRATION: OCSEvent.START_INTEGRATION,
+           EventKind.START_EXPOSURE: OCSEvent.START_EXPOSURE,
            EventKind.START_READOUT: OCSEvent.START_READOUT}  # fmt: skip
 
 
@@ -51,13 +52,13 @@ class _Control:
         self.entities = [EntityName(e) for e in ENTITY_CONFIGS]
         self.base = self.ocs = self.dmcs = None
 
-    def boot(self, announced: int = 0) -> None:
+    def boot(self, announced: int = 0, mode: str = "science") -> None:
         """Start (or take over, from the control database, the manifest on disk and the Archive)."""
         plan, layout = self.plan, self.layout
         manifest = Manifest(self.out, {"repo": str(self.repo.root), "camera": plan.camera.name, "ranks": layout.size,
                                        "layout": layout.describe(), "faults": [str(f) for f in self.faults],
                                        "time_scale": plan.time_scale, "cadence": plan.cadence})  # fmt: skip
-        for visit in plan.visits:
+        for visit in plan.calibrations + plan.visits:
             for det in plan.detectors:
                 manifest.ccd(visit, det)
             for snap in visit.snaps:
@@ -71,10 +72,22 @@ class _Control:
         self.dmcs = NightDMCS(self.post, layout, plan, manifest, SchedulerSettings(**self.config["scheduler"]),
                               self.faults, recorder, publish)  # fmt: skip
         self.manifest = manifest
-        script(self.ocs, [(e, c, "science" if c is Command.CONFIGURE else None)
+        self.dmcs.mode = mode
+        script(self.ocs, [(e, c, self._mode_of(e, mode) if c is Command.CONFIGURE else None)
                           for c in (Command.INIT, Command.CONFIGURE, Command.ENABLE) for e in self.entities])  # fmt: skip
         if announced:
             self._recover(announced)
+
+    @staticmethod
+    def _mode_of(entity: EntityName, mode: str) -> str:
+        return "science" if entity is EntityName.CATCHUP_ARCHIVER else mode
+
+    def switch(self, mode: str) -> None:
+        """The OCS reconfigures the Archiver and the Alert Production Cluster (disable, configure, enable)."""
+        moving = [e for e in self.entities if e is not EntityName.CATCHUP_ARCHIVER]
+        script(self.ocs, [(e, c, mode if c is Command.CONFIGURE else None)
+                          for c in (Command.DISABLE, Command.CONFIGURE, Command.ENABLE) for e in moving])  # fmt: skip
+        self.dmcs.mode = mode
 
     def _recover(self, announced: int) -> None:
         """A standby's view of the visits announced before the crash: what the Archive holds, which CCDs
@@ -106,12 +119,12 @@ class _Control:
 def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
     t0 = time.monotonic()
     control = _Control(post, args, config, repo, plan, layout, faults)
-    control.boot()
+    control.boot(mode="calibration" if plan.calibrations else "science")
     progress(args.quiet, f"{plan.camera.name}: {len(plan.visits)} visits × {len(plan.detectors)} detectors on "
                          f"{layout.size} ranks ({', '.join(f'{r.name.lower()} {n}' for r, n in layout.counts().items())})",
              t0)  # fmt: skip
     crash_at = {f.first for f in faults if f.kind == "restart-dmcs"}
-    by_id = {v.visit: v for v in plan.visits}
+    by_id = {v.visit: v for v in plan.calibrations + plan.visits}
     timeline = plan.timeline()
     i, start = 0, time.monotonic()
     reported: set[int] = set()
@@ -129,6 +142,11 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
                 busy = True
                 if ev.kind is EventKind.END_READOUT:
                     dmcs.end_readout(ev.visit, ev.exposure)
+                    continue
+                if ev.kind is EventKind.SCIENCE_MODE:
+                    control.switch("science")
+                    progress(args.quiet, "calibrations taken: the Archiver and the Alert Production Cluster "
+                                         "are configured for science", t0)  # fmt: skip
                     continue
                 if ev.kind is EventKind.NEXT_VISIT and ev.visit.number in crash_at:
                     crash_at.discard(ev.visit.number)
@@ -156,13 +174,16 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
             if time.monotonic() - last_catchup > 1.0:
                 last_catchup = time.monotonic()
                 dmcs.catchup_jobs()
-            for visit in plan.visits:
+            for visit in plan.calibrations + plan.visits:
                 recs = manifest.ccds_of(visit.visit)
                 if visit.visit not in reported and recs and all(r.status in TERMINAL for r in recs):
                     reported.add(visit.visit)
+                    dmcs.reduce_visit(visit)
                     s = {st: sum(r.status == st for r in recs) for st in TERMINAL}
-                    progress(args.quiet, f"visit {visit.number}/{len(plan.visits)} ({visit.visit}): "
-                                         f"{s['processed']} processed, {s['failed']} failed, {s['late']} late, "
+                    what = (f"visit {visit.number}/{len(plan.visits)} ({visit.visit})" if visit.number > 0 else
+                            f"calibration {-visit.number}/{len(plan.calibrations)} ({visit.band} "
+                            f"{visit.snaps[0].image_id}, ISR only)")  # fmt: skip
+                    progress(args.quiet, f"{what}: {s['processed']} processed, {s['failed']} failed, {s['late']} late, "
                                          f"{s['skipped']} skipped; {sum(r.alerts for r in recs)} alerts", t0)  # fmt: skip
                     manifest.write()
             if phase == "night" and i == len(timeline) and dmcs.idle() and not _raft_jobs_open(dmcs):
@@ -176,10 +197,12 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
                 n = dmcs.start_reprocessing()
                 progress(args.quiet, f"reprocessing {n} late or data-less CCD job(s) from the raw image cache", t0)
             elif phase == "reprocess" and dmcs.idle():
-                break
+                phase, final_deadline = "wrap-up", time.monotonic() + 5.0
+            elif phase == "wrap-up" and (not dmcs.reductions_pending or time.monotonic() > final_deadline):
+                break  # the last visits' focal-plane values are in (or a string member could not answer)
             if not busy:
                 time.sleep(0.001)
-        for rec_visit in plan.visits:
+        for rec_visit in plan.calibrations + plan.visits:
             for rec in manifest.ccds_of(rec_visit.visit):
                 if rec.status not in TERMINAL:
                     rec.set("failed", rec.reason or "not processed by the end of the night")

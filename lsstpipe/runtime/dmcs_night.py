@@ -37,6 +37,7 @@ from lsstpipe.runtime.manifest import CcdRecord, Manifest
 from lsstpipe.runtime.messages import (
     Archived,
     FaultOrder,
+    FocalPlaneReduce,
     Heartbeat,
     ImageTransfer,
     JobAssignment,
@@ -82,6 +83,9 @@ class SchedulerSettings:
     """A CCD job not done this long after it started is late (killed, queued for later reprocessing)."""
     heartbeat_timeout_s: float = 10.0
     """A worker silent this long while it holds a job is dead."""
+    warmup_grace_s: float = 120.0
+    """Extra silence allowed before a worker's first result (numba compiles its kernels holding the GIL;
+    a warm on-disk cache, ``NUMBA_CACHE_DIR``, makes it short)."""
     queue_limit: int = 1000
     """Most unexecuted CCD jobs kept; beyond, the oldest are dropped (recorded as skipped)."""
     sample_every: int = 1
@@ -113,6 +117,7 @@ class _Ccd:
     started: float = 0.0
     from_raw_cache: bool = False
     queued_at: float = field(default_factory=time.time)
+    mode: str = "science"
 
 
 @dataclass
@@ -152,6 +157,12 @@ class NightDMCS:
         self.raft_jobs: dict[int, tuple[_Pair, str, tuple[str, ...], int, float | None]] = {}
         self.locations: dict[tuple[str, str], int] = {}
         self.waiting: dict[tuple[str, str], list[int]] = {}
+        self.mode = "science"
+        """The Archiver's and the Alert Production Cluster's mode (calibration before the visits)."""
+        self.visit_string: dict[int, int] = {}
+        self.warm: set[int] = set()
+        """Workers that returned a result (their kernels are compiled)."""
+        self.reductions_pending: set[int] = set()
         self.readout_started: set[str] = set()
         # replicators whose distributor is this rank: their heartbeats are the distributor's, not the DMCS's
         self._local_partners = {p.replicator for p in self.pairs + self.catchup_pairs
@@ -181,6 +192,8 @@ class NightDMCS:
         visit = event.visit
         if entity is EntityName.ALERT_PRODUCTION_CLUSTER and event.kind is EventKind.NEXT_VISIT:
             self._next_visit(visit)
+        elif entity is EntityName.ALERT_PRODUCTION_CLUSTER and event.kind is EventKind.START_EXPOSURE:
+            self._next_visit(visit, mode=self.mode)  # calibration/engineering: ISR only
         elif entity is EntityName.ARCHIVER and event.kind is EventKind.START_INTEGRATION:
             self._start_integration(visit, event.exposure)
 
@@ -212,10 +225,11 @@ class NightDMCS:
                 if rec.status != "processed":  # a CCD carried over from an earlier run keeps its record
                     rec.readout_end = now
 
-    def _next_visit(self, visit: Visit) -> None:
-        sampled = (visit.number - 1) % self.settings.sample_every == 0
+    def _next_visit(self, visit: Visit, mode: str = "science") -> None:
+        sampled = visit.number < 0 or (visit.number - 1) % self.settings.sample_every == 0
         string = self._next_string
         self._next_string = (self._next_string + 1) % len(self.strings)
+        self.visit_string[visit.visit] = string
         for det_name in self.plan.detectors:
             rec = self.manifest.ccd(visit, det_name)
             if rec.status == "processed":
@@ -224,7 +238,7 @@ class NightDMCS:
                 rec.set("skipped", f"visit not sampled (every {self.settings.sample_every}th visit is processed)")
                 continue
             det = self.plan.camera[det_name]
-            self.queue.append(_Ccd(self._id(), visit, det_name, det.id, string, rec))
+            self.queue.append(_Ccd(self._id(), visit, det_name, det.id, string, rec, mode=mode))
         over = len(self.queue) - self.settings.queue_limit
         if over > 0:
             self.queue.sort(key=lambda j: (j.queued_at, j.job_id))
@@ -235,6 +249,20 @@ class NightDMCS:
         for fault in self.faults:
             if fault.kind == "kill-worker" and fault.covers(visit.number):
                 self._arm_kill(visit, string)
+
+    def reduce_visit(self, visit: Visit) -> bool:
+        """Ask the visit's string to combine its focal-plane values (an MPI collective among its workers);
+        not when a member is dead (the collective could never complete)."""
+        string = self.visit_string.get(visit.visit)
+        if string is None or visit.number < 0:
+            return False
+        members = self.strings[string]
+        if any(w in self.dead for w in members) or self.post.rank in members:
+            return False
+        for worker in members:
+            self._send(FocalPlaneReduce(visit.visit), worker)
+        self.reductions_pending.add(visit.visit)
+        return True
 
     def requeue_visit(self, visit: Visit) -> None:
         """Queue again every CCD of an announced visit that has no result (a standby DMCS taking over)."""
@@ -280,7 +308,7 @@ class NightDMCS:
                 continue
             job = JobAssignment(self._id(), JobKind.WAVEFRONT if raft in self.plan.wavefront_rafts else
                                 JobKind.SCIENCE_RAFT, visit.visit, exposure, raft, image_ids=(image_id,),
-                                mode="science")  # fmt: skip
+                                mode=self.mode)  # fmt: skip
             pair.jobs += 1
             self.raft_jobs[job.job_id] = (pair, raft, (image_id,), visit.number, None)
             self.raft_started[job.job_id] = time.monotonic()
@@ -316,6 +344,10 @@ class NightDMCS:
     def handle(self, env: Envelope) -> bool:
         p, src = env.payload, env.source
         self.last_seen[src] = time.monotonic()
+        if src in self.dead:
+            self._revive(src)
+        if isinstance(p, JobResult):
+            self.warm.add(src)
         if isinstance(p, JobResult):
             self._result(p, src)
         elif isinstance(p, Heartbeat) and (
@@ -338,6 +370,11 @@ class NightDMCS:
         elif isinstance(p, LinkStatus):
             self._link(p)
         elif isinstance(p, TelemetryReport):
+            if p.detector == "focal_plane":
+                self.reductions_pending.discard(p.visit)
+                visit = next((v for v in self.plan.visits if v.visit == p.visit), None)
+                if visit is not None:
+                    self.manifest.focal_plane(visit, dict(p.values))
             if self.publish is not None:
                 for name, value in p.values:
                     self.publish(f"{p.detector}.{name}", value)
@@ -439,6 +476,14 @@ class NightDMCS:
     def dispatch(self) -> None:
         if not self.queue:
             return
+        free_any = [w for w in self._all_workers() if w not in self.busy and w not in self.dead]
+        if not free_any and any(w not in self.dead for w in self._all_workers()):
+            return  # every live worker is busy: nothing to hand out on this turn
+        if all(w in self.dead for w in self._all_workers()):
+            for job in self.queue:  # nothing can run them: recorded, and the night can end
+                job.record.set("failed", job.record.reason or "no live worker left to run it")
+            self.queue.clear()
+            return
         self.queue.sort(key=lambda j: (j.priority, j.queued_at, j.job_id))
         for job in list(self.queue):
             free = [w for w in self._all_workers() if w not in self.busy and w not in self.dead]
@@ -455,7 +500,7 @@ class NightDMCS:
             assignment = JobAssignment(job.job_id, JobKind.CCD, job.visit.visit, detector=job.det_id,
                                        deadline=deadline, priority=job.priority, attempt=job.attempt,
                                        image_ids=tuple(s.image_id for s in job.visit.snaps),
-                                       from_raw_cache=job.from_raw_cache)  # fmt: skip
+                                       from_raw_cache=job.from_raw_cache, mode=job.mode)  # fmt: skip
             if self._send(assignment, worker):
                 job.rank, job.started = worker, time.time()
                 job.record.status = "running"
@@ -467,14 +512,20 @@ class NightDMCS:
         return [w for s in self.strings for w in s] + list(self.spares)
 
     def check_liveness(self) -> None:
+        detector = self.post.detector  # ULFM (Open MPI 5 --with-ft ulfm): failures known within milliseconds
+        detector.poll()
+        for rank in sorted(detector.failed - self.dead):
+            self._declare_dead(rank, "ULFM: MPI reports the process failed")
         now = time.monotonic()
         for worker, job in list(self.busy.items()):
             if job.job_id == 0:  # presumed busy by a standby: idle workers send no heartbeat, so it frees them
                 if now - self.last_seen.get(worker, now) > 2.0:
                     del self.busy[worker]
                 continue
-            if now - self.last_seen.get(worker, now) > self.settings.heartbeat_timeout_s:
-                self._declare_dead(worker, f"no heartbeat for {self.settings.heartbeat_timeout_s:g} s")
+            # a worker's first job compiles numba kernels with the GIL held: its heartbeats may pause
+            limit = self.settings.heartbeat_timeout_s + (0.0 if worker in self.warm else self.settings.warmup_grace_s)
+            if now - self.last_seen.get(worker, now) > limit:
+                self._declare_dead(worker, f"no heartbeat for {limit:g} s")
             elif time.time() - job.started > self.settings.ccd_timeout_s * 1.5:
                 # alive but not giving up on its own: take the job back; its late result will be dropped
                 del self.busy[worker]
@@ -497,6 +548,16 @@ class NightDMCS:
             if pair.back_at is not None and now >= pair.back_at:
                 log.info("pair %d back in the fully-operational pool", pair.index)
                 pair.pool, pair.back_at = Pool.FULLY_OPERATIONAL, None
+
+    def _revive(self, rank: int) -> None:
+        """A rank presumed dead spoke: it was only silent (e.g. compiling with the GIL held). Its job ran
+        elsewhere already; its late result is dropped (CCD results are idempotent) and it takes jobs again."""
+        log.warning("rank %d presumed dead is alive after all; it takes jobs again", rank)
+        self.dead.discard(rank)
+        self.post.dead.discard(rank)
+        for pair in self.pairs + self.catchup_pairs:
+            if rank in (pair.replicator, pair.distributor) and not {pair.replicator, pair.distributor} & self.dead:
+                pair.dead = False
 
     def _declare_dead(self, rank: int, why: str) -> None:
         if rank in self.dead:

@@ -31,7 +31,8 @@ class Level1Handles:
     ss_coefficients: Any = None
 
 
-def _handlers(post: Postman, layout, config: dict, repo, out: Path, level1: Level1Handles | None) -> list:
+def _handlers(post: Postman, layout, config: dict, repo, out: Path, level1: Level1Handles | None,
+              string: Any = None) -> list:  # fmt: skip
     from lsstpipe.runtime.worker import Worker, WorkerSettings
 
     rank = post.rank
@@ -46,7 +47,7 @@ def _handlers(post: Postman, layout, config: dict, repo, out: Path, level1: Leve
         handlers.append(Distributor(post, paths, archive))
     roles = layout.roles_of(rank)
     if (Role.WORKER in roles or Role.SPARE in roles) and rank != 0:
-        handlers.append(Worker(post, repo, out, WorkerSettings(**config["worker"]), level1=level1))
+        handlers.append(Worker(post, repo, out, WorkerSettings(**config["worker"]), level1=level1, string=string))
     return handlers
 
 
@@ -81,10 +82,16 @@ def run_rank(comm, args: argparse.Namespace, config: dict, repo, plan, layout, f
         out.mkdir(parents=True, exist_ok=True)
         _prepare_out(out, repo, config)
     comm.Barrier()
+    from mpi4py import MPI
+
+    from lsstpipe.runtime.layout import split_roles
+
+    ctx = split_roles(comm, layout)  # roles from splitting COMM_WORLD once: the strings' communicators
+    string = ctx.string if ctx.string != MPI.COMM_NULL else None
     post = Postman(comm)
     level1 = _level1(out, config, plan) if any(r in layout.roles_of(post.rank) for r in (Role.WORKER, Role.SPARE)) \
         and post.rank != 0 else None  # fmt: skip
-    handlers = _handlers(post, layout, config, repo, out, level1)
+    handlers = _handlers(post, layout, config, repo, out, level1, string)
     if post.rank == 0:
         from lsstpipe.runtime.conductor import conduct
 

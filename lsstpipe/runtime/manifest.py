@@ -2,7 +2,7 @@
 
 ::
 
-    {"night": {...}, "complete": true,
+    {"night": {...}, "complete": true, "calibrations": [...],
      "visits": [{"visit": 2023093000001, "number": 1, "band": "i",
                  "ccds": [{"detector": "R10_S00", "status": "processed", "reason": "", "diasources": 3,
                            "alerts": 3, "rank": 3, "attempt": 1, "seconds": 1.2, "readout_end": …,
@@ -10,7 +10,8 @@
                  "images": [{"image_id": "MC_O_…", "raft": "R10", "kind": "raw", "checksum": "…",
                              "tape": true, "raw_cache": false, "outage_buffer": true, "catchup": false}]}]}
 
-``status`` is ``processed``, ``failed`` (with the reason), ``skipped`` (not sampled, dropped from a full
+``calibrations`` lists the calibration exposures taken before the visits (``seq_num``, ``imgtype``,
+``image_id``, with ``ccds`` and ``images`` as for a visit; their CCDs ran ISR only). ``status`` is ``processed``, ``failed`` (with the reason), ``skipped`` (not sampled, dropped from a full
 queue) or ``late`` (past its deadline and not reprocessed). ``tape`` and ``raw_cache`` are true only once
 the stored copy at the Archive was read back and its checksum verified (:meth:`Manifest.verify_archive`):
 raw images belong on tape, crosstalk-corrected ones in the raw image cache. ``outage_buffer`` says the
@@ -94,7 +95,7 @@ class Manifest:
         path = self.path
         if path.is_file():
             old = json.loads(path.read_text())
-            for v in old.get("visits", []):
+            for v in old.get("visits", []) + [{**c, "visit": c["seq_num"]} for c in old.get("calibrations", [])]:
                 for c in v.get("ccds", []):
                     self.previous[(int(v["visit"]), c["detector"])] = c
 
@@ -104,7 +105,11 @@ class Manifest:
 
     def _visit(self, visit) -> dict[str, Any]:
         if visit.visit not in self.visits:
-            self.visits[visit.visit] = {"visit": visit.visit, "number": visit.number, "band": visit.band}
+            if visit.number < 0:  # a calibration exposure: its sequence number, image type and image
+                self.visits[visit.visit] = {"seq_num": visit.visit, "imgtype": visit.band,
+                                            "image_id": visit.snaps[0].image_id}  # fmt: skip
+            else:
+                self.visits[visit.visit] = {"visit": visit.visit, "number": visit.number, "band": visit.band}
             self._ccds[visit.visit] = {}
         return self.visits[visit.visit]
 
@@ -116,6 +121,10 @@ class Manifest:
             old = self.previous.get((visit.visit, detector))
             recs[detector] = CcdRecord(**old) if old and old.get("status") == "processed" else CcdRecord(detector)
         return recs[detector]
+
+    def focal_plane(self, visit, values: dict[str, float]) -> None:
+        """The visit's focal-plane values (mean seeing and zero point, …) combined by its workers."""
+        self._visit(visit)["focal_plane"] = {k: float(v) for k, v in values.items()}
 
     def ccds_of(self, visit_id: int) -> list[CcdRecord]:
         return list(self._ccds.get(visit_id, {}).values())
@@ -162,14 +171,20 @@ class Manifest:
         return problems
 
     def to_json(self) -> dict[str, Any]:
-        visits = []
+        visits, calibrations = [], []
         for vid, v in self.visits.items():
             ccds = [asdict(c) for c in self._ccds[vid].values()]
             images = [{k: val for k, val in asdict(im).items()
                        if k not in ("readout_end", "replicator_done", "catchup_pending")}
                       for im in self._images.values() if im.visit == vid]  # fmt: skip
-            visits.append({**v, "ccds": ccds, "images": images})
-        return {"night": self.night, "complete": self.complete, "written": time.time(), "visits": visits}
+            (calibrations if "imgtype" in v else visits).append({**v, "ccds": ccds, "images": images})
+        return {
+            "night": self.night,
+            "complete": self.complete,
+            "written": time.time(),
+            "visits": visits,
+            "calibrations": calibrations,
+        }
 
     def write(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,9 @@ class Tag(enum.IntEnum):
     TRANSFER = 18
     """Replicator or distributor → DMCS: an :class:`~lsstpipe.db.records.ImageTransfer` to record."""
 
+    REDUCE = 19
+    """DMCS → the workers of a visit's string: :class:`FocalPlaneReduce` (combine the visit's values)."""
+
     DATA = 15
     """Raw bytes (``Send``/``Recv`` of a uint8 buffer) right after an :class:`ImageData` or :class:`CcdData`
     header from the same sender."""
@@ -349,7 +352,14 @@ class FaultOrder:
     visit: int = 0
 
 
-Payload = (LinkStatus | FaultOrder | ImageTransfer | JobAssignment | JobResult | Heartbeat | Stop | Expect | ReadoutStarted | ImageData | Archived
+@dataclass(frozen=True)
+class FocalPlaneReduce:
+    """Every CCD of ``visit`` is done: the string's workers combine their values with an MPI collective."""
+
+    visit: int
+
+
+Payload = (FocalPlaneReduce | LinkStatus | FaultOrder | ImageTransfer | JobAssignment | JobResult | Heartbeat | Stop | Expect | ReadoutStarted | ImageData | Archived
            | RaftPublished | LocateRaft | RaftLocation | CcdRequest | CcdData | TelemetryReport)  # fmt: skip
 #: The tag of each payload type.
 TAG_OF: dict[type, Tag] = {
@@ -357,6 +367,7 @@ TAG_OF: dict[type, Tag] = {
     ReadoutStarted: Tag.READOUT, ImageData: Tag.IMAGE, Archived: Tag.ARCHIVED, RaftPublished: Tag.PUBLISHED,
     LocateRaft: Tag.LOCATE, RaftLocation: Tag.LOCATION, CcdRequest: Tag.CCD_REQUEST, CcdData: Tag.CCD_DATA,
     TelemetryReport: Tag.TELEMETRY, LinkStatus: Tag.LINK, FaultOrder: Tag.FAULT, ImageTransfer: Tag.TRANSFER,
+    FocalPlaneReduce: Tag.REDUCE,
 }  # fmt: skip
 #: The payload type of each tag.
 PAYLOAD_OF: dict[Tag, type] = {tag: cls for cls, tag in TAG_OF.items()}

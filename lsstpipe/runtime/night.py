@@ -135,7 +135,8 @@ def _prepare(args: argparse.Namespace, comm) -> tuple:
                          f"'lsstpipe simulate --repo {args.repo} --calibs'")  # fmt: skip
     clock = config["clock"]
     plan = plan_night(repo, time_scale=float(clock["time_scale"]), cadence=clock.get("cadence"),
-                      max_visits=args.max_visits or config.get("max_visits"))  # fmt: skip
+                      max_visits=args.max_visits or config.get("max_visits"),
+                      calibration_exposures=int(config.get("calibration_exposures") or 0))  # fmt: skip
     faults = parse_faults(args.inject, len(plan.visits))
     if comm.Get_size() < 2:
         raise NightError("the night needs at least 2 ranks (rank 0 runs the DMCS and the archiving, the others "
@@ -170,7 +171,7 @@ def _prepare(args: argparse.Namespace, comm) -> tuple:
 
 
 def _entity_configs(out: Path, layout) -> Path:
-    """The entities' science configurations, sized to this night's layout (validated by the control plane)."""
+    """The entities' configurations (every mode), sized to this night's layout (validated by the control plane)."""
     from lsstpipe.runtime.layout import Role
 
     shipped = DEFAULT_CONFIG.parent.parent
@@ -179,10 +180,11 @@ def _entity_configs(out: Path, layout) -> Path:
              "catchup_archiver": {"catchup_pairs": len(layout.catchup_pairs)},
              "alert_production_cluster": {"workers": len(layout.ranks_of(Role.WORKER))}}  # fmt: skip
     for entity in ENTITY_CONFIGS:
-        data = yaml.safe_load((shipped / entity / "science.yaml").read_text())
-        data.update(sizes[entity], install_seconds=0.0)
-        (root / entity).mkdir(parents=True, exist_ok=True)
-        (root / entity / "science.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        for path in sorted((shipped / entity).glob("*.yaml")):
+            data = yaml.safe_load(path.read_text())
+            data.update(sizes[entity], install_seconds=0.0)
+            (root / entity).mkdir(parents=True, exist_ok=True)
+            (root / entity / path.name).write_text(yaml.safe_dump(data, sort_keys=False))
     return root
 
 

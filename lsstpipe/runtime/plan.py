@@ -31,6 +31,10 @@ class EventKind(enum.Enum):
     START_READOUT = "startReadout"
     END_READOUT = "endReadout"
     """The camera has written the exposure's raft images into the CDS buffer."""
+    START_EXPOSURE = "startExposure"
+    """A calibration exposure starts (the Alert Production Cluster in calibration mode runs ISR on it)."""
+    SCIENCE_MODE = "scienceMode"
+    """The calibrations are done: the OCS reconfigures the entities for the science visits."""
 
 
 @dataclass(frozen=True)
@@ -82,13 +86,28 @@ class NightPlan:
     """Every detector a visit's workers process: science CCDs, then wavefront sensors."""
     time_scale: float
     cadence: float
+    calibrations: tuple[Visit, ...] = ()
+    """Calibration exposures taken before the visits (one snap each; ``band`` is the image type), with
+    ``number`` from -1 down."""
 
     def timeline(self) -> list[PlannedEvent]:
-        """Every event of the night, in time order (ties in the order they were planned)."""
+        """Every event of the night, in time order (ties in the order they were planned): the calibration
+        exposures (startExposure, startIntegration, startReadout, endReadout), then the science visits."""
         events: list[PlannedEvent] = []
-        n = 0
+        n, t0 = 0, 0.0
+        for cal in self.calibrations:
+            snap = cal.snaps[0]
+            for kind, dt in ((EventKind.START_EXPOSURE, 0.0), (EventKind.START_INTEGRATION, snap.exptime),
+                             (EventKind.START_READOUT, READOUT_S), (EventKind.END_READOUT, 0.5)):  # fmt: skip
+                events.append(PlannedEvent(t0, n, kind, cal))
+                n += 1
+                t0 += dt * self.time_scale
+        if self.calibrations:
+            events.append(PlannedEvent(t0, n, EventKind.SCIENCE_MODE, self.calibrations[-1]))
+            n += 1
+            t0 += self.cadence
         for k, visit in enumerate(self.visits):
-            t = k * self.cadence
+            t = t0 + k * self.cadence
             events.append(PlannedEvent(t, n, EventKind.NEXT_VISIT, visit))
             n += 1
             t += 0.05 * self.cadence  # nextVisit comes ahead of the first integration
@@ -105,8 +124,24 @@ class NightPlan:
         return self.visits[number - 1]
 
 
+def _calibrations(repo: Repository, count: int) -> tuple[Visit, ...]:
+    """The first ``count`` calibration exposures, one of each type in turn (bias, dark, flat, …)."""
+    order = ("BIAS", "DARK", "FLAT")
+    rows = sorted((r for r in repo.exposures() if r["imgtype"] in order), key=lambda r: r["mjd_obs"])
+    queues = {t: [r for r in rows if r["imgtype"] == t] for t in order}
+    picked: list[dict] = []
+    while len(picked) < count and any(queues.values()):
+        for t in order:
+            if queues[t] and len(picked) < count:
+                picked.append(queues[t].pop(0))
+    picked.sort(key=lambda r: r["mjd_obs"])
+    return tuple(Visit(-(k + 1), int(r["seq_num"]), str(r["imgtype"]), float(r["ra"]), float(r["dec"]), 0.0,
+                       (Snap(0, str(r["obsid"]), str(r["day_obs"]), float(r["mjd_obs"]), float(r["exptime"])),))
+                 for k, r in enumerate(picked))  # fmt: skip
+
+
 def plan_night(repo: str | Path | Repository, *, time_scale: float = 0.1, cadence: float | None = None,
-               max_visits: int | None = None) -> NightPlan:  # fmt: skip
+               max_visits: int | None = None, calibration_exposures: int = 0) -> NightPlan:  # fmt: skip
     """The plan of the night on ``repo``'s science visits (all, or the first ``max_visits``).
 
     Raises
@@ -151,5 +186,11 @@ def plan_night(repo: str | Path | Repository, *, time_scale: float = 0.1, cadenc
         cadence = length * 1.1  # the nextVisit lead (5 %) and some slack
     if not cadence > 0:
         raise ValueError(f"cadence must be > 0 seconds, not {cadence!r}")
+    calibrations = _calibrations(repo, calibration_exposures)
+    missing = [(c.snaps[0].image_id, r) for c in calibrations for r in sci_rafts + wfs_rafts
+               if not (repo.root / "cds" / c.snaps[0].day_obs / c.snaps[0].image_id / f"{r}_raw.h5").is_file()]  # fmt: skip
+    if missing:
+        raise ValueError(f"{repo.root}: calibration exposure {missing[0][0]} raft {missing[0][1]} is not in the "
+                         "CDS buffer; simulate with --calibs, or set calibration_exposures: 0")  # fmt: skip
     return NightPlan(repo.root, camera, tuple(visits), sci_rafts + wfs_rafts, wfs_rafts,
-                     tuple(d.name for d in science + wfs), time_scale, float(cadence))  # fmt: skip
+                     tuple(d.name for d in science + wfs), time_scale, float(cadence), calibrations)  # fmt: skip

@@ -7,7 +7,7 @@ their header from the same sender under :attr:`~lsstpipe.runtime.messages.Tag.DA
 from one sender in order, so the receiver takes them with a ``Recv`` right after the header.
 
 Ranks that the night has given up on (dead, or cut off by an injected fault) are in :attr:`Postman.dead`:
-nothing is sent to them and nothing from them is delivered. Under ULFM a failed peer raises an MPI error
+nothing is sent to them; what still comes from one is delivered (the DMCS then knows it was alive). Under ULFM a failed peer raises an MPI error
 that :meth:`Postman.send` turns into :class:`PeerLost`.
 """
 
@@ -73,6 +73,10 @@ class Postman:
             comm.Set_errhandler(MPI.ERRORS_RETURN)
         except Exception:  # noqa: BLE001 — a communicator that cannot take one keeps the default
             pass
+        from lsstpipe.runtime.ulfm import FailureDetector
+
+        self.detector = FailureDetector(comm)
+        """ULFM's failure reports under Open MPI 5 (``--with-ft ulfm``); inert under MPICH."""
 
     # ---- sending ------------------------------------------------------------------------------------------
     def send(self, payload: Payload, dest: int, data: np.ndarray | bytes | None = None) -> None:
@@ -107,14 +111,29 @@ class Postman:
             return self._held.popleft()
         if self._local:
             return self._local.popleft()
+        return self._probe()
+
+    def _probe(self) -> Envelope | None:
         status = self.MPI.Status()
-        while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=status):
+        while self.detector.iprobe(status):  # an ANY_SOURCE probe that survives failures under ULFM
             env = self._receive(status.Get_source(), status.Get_tag())
             if env is not None:
                 return env
         return None
 
     def _receive(self, source: int, tag: int) -> Envelope | None:
+        try:
+            return self._receive_from(source, tag)
+        except self.MPI.Exception as exc:
+            from lsstpipe.runtime.ulfm import is_failure_error
+
+            if not is_failure_error(exc):
+                raise
+            self.detector.poll()
+            self.dead.add(source)  # died between a header and its bytes
+            return None
+
+    def _receive_from(self, source: int, tag: int) -> Envelope | None:
         if tag == Tag.DATA:  # bytes without a header we were waiting for: a sender that died mid-message
             status = self.MPI.Status()
             self.comm.Probe(source=source, tag=tag, status=status)
@@ -127,9 +146,7 @@ class Postman:
             data = np.empty(nbytes, np.uint8)
             self.comm.Recv([data, self.MPI.BYTE], source=source, tag=int(Tag.DATA))
             self.bytes_received += nbytes
-        if source in self.dead:
-            return None
-        return Envelope(payload, source, Tag(tag), data)
+        return Envelope(payload, source, Tag(tag), data)  # from a rank presumed dead too: it may be alive
 
     def wait_for(self, match: Callable[[Envelope], bool], timeout: float,
                  idle: Callable[[], None] | None = None) -> Envelope | None:  # fmt: skip
@@ -161,9 +178,4 @@ class Postman:
     def _next_unheld(self) -> Envelope | None:
         if self._local:
             return self._local.popleft()
-        status = self.MPI.Status()
-        while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=status):
-            env = self._receive(status.Get_source(), status.Get_tag())
-            if env is not None:
-                return env
-        return None
+        return self._probe()

@@ -35,6 +35,7 @@ from lsstpipe.runtime.messages import (
     CcdData,
     CcdRequest,
     FaultOrder,
+    FocalPlaneReduce,
     Heartbeat,
     JobAssignment,
     JobKind,
@@ -83,7 +84,7 @@ class Worker:
     """Runs CCD jobs on one rank; ``level1`` holds the open APDB and alert writer of this rank."""
 
     def __init__(self, postman: Postman, repo: Repository, out: Path, settings: WorkerSettings, dmcs: int = 0,
-                 level1: Any = None) -> None:  # fmt: skip
+                 level1: Any = None, string: Any = None) -> None:  # fmt: skip
         from lsstpipe.camera import get_camera
 
         self.post, self.repo, self.out, self.settings, self.dmcs = postman, repo, out, settings, dmcs
@@ -91,39 +92,79 @@ class Worker:
         self.level1 = level1
         self.die_in_visit: int | None = None
         self.raw_cache = RawImageCache(out / "archive" / "raw_cache")
-        self._beating = threading.Event()
-        self._beat_thread: threading.Thread | None = None
+        self.string = string
+        """The communicator of this worker's string (None: a spare, which takes part in no collective)."""
+        self.visit_sums: dict[int, np.ndarray] = {}
+        self._reductions: list[tuple[int, np.ndarray, np.ndarray, Any]] = []
+        self._active = threading.Event()
+        if self.dmcs != self.post.rank:
+            threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
 
     # ---- heartbeats while a job runs ------------------------------------------------------------------------
     def _beat(self) -> None:
+        """One heartbeat thread per rank for the whole night: beats while a job runs (:attr:`_active`)."""
         from lsstpipe.runtime.layout import Role
 
         seq = 0
-        while not self._beating.wait(self.settings.heartbeat_s):
+        while True:
+            self._active.wait()
             seq += 1
             try:
                 self.post.comm.send(Heartbeat(self.post.rank, Role.WORKER, seq, time.time()), dest=self.dmcs,
                                     tag=int(Tag.HEARTBEAT))  # fmt: skip
             except Exception:  # noqa: BLE001 — a DMCS that cannot be reached: the main loop finds out
                 return
+            time.sleep(self.settings.heartbeat_s)
+
+    # ---- focal-plane values: an MPI collective among the visit's workers -----------------------------------------
+    #: What each worker adds up over its CCDs of a visit (science CCDs with a calibration only).
+    SUMS = ("n_ccds", "seeing_arcsec", "zero_point", "background_level", "n_dia_sources", "n_psf_stars")
+
+    def _add_to_visit(self, visit: int, sdqa: dict) -> None:
+        seeing, zp = sdqa.get("seeing_arcsec"), sdqa.get("zero_point")
+        if not all(isinstance(v, float | int) and math.isfinite(v) for v in (seeing, zp)):
+            return
+        row = np.array([1.0, seeing, zp, float(sdqa.get("background_level", 0.0) or 0.0),
+                        float(sdqa.get("n_dia_sources", 0)), float(sdqa.get("n_psf_stars", 0))])  # fmt: skip
+        self.visit_sums[visit] = self.visit_sums.get(visit, np.zeros(len(self.SUMS))) + row
+
+    def _reduce(self, visit: int) -> None:
+        """Start the string's non-blocking sum of the visit's values (every member gets the same order)."""
+        local = self.visit_sums.pop(visit, np.zeros(len(self.SUMS)))
+        total = np.zeros_like(local)
+        request = self.string.Iallreduce(local, total)
+        self._reductions.append((visit, local, total, request))
+
+    def tick(self) -> None:
+        """Finish the collectives that completed; the string's first worker reports the visit's values."""
+        for item in list(self._reductions):
+            visit, _, total, request = item
+            if request.Test():
+                self._reductions.remove(item)
+                if self.string.Get_rank() == 0 and total[0] > 0:
+                    n = total[0]
+                    values = (("n_ccds", n), ("seeing_arcsec", total[1] / n), ("zero_point", total[2] / n),
+                              ("background_level", total[3] / n), ("n_dia_sources", total[4]),
+                              ("n_psf_stars", total[5]))  # fmt: skip
+                    self.post.send(TelemetryReport(visit, "focal_plane", values), self.dmcs)
 
     def handle(self, env: Envelope) -> bool:
         p = env.payload
+        if isinstance(p, FocalPlaneReduce):
+            if self.string is not None:
+                self._reduce(p.visit)
+            return True
+        if isinstance(p, RaftLocation | CcdData):
+            return True  # a late answer to a question asked again (or of a job given up): nothing to do
         if isinstance(p, FaultOrder) and p.kind == "kill-worker":
             self.die_in_visit = p.visit if p.on else None
             return True
         if isinstance(p, JobAssignment) and p.kind is JobKind.CCD:
-            remote = self.dmcs != self.post.rank
-            if remote:
-                self._beating.clear()
-                self._beat_thread = threading.Thread(target=self._beat, daemon=True)
-                self._beat_thread.start()
+            self._active.set()
             try:
                 result = self.run(p)
             finally:
-                if remote:
-                    self._beating.set()
-                    self._beat_thread.join()
+                self._active.clear()
             self.post.send(result, self.dmcs)
             return True
         return False
@@ -146,8 +187,35 @@ class Worker:
             raise JobLate(f"deadline passed {time.time() - job.deadline:.1f} s ago {what}; queued for later "
                           "reprocessing")  # fmt: skip
 
+    def _run_isr_only(self, job: JobAssignment, det, t0: float) -> tuple[tuple[str, int], ...]:
+        """Calibration and engineering modes: ISR only (overscan, assembly, gain; no masters), and the
+        statistics the summit checks calibration frames with."""
+        from lsstpipe.pipelines.isr import IsrCalibs, run_isr
+
+        header, pixels = self._fetch(job, job.image_ids[0], det.name)
+        meta = _metadata(header, det.name)
+        exposure = run_isr(pixels, det, IsrCalibs(), meta)
+        good = exposure.image[np.isfinite(exposure.image)]
+        median = float(np.median(good)) if good.size else math.nan
+        sigma = float(1.4826 * np.median(np.abs(good - median))) if good.size else math.nan
+        sdqa = {"median_e": median, "robust_sigma_e": sigma, "good_pixels": int(good.size),
+                "exptime": meta["exptime"]}  # fmt: skip
+        folder = self.out / "ccds" / str(job.visit)
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"seq_num": job.visit, "detector": det.name, "mode": job.mode, "imgtype": header.get("IMGTYPE"),
+                  "rank": self.post.rank, "sdqa": sdqa, "timings": {"total": time.time() - t0}}  # fmt: skip
+        tmp = folder / f".{det.name}.json.tmp"
+        tmp.write_text(json.dumps(record, default=_jsonable, indent=1))
+        os.replace(tmp, folder / f"{det.name}.json")
+        self.post.send(TelemetryReport(job.visit, det.name, tuple((k, float(v)) for k, v in sdqa.items())),
+                       self.dmcs)  # fmt: skip
+        return (("diasources", 0), ("alerts", 0))
+
     def _run(self, job: JobAssignment, det, t0: float) -> tuple[tuple[str, int], ...]:
         from lsstpipe.pipelines.ap import process_ccd
+
+        if job.mode in ("calibration", "engineering"):
+            return self._run_isr_only(job, det, t0)
         from lsstpipe.pipelines.inputs import load_ccd_inputs
 
         inputs = load_ccd_inputs(self.repo, job.visit, det.name, self.settings.calibs, with_raws=False)
@@ -187,6 +255,8 @@ class Worker:
         self._write_outputs(job, det, result, l1, {"prefetch": t_prefetch - t0, "fetch": t_fetch - t_prefetch,
                                                    "process": time.time() - t_fetch})  # fmt: skip
         self._telemetry(job, det.name, result)
+        if det.type is DetectorType.SCIENCE and self.string is not None and not job.from_raw_cache:
+            self._add_to_visit(job.visit, result.sdqa)
         counts = {"diasources": len(result.dia_sources), "alerts": l1.alerts if l1 else 0,
                   "forced": len(result.forced), "new_objects": l1.new_objects if l1 else 0,
                   "ss_matched": l1.ss_matched if l1 else 0,
