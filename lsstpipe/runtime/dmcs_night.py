@@ -50,6 +50,7 @@ from lsstpipe.runtime.messages import (
     ReadoutStarted,
     Stop,
     TelemetryReport,
+    tag_of,
 )
 from lsstpipe.runtime.plan import EventKind, NightPlan, PlannedEvent, Visit
 from lsstpipe.runtime.postman import Envelope, PeerLost, Postman
@@ -616,6 +617,12 @@ class NightDMCS:
         return not self.queue and not self.busy
 
     def stop_all(self, reason: str) -> None:
+        stop = Stop(reason, skip_finalize=bool(self.dead))
         for rank in range(1, self.layout.size):
             if rank not in self.dead:
-                self._send(Stop(reason, skip_finalize=bool(self.dead)), rank)
+                self._send(stop, rank)
+            elif rank not in self.post.detector.failed:
+                try:  # presumed dead but maybe only silent: it must not wait for work forever
+                    self.post.comm.send(stop, dest=rank, tag=int(tag_of(stop)))
+                except Exception:  # noqa: BLE001 — really gone
+                    pass

@@ -234,8 +234,8 @@ class Worker:
             metas.append(_metadata(header, det.name))
         t_fetch = time.time()
         if self.die_in_visit is not None and self.die_in_visit == job.visit:
-            log.error("fault injection: worker rank %d dies in the middle of %s visit %d", self.post.rank,
-                      det.name, job.visit)  # fmt: skip
+            log.error("fault injection: worker rank %d dies in the middle of %s visit %d at t=%.3f", self.post.rank,
+                      det.name, job.visit, time.time())  # fmt: skip
             os._exit(137)
         # the CDS's crosstalk-corrected images: ISR must not correct crosstalk again
         inputs = dataclasses.replace(inputs, raw_snaps=tuple(raws), snap_metadata=tuple(metas),
