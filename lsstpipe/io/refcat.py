@@ -52,19 +52,35 @@ def read_refcat(path: str | os.PathLike, ra: float, dec: float, radius_deg: floa
         raise ValueError(f"cone must have finite ra, |dec| ≤ 90 and 0 < radius ≤ 90 deg; got {ra}, {dec}, {radius_deg}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no reference catalogue; simulate a repository or give the right path")
-    with path.open() as fh:
-        names = [c.strip() for c in fh.readline().strip().split(",")]
-    if "ra" not in names or "dec" not in names:
-        raise ValueError(f"{path}: the reference catalogue needs 'ra' and 'dec' columns; it has {names}")
+    names, data = _parsed(path)
     dtype = np.dtype([(n, "i8" if n == "id" else "f8") for n in names])
-    try:  # one pass, all as float64: the ids (< 2**53) stay exact
-        data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
-    except ValueError as exc:
-        raise ValueError(f"{path}: cannot parse the reference catalogue ({exc})") from exc
-    if data.size and data.shape[1] != len(names):
-        raise ValueError(f"{path}: rows have {data.shape[1]} values but the header names {len(names)} columns")
     keep = cone(data[:, names.index("ra")], data[:, names.index("dec")], ra, dec, radius_deg)
     out = np.zeros(int(np.count_nonzero(keep)), dtype)
     for i, n in enumerate(names):
         out[n] = data[keep, i]
     return out
+
+
+_CACHE: dict[tuple[str, int, int], tuple[list[str], np.ndarray]] = {}
+
+
+def _parsed(path: Path) -> tuple[list[str], np.ndarray]:
+    """The whole file parsed once per process (a worker reads cones of it for every CCD of the night);
+    keyed by path, size and modification time, so a rewritten file is read again."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CACHE:
+        with path.open() as fh:
+            names = [c.strip() for c in fh.readline().strip().split(",")]
+        if "ra" not in names or "dec" not in names:
+            raise ValueError(f"{path}: the reference catalogue needs 'ra' and 'dec' columns; it has {names}")
+        try:  # one pass, all as float64: the ids (< 2**53) stay exact
+            data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+        except ValueError as exc:
+            raise ValueError(f"{path}: cannot parse the reference catalogue ({exc})") from exc
+        if data.size and data.shape[1] != len(names):
+            raise ValueError(f"{path}: rows have {data.shape[1]} values but the header names {len(names)} columns")
+        data.setflags(write=False)
+        _CACHE.clear()  # one catalogue at a time: a night reads one repository
+        _CACHE[key] = (names, data)
+    return _CACHE[key]
