@@ -58,7 +58,10 @@ def _ccd(visit: int, detector: int, n: int, ra0: float = 80.0, dec0: float = -30
     s["science_flux"], s["science_flux_err"] = 5000.0, 30.0
     s["is_negative"] = s["psf_flux"] < 0
     rows = A.dia_source_rows(s, visit, detector, "i", MJD, MJD + 0.0005)
-    res = A.associate_ccd(rows, np.zeros(0, A.DIA_OBJECT_ROW), np.zeros(0, A.DIA_SOURCE_ROW), None)
+    # the first 3 sources are asteroids: matched to SSObjects, they get no DIAObject (stored as NULL)
+    ss = np.zeros(3, A.SS_PREDICTION_DTYPE)
+    ss["ssObjectId"], ss["ra"], ss["dec"], ss["radius_arcsec"] = [901, 902, 903], s["ra"][:3], s["dec"][:3], 1.0
+    res = A.associate_ccd(rows, np.zeros(0, A.DIA_OBJECT_ROW), np.zeros(0, A.DIA_SOURCE_ROW), ss)
     forced = np.zeros(3, FORCED_DTYPE)
     forced["dia_object_id"] = [11, 12, 13]
     forced["ra"], forced["dec"], forced["psf_flux"], forced["psf_flux_err"] = ra0, dec0, 5.0, 1.0
@@ -116,7 +119,7 @@ def test_object_versions_are_appended_with_validity_intervals(config_path):
     db.store_ccd(1, 0, MJD, res1.dia_objects, res1.dia_sources)
     objects = db.dia_objects(80.025, -29.975, 0.2)
     history = db.dia_sources(80.025, -29.975, 0.2, MJD + 1, object_ids=objects["diaObjectId"])
-    rows2 = res1.dia_sources.copy()
+    rows2 = res1.dia_sources[res1.dia_sources["ssObjectId"] == 0].copy()  # the static sources again
     rows2["diaSourceId"] = A.dia_source_id(2, 0, np.arange(len(rows2)))
     rows2["visit"], rows2["midpointMjdTai"] = 2, MJD + 1
     res2 = A.associate_ccd(rows2, objects, history, None)
