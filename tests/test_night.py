@@ -99,9 +99,23 @@ def test_clean_night_certifies_masters_archives_everything_and_alerts(night):
     from lsst.dax.apdb import Apdb
 
     assert Apdb.from_uri(str(out / "apdb-config.yaml")) is not None
+    # calibration mode before the visits: ISR-only jobs, images archived too
+    assert len(m["calibrations"]) == 3 and {c["imgtype"] for c in m["calibrations"]} == {"BIAS", "DARK", "FLAT"}
+    for cal in m["calibrations"]:
+        assert all(c["status"] == "processed" and c["alerts"] == 0 for c in cal["ccds"])
+        assert all(im["tape"] if im["kind"] == "raw" else im["raw_cache"] for im in cal["images"])
+    isr = json.loads((out / "ccds" / str(m["calibrations"][2]["seq_num"]) / "R10_S11.json").read_text())
+    assert isr["mode"] == "calibration" and isr["imgtype"] == "FLAT" and isr["sdqa"]["median_e"] > 1000
+    # focal-plane values combined by each visit's string of workers (an MPI collective)
+    planes = [v["focal_plane"] for v in m["visits"] if "focal_plane" in v]
+    assert planes and all(p["n_ccds"] >= 1 and 0.3 < p["seeing_arcsec"] < 3 for p in planes)
+    # daytime: the APDB snapshot and the MOPS over the night's unclaimed DIASources
+    day = m["night"]["daytime"]
+    assert "error" not in day and Path(day["snapshot"]).is_file() and (out / "mops" / "ssobjects.npy").is_file()
+    assert day["dia_sources"] == len(_alert_ids(out))
     with sqlite3.connect(out / "control.sqlite3") as db:  # every transfer recorded
         n_ok = db.execute("SELECT count(*) FROM image_transfers WHERE ok = 1").fetchone()[0]
-    assert n_ok >= 36 * 2  # into the outage buffer and into the Archive, per image
+    assert n_ok >= (36 + 18) * 2  # into the outage buffer and into the Archive, per image
 
 
 @pytest.mark.parametrize(

@@ -209,6 +209,8 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
         problems = manifest.verify_archive()
         for p in problems:
             log.error("archive check: %s", p)
+        if config.get("daytime", True):
+            _daytime(control, plan, args, t0)
         script(ocs, [(e, c, None) for c in (Command.DISABLE, Command.RELEASE) for e in control.entities])
         manifest.complete = True
         manifest.write()
@@ -221,6 +223,26 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
         if control.dmcs is not None:
             control.dmcs.stop_all("end of night")
             control.crash()
+
+
+def _daytime(control: _Control, plan, args, t0: float) -> None:
+    """The OCS puts the Alert Production Cluster in daytime mode; the day's jobs run (snapshot, MOPS)."""
+    from lsstpipe.runtime.daytime import run_day
+
+    apc = EntityName.ALERT_PRODUCTION_CLUSTER
+    script(control.ocs, [(apc, Command.DISABLE, None), (apc, Command.CONFIGURE, "daytime"),
+                         (apc, Command.ENABLE, None)])  # fmt: skip
+    day_obs = int(plan.visits[0].snaps[0].day_obs)
+    last = max(s.mjd for v in plan.visits for s in v.snaps)
+    try:
+        summary = run_day(control.out, day_obs, (last + 0.5, last + 1.0))
+    except Exception as exc:  # noqa: BLE001 — the day's jobs failing must not lose the night's manifest
+        log.exception("daytime DM operations failed")
+        summary = {"error": f"{type(exc).__name__}: {exc}"}
+    control.manifest.night["daytime"] = summary
+    progress(args.quiet, f"daytime: APDB snapshot, MOPS: {summary.get('tracklets', 0)} tracklets, "
+                         f"{summary.get('tracks', 0)} tracks, {summary.get('ssobjects', 0)} SSObjects"
+             + (f" — {summary['error']}" if "error" in summary else ""), t0)  # fmt: skip
 
 
 def _raft_jobs_open(dmcs: NightDMCS) -> bool:

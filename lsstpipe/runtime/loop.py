@@ -56,15 +56,12 @@ def _level1(out: Path, config: dict, plan) -> Level1Handles | None:
         return None
     from lsstpipe.alerts import AlertWriter
     from lsstpipe.db.apdb import Level1Database
+    from lsstpipe.runtime.daytime import night_coefficients
 
     apdb = Level1Database(out / "apdb-config.yaml")
-    coefficients = None
-    ss = apdb.ss_objects()
-    if ss is not None and len(ss):
-        from lsstpipe.pipelines.mops_orbits import nightly_coefficients
-
-        mjds = [s.mjd for v in plan.visits for s in v.snaps]
-        coefficients = nightly_coefficients(ss, min(mjds) - 0.01, max(mjds) + 0.01)
+    mjds = [s.mjd for v in plan.visits for s in v.snaps]
+    # the orbits of the daytime MOPS of an earlier day on this output folder, if any
+    coefficients = night_coefficients(out, min(mjds) - 0.01, max(mjds) + 0.01)
     return Level1Handles(apdb, AlertWriter(out / "alerts", batch_size=int(config["alerts"]["batch_size"])),
                          coefficients)  # fmt: skip
 
