@@ -585,12 +585,19 @@ class NightDMCS:
 
     # ---- catch-up -----------------------------------------------------------------------------------------
     def catchup_jobs(self, final: bool = False) -> int:
-        """Send unarchived images to the catch-up pairs, oldest first; returns how many jobs were sent."""
+        """Send unarchived images to the catch-up pairs, oldest first; returns how many jobs were sent.
+
+        During the night: the images whose replicator job ended without the Archive confirming them. At the
+        end (``final``), the Catch-Up Archiver's scan: every image in the CDS buffer and every image still
+        in the network outage buffer that the control database records no verified Archive copy of.
+        """
         now = time.time()
         todo = [im for im in self.manifest.images() if not im.archived and im.readout_end is not None
                 and not im.catchup_pending and (final or (im.replicator_done and
                                                           now - im.replicator_done > self.settings.catchup_after_s))]  # fmt: skip
-        todo.sort(key=lambda im: (im.readout_end, im.image_id, im.raft, im.kind))
+        if final:
+            todo += [im for im in self._scan_for_unarchived() if im not in todo and not im.catchup_pending]
+        todo.sort(key=lambda im: (im.readout_end or 0.0, im.image_id, im.raft, im.kind))
         pairs = [p for p in self.catchup_pairs if not p.dead and p.replicator not in self.dead]
         if not pairs:
             return 0
@@ -603,6 +610,33 @@ class NightDMCS:
             im.catchup = True
             self._send(job, pair.replicator)
         return len(todo)
+
+    def _scan_for_unarchived(self) -> list:
+        """Images in the CDS buffer or the outage buffer with no verified Archive copy in the control database."""
+        from lsstpipe.archive.storage import OutageBuffer
+        from lsstpipe.cds.buffer import CDSClient
+
+        out = self.manifest.out
+        found: list[tuple[str, str, str]] = []
+        if (out / "cds").is_dir():
+            found += [(e.image_id, e.raft, e.kind.value) for e in CDSClient(out / "cds").scan()]
+        if (out / "base" / "outage_buffer").is_dir():
+            found += [
+                (i.key.image_id, i.key.raft, i.key.kind) for i in OutageBuffer(out / "base" / "outage_buffer").pending()
+            ]
+        archived: dict[str, set[tuple[str, str]]] = {}
+        images = []
+        for image_id, raft, kind in dict.fromkeys(found):
+            if self.recorder is not None:
+                if image_id not in archived:
+                    archived[image_id] = {(t.raft, t.kind) for t in self.recorder.transfers(image_id)
+                                          if t.ok and t.destination.startswith("archive")}  # fmt: skip
+                if (raft, kind) in archived[image_id]:
+                    continue
+            im = self.manifest.find_image(image_id, raft, kind)
+            if im is not None and not im.archived:
+                images.append(im)
+        return images
 
     def start_reprocessing(self) -> int:
         jobs, self.reprocess = self.reprocess, []
