@@ -12,7 +12,7 @@ ranks run their roles' loops — replicator, distributor (:mod:`lsstpipe.runtime
 the Base's and the Archive's stores under ``OUT/base`` and ``OUT/archive``.
 
 The night's settings come from a YAML file (``--config``; default: the embedded demo configuration,
-``lsstpipe/configs/night/demo.yaml``, which documents every key).
+``lsstpipe/data/night-demo.yaml``, which documents every key).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from lsstpipe.runtime.faults import FAULT_KINDS, FaultError, parse_faults
 
 log = logging.getLogger("lsstpipe.night")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "night" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "night-demo.yaml"
 ENTITY_CONFIGS = ("archiver", "catchup_archiver", "alert_production_cluster")
 
 
