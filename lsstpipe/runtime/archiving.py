@@ -383,6 +383,7 @@ class Distributor:
         self.rafts: OrderedDict[tuple[str, str], RaftImage] = OrderedDict()
         self.expected: set[tuple[str, str]] = set()
         self.rejected: dict[tuple[str, str, str], int] = {}
+        self._ccd_sha: dict[tuple[str, str], str] = {}
 
     def handle(self, env: Envelope) -> bool:
         p = env.payload
@@ -458,7 +459,10 @@ class Distributor:
             reply = CcdData(req.image_id, req.detector, (), "", 0, (), f"{self.name} cannot serve it: {exc}")
             self.post.send(reply, worker)
             return
-        reply = CcdData(req.image_id, req.detector, pixels.shape, _sha(pixels), pixels.nbytes, header)
+        key = (req.image_id, req.detector)
+        if key not in self._ccd_sha:  # once per CCD: a rescheduled job asks again
+            self._ccd_sha[key] = _sha(pixels)
+        reply = CcdData(req.image_id, req.detector, pixels.shape, self._ccd_sha[key], pixels.nbytes, header)
         self.post.send(reply, worker, pixels)
 
     def _transfer(self, key: ImageKey, source: str, dest: str, checksum: str | None, nbytes: int, ok: bool,
