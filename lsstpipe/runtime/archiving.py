@@ -131,6 +131,7 @@ class _RepJob:
     started: float = field(default_factory=time.time)
     sent: int = 0
     stored: int = 0
+    telemetry: tuple = ()
     failures: list[str] = field(default_factory=list)
 
 
@@ -150,6 +151,7 @@ class Replicator:
         self._last_beat = self._last_ack = time.monotonic()
         self._seq = self._unanswered = 0
         self.die_in_visit: int | None = None
+        self._efd = None
         self._reported_up = True
 
     # ---- messages -----------------------------------------------------------------------------------------
@@ -250,6 +252,7 @@ class Replicator:
         t0 = time.time()
         kinds = (job.mode.split(":", 1)[1],) if job.kind is JobKind.CATCHUP and ":" in job.mode else KINDS
         for image_id in job.image_ids:
+            rj.telemetry = self._efd_telemetry(image_id)
             for kind in kinds:
                 key = ImageKey(image_id, job.raft or "R00", kind)
                 try:
@@ -271,6 +274,25 @@ class Replicator:
             result = JobResult(job.job_id, self.post.rank, True, time.time() - t0, counts=counts,
                                message="; ".join(rj.failures)[:2000] or None)  # fmt: skip
         self.post.send(result, self.dmcs)
+
+    def _efd_telemetry(self, image_id: str) -> tuple[tuple[str, float], ...]:
+        """The exposure's telemetry from the EFD, read from the US DAC replica (falling back up the chain);
+        empty when the EFD is unreachable or has not replicated it yet (logged)."""
+        try:
+            if self._efd is None:
+                from lsstpipe.db.efd_replication import open_efd
+
+                self._efd = open_efd(self.paths.out / "efd")
+            result = self._efd.read(lambda r: r.events("camera_exposure", image_id))
+        except Exception as exc:  # noqa: BLE001 — no EFD: the image still goes, without its telemetry
+            log.warning("%s: EFD query for %s failed: %s", self.name, image_id, exc)
+            return ()
+        if not result.value:
+            log.info("%s: %s not in the %s EFD replica yet", self.name, image_id, result.site.value)
+            return ()
+        data = result.value[-1].data
+        return tuple((k, float(v)) for k, v in sorted(data.items()) if isinstance(v, int | float)) + (
+            ("efd_lsn", float(result.value[-1].lsn)),)  # fmt: skip
 
     def _fetch(self, key: ImageKey, job: JobAssignment) -> bytes:
         """The image's bytes, verified: from the outage buffer (catch-up) or the CDS buffer."""
@@ -325,7 +347,7 @@ class Replicator:
             payload = bytes(damaged)
         header = ImageData(job.job_id, job.visit, job.exposure, key.image_id, key.raft, key.kind,
                            _checksum_of(key, data), len(payload), self.settings.compress,
-                           job.mode.split(":", 1)[0], (), time.time())  # fmt: skip
+                           job.mode.split(":", 1)[0], rj.telemetry, time.time())  # fmt: skip
         t0 = time.monotonic()
         if self._send_safe(header, payload):
             rj.sent += 1

@@ -80,11 +80,11 @@ class _Control:
 
     @staticmethod
     def _mode_of(entity: EntityName, mode: str) -> str:
-        return "science" if entity is EntityName.CATCHUP_ARCHIVER else mode
+        return "science" if entity in (EntityName.CATCHUP_ARCHIVER, EntityName.EFD_REPLICATOR) else mode
 
     def switch(self, mode: str) -> None:
         """The OCS reconfigures the Archiver and the Alert Production Cluster (disable, configure, enable)."""
-        moving = [e for e in self.entities if e is not EntityName.CATCHUP_ARCHIVER]
+        moving = [EntityName.ARCHIVER, EntityName.ALERT_PRODUCTION_CLUSTER]
         script(self.ocs, [(e, c, mode if c is Command.CONFIGURE else None)
                           for c in (Command.DISABLE, Command.CONFIGURE, Command.ENABLE) for e in moving])  # fmt: skip
         self.dmcs.mode = mode
@@ -106,9 +106,20 @@ class _Control:
                             im.replicator_done = im.replicator_done or now  # the Catch-Up Archiver checks it
         dmcs.presume_busy_until_heard()
 
+    def record_exposure(self, visit, exposure: int) -> None:
+        """The camera writes the exposure's metadata into the Summit EFD (replicators read it from a replica)."""
+        snap = visit.snaps[exposure]
+        payload = {"visit": visit.visit, "exposure": exposure, "exptime": snap.exptime, "mjd": snap.mjd,
+                   "band": visit.band, "ra": visit.ra, "dec": visit.dec, "rotpa": visit.rotpa}  # fmt: skip
+        try:
+            self.base.efd.summit.record_event("camera_exposure", snap.image_id, payload)
+        except Exception as exc:  # noqa: BLE001 — the EFD down must not stop the night; replicators say so
+            log.warning("EFD: exposure %s not recorded: %s", snap.image_id, exc)
+
     def crash(self) -> None:
         """The DMCS process dies: its memory is gone; the control database and the files stay."""
-        for closer in (self.base.close, self.ocs.close):
+        efd = self.base.efd if self.base is not None else None
+        for closer in (self.base.close, self.ocs.close, efd.close if efd is not None else (lambda: None)):
             try:
                 closer()
             except Exception:  # noqa: BLE001 — a crash closes nothing cleanly
@@ -155,6 +166,8 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
                     control.crash()
                     control.boot(announced=ev.visit.number - 1)
                     dmcs, manifest, cluster, ocs = control.dmcs, control.manifest, control.cluster, control.ocs
+                if ev.kind is EventKind.START_INTEGRATION:
+                    control.record_exposure(ev.visit, ev.exposure)
                 if ev.kind is EventKind.START_READOUT:
                     dmcs.start_readout(ev.visit, ev.exposure)
                 ocs.publish_event(_EVENTS[ev.kind], ev.visit.visit, ev.exposure)

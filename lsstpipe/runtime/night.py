@@ -34,7 +34,7 @@ from lsstpipe.runtime.faults import FAULT_KINDS, FaultError, parse_faults
 log = logging.getLogger("lsstpipe.night")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "night-demo.yaml"
-ENTITY_CONFIGS = ("archiver", "catchup_archiver", "alert_production_cluster")
+ENTITY_CONFIGS = ("archiver", "catchup_archiver", "alert_production_cluster", "efd_replicator")
 
 
 class NightError(RuntimeError):
@@ -174,11 +174,12 @@ def _entity_configs(out: Path, layout) -> Path:
     """The entities' configurations (every mode), sized to this night's layout (validated by the control plane)."""
     from lsstpipe.runtime.layout import Role
 
-    shipped = DEFAULT_CONFIG.parent.parent
+    shipped = Path(__file__).resolve().parent.parent / "configs"
     root = out / "configs"
     sizes = {"archiver": {"replicator_pairs": len(layout.pairs)},
              "catchup_archiver": {"catchup_pairs": len(layout.catchup_pairs)},
-             "alert_production_cluster": {"workers": len(layout.ranks_of(Role.WORKER))}}  # fmt: skip
+             "alert_production_cluster": {"workers": len(layout.ranks_of(Role.WORKER))},
+             "efd_replicator": {}}  # fmt: skip
     for entity in ENTITY_CONFIGS:
         for path in sorted((shipped / entity).glob("*.yaml")):
             data = yaml.safe_load(path.read_text())
@@ -189,17 +190,22 @@ def _entity_configs(out: Path, layout) -> Path:
 
 
 def control_plane(out: Path, layout, dmcs_cluster):
-    """Boot the Base DMCS on an in-process OCS link with the night's control database; the OCS client."""
+    """Boot the Base DMCS on an in-process OCS link with the night's control database and EFD; the OCS client."""
     from lsstpipe.control.dmcs import BaseDMCS
     from lsstpipe.control.ocs import OCSClient
     from lsstpipe.control.protocol import Codec
     from lsstpipe.control.transport import InProcessTransport
     from lsstpipe.db.control import ControlDatabase
+    from lsstpipe.db.efd_replication import open_efd
 
     transport = InProcessTransport("night")
     codec = Codec(secrets.token_bytes(32))
     recorder = ControlDatabase(out / "control.sqlite3")
-    dmcs = BaseDMCS(transport, codec, dmcs_cluster, config_root=_entity_configs(out, layout), recorder=recorder)
+    # the Summit EFD and its Chilean and US DAC replicas (embedded chain): the DMCS records the OCS traffic,
+    # the camera its exposures; replicators read the replica
+    efd = open_efd(out / "efd")
+    dmcs = BaseDMCS(transport, codec, dmcs_cluster, config_root=_entity_configs(out, layout), recorder=recorder,
+                    efd=efd, efd_monitor_interval=0.25)  # fmt: skip
     dmcs.boot()
     ocs = OCSClient(transport, codec, sender="ocs-night")
     # a night started again on the same OUT goes on numbering its commands (the DMCS rejects replays)
