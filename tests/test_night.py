@@ -133,7 +133,11 @@ def test_clean_night_certifies_masters_archives_everything_and_alerts(night):
 def test_night_survives_fault(night, tmp_path, fault, ranks):
     repo, cache, _, _ = night
     out = tmp_path / "out"
-    run = _night(repo, out, ranks, cache, "--inject", fault)
+    extra = []
+    if fault.startswith("slow-link"):  # this night takes its calibration exposures in engineering mode
+        (tmp_path / "engineering.yaml").write_text("calibration_exposures: 1\ncalibration_mode: engineering\n")
+        extra = ["--config", str(tmp_path / "engineering.yaml")]
+    run = _night(repo, out, ranks, cache, "--inject", fault, *extra)
     m = _check_night(out, run)
     after = m["visits"][2]  # the visit after the fault: processed normally
     assert all(c["status"] == "processed" for c in after["ccds"]), after["ccds"]
@@ -147,6 +151,11 @@ def test_night_survives_fault(night, tmp_path, fault, ranks):
         from lsstpipe.archive import OutageBuffer
 
         assert len(OutageBuffer(out / "base" / "outage_buffer")) == 0  # every copy confirmed and released
+    if kind == "slow-link":
+        assert len(m["calibrations"]) == 1 and "engineering exposures taken" in run.stdout
+        det = m["calibrations"][0]["ccds"][0]["detector"]
+        isr = json.loads((out / "ccds" / str(m["calibrations"][0]["seq_num"]) / f"{det}.json").read_text())
+        assert isr["mode"] == "engineering"
     if kind == "kill-replicator":  # its images were archived by the Catch-Up Archiver from the CDS buffer
         assert "replicator rank" in run.stderr and any(im["catchup"] for v in m["visits"][1:] for im in v["images"])
     if kind == "restart-dmcs":

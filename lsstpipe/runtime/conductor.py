@@ -130,7 +130,10 @@ class _Control:
 def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
     t0 = time.monotonic()
     control = _Control(post, args, config, repo, plan, layout, faults)
-    control.boot(mode="calibration" if plan.calibrations else "science")
+    before = str(config.get("calibration_mode") or "calibration")
+    if before not in ("calibration", "engineering"):
+        raise ValueError(f"calibration_mode must be calibration or engineering, not {before!r}")
+    control.boot(mode=before if plan.calibrations else "science")
     progress(args.quiet, f"{plan.camera.name}: {len(plan.visits)} visits × {len(plan.detectors)} detectors on "
                          f"{layout.size} ranks ({', '.join(f'{r.name.lower()} {n}' for r, n in layout.counts().items())})",
              t0)  # fmt: skip
@@ -156,8 +159,8 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
                     continue
                 if ev.kind is EventKind.SCIENCE_MODE:
                     control.switch("science")
-                    progress(args.quiet, "calibrations taken: the Archiver and the Alert Production Cluster "
-                                         "are configured for science", t0)  # fmt: skip
+                    progress(args.quiet, f"{before} exposures taken: the Archiver and the Alert Production "
+                                         "Cluster are configured for science", t0)  # fmt: skip
                     continue
                 if ev.kind is EventKind.NEXT_VISIT and ev.visit.number in crash_at:
                     crash_at.discard(ev.visit.number)
