@@ -7,10 +7,11 @@ while keeping a copy in the Base's network outage buffer and raw image cache; th
 image, which goes to the outage buffer and the Base tape. Every transfer, good or bad, goes to the DMCS as
 an :class:`~lsstpipe.db.records.ImageTransfer` for the control database.
 
-The distributor verifies what it receives, stores it at the Archive (crosstalk-corrected images in the
-raw image cache, raw images on tape), reads the stored copy back and verifies it before it reports the
-image :class:`~lsstpipe.runtime.messages.Archived`; it publishes each crosstalk-corrected raft to the
-Archive DMCS and serves workers' requests for its CCDs. An outage-buffer copy leaves the buffer only when
+The distributor verifies what it receives, publishes each verified crosstalk-corrected raft to the
+Archive DMCS at once and serves workers' requests for its CCDs (alert latency does not wait for the
+archive), stores it at the Archive (crosstalk-corrected images in the raw image cache, raw images on tape),
+and reads the stored copy back and verifies it before it reports the image
+:class:`~lsstpipe.runtime.messages.Archived`. An outage-buffer copy leaves the buffer only when
 the Archive's confirmation comes back.
 
 Catch-up jobs use the same classes: a catch-up replicator sends an image found in the outage buffer or,
@@ -442,6 +443,11 @@ class Distributor:
             self._report(Archived(h.job_id, h.image_id, h.raft, h.kind, False, where, None, self.post.rank, 0,
                                   error), source)  # fmt: skip
             return
+        if h.kind == "crosstalk_corrected":  # verified: workers may have it now, while the Archive stores it
+            self.rafts[(h.image_id, h.raft)] = image
+            while len(self.rafts) > self.settings.keep_rafts:
+                self.rafts.popitem(last=False)
+            self.post.send(RaftPublished(h.visit, h.exposure, h.image_id, h.raft, self.post.rank), self.dmcs)
         meta = ItemMeta(image.checksum, len(blob), h.mode)
         try:
             if where == "tape":
@@ -459,11 +465,6 @@ class Distributor:
         self._transfer(key, f"replicator {source}", f"archive {where}", checksum, len(blob), True)
         self._report(Archived(h.job_id, h.image_id, h.raft, h.kind, True, where, checksum, self.post.rank, len(blob)),
                      source)  # fmt: skip
-        if h.kind == "crosstalk_corrected":
-            self.rafts[(h.image_id, h.raft)] = image
-            while len(self.rafts) > self.settings.keep_rafts:
-                self.rafts.popitem(last=False)
-            self.post.send(RaftPublished(h.visit, h.exposure, h.image_id, h.raft, self.post.rank), self.dmcs)
 
     def _report(self, archived: Archived, replicator: int) -> None:
         self.post.send(archived, self.dmcs)
