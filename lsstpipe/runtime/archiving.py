@@ -37,11 +37,13 @@ from lsstpipe.archive.storage import (
     OutageBuffer,
     OutageBufferFull,
     RawImageCache,
+    blob_checksum,
     decode_image,
 )
 from lsstpipe.archive.tape import TapeArchive
 from lsstpipe.cds.image import CDSError, RaftImage
 from lsstpipe.db.records import ImageTransfer
+from lsstpipe.runtime.layout import Role
 from lsstpipe.runtime.messages import (
     Archived,
     CcdData,
@@ -166,7 +168,7 @@ class Replicator:
                     job.readout, job.readout_at = True, time.time()
         elif isinstance(p, Archived) and p.to_base:
             self._confirmed(p)
-        elif isinstance(p, Heartbeat) and p.role.name == "DISTRIBUTOR" and env.source == self.distributor:
+        elif isinstance(p, Heartbeat) and p.role is Role.DISTRIBUTOR and env.source == self.distributor:
             self._last_ack, self._unanswered = time.monotonic(), 0
         elif isinstance(p, FaultOrder):
             self._fault(p)
@@ -198,7 +200,7 @@ class Replicator:
         if now - self._last_beat >= self.settings.heartbeat_s:
             self._last_beat = now
             self._seq += 1
-            beat = Heartbeat(self.post.rank, _role_replicator(), self._seq, time.time())
+            beat = Heartbeat(self.post.rank, Role.REPLICATOR, self._seq, time.time())
             if not self.link_cut:
                 self._send_safe(beat)
             if self.dmcs != self.post.rank:  # the DMCS watches replicators of their own ranks
@@ -257,16 +259,16 @@ class Replicator:
             for kind in kinds:
                 key = ImageKey(image_id, job.raft or "R00", kind)
                 try:
-                    data = self._fetch(key, job)
+                    data, checksum = self._fetch(key, job)
                 except (CDSError, OSError, LookupError) as exc:
                     rj.failures.append(f"{key}: {exc}")
                     self._transfer(key, "cds", self.name, None, 0, False, f"fetch failed: {exc}")
                     continue
-                self._store_base(rj, key, data, job)
+                self._store_base(rj, key, data, checksum, job)
                 if self.die_in_visit is not None and job.visit == self.die_in_visit and self.post.rank != self.dmcs:
                     log.error("fault injection: replicator rank %d dies while it holds %s", self.post.rank, key)
                     os._exit(137)
-                self._ship(rj, key, data, job)
+                self._ship(rj, key, data, checksum, job)
         counts = (("sent", rj.sent), ("stored", rj.stored), ("failures", len(rj.failures)))
         if rj.failures and not rj.sent and not rj.stored:
             exc = RuntimeError("; ".join(rj.failures)[:2000])
@@ -295,8 +297,8 @@ class Replicator:
         return tuple((k, float(v)) for k, v in sorted(data.items()) if isinstance(v, int | float)) + (
             ("efd_lsn", float(result.value[-1].lsn)),)  # fmt: skip
 
-    def _fetch(self, key: ImageKey, job: JobAssignment) -> bytes:
-        """The image's bytes, verified: from the outage buffer (catch-up) or the CDS buffer."""
+    def _fetch(self, key: ImageKey, job: JobAssignment) -> tuple[bytes, str]:
+        """The image's bytes, verified, and its content checksum: from the outage buffer (catch-up) or the CDS."""
         if job.kind is JobKind.CATCHUP and self.outage.has(key):
             data = self.outage.get(key)
         else:
@@ -305,11 +307,10 @@ class Replicator:
                 raise CDSError(f"{key} is not in the CDS buffer {self.paths.cds} "
                                f"{self.settings.readout_timeout_s:g} s after startReadout")  # fmt: skip
             data = path.read_bytes()
-        decode_image(data, key)  # verifies the checksum
-        return data
+        return data, decode_image(data, key).checksum  # decoding verifies the checksum
 
-    def _store_base(self, rj: _RepJob, key: ImageKey, data: bytes, job: JobAssignment) -> None:
-        meta = ItemMeta(_checksum_of(key, data), len(data), job.mode.split(":", 1)[0])
+    def _store_base(self, rj: _RepJob, key: ImageKey, data: bytes, checksum: str, job: JobAssignment) -> None:
+        meta = ItemMeta(checksum, len(data), job.mode.split(":", 1)[0])
         if job.kind is not JobKind.CATCHUP:
             for attempt in range(self.settings.max_retries + 1):
                 try:
@@ -332,7 +333,7 @@ class Replicator:
             except OutageBufferFull as exc:
                 self._transfer(key, "cds", where, None, 0, False, str(exc))
 
-    def _ship(self, rj: _RepJob, key: ImageKey, data: bytes, job: JobAssignment) -> None:
+    def _ship(self, rj: _RepJob, key: ImageKey, data: bytes, checksum: str, job: JobAssignment) -> None:
         if not self._link_ok():
             rj.failures.append(f"{key}: link to distributor {self.distributor} down; left in the outage buffer")
             self._transfer(key, self.name, f"distributor {self.distributor}", None, 0, False,
@@ -347,7 +348,7 @@ class Replicator:
             damaged[len(damaged) // 2] ^= 0xFF
             payload = bytes(damaged)
         header = ImageData(job.job_id, job.visit, job.exposure, key.image_id, key.raft, key.kind,
-                           _checksum_of(key, data), len(payload), self.settings.compress,
+                           checksum, len(payload), self.settings.compress,
                            job.mode.split(":", 1)[0], rj.telemetry, time.time())  # fmt: skip
         t0 = time.monotonic()
         if self._send_safe(header, payload):
@@ -364,7 +365,7 @@ class Replicator:
         data = self.outage.get(key) if self.outage.has(key) else self._cds_path(key).read_bytes()
         job = JobAssignment(job_id, JobKind.CATCHUP, 0, raft=key.raft, image_ids=(key.image_id,),
                             mode=f"science:{key.kind}")  # fmt: skip
-        self._ship(_RepJob(job), key, data, job)
+        self._ship(_RepJob(job), key, data, blob_checksum(key, data), job)
 
     def _confirmed(self, a: Archived) -> None:
         key = ImageKey(a.image_id, a.raft, a.kind)
@@ -376,23 +377,17 @@ class Replicator:
 
     def _transfer(self, key: ImageKey, source: str, dest: str, checksum: str | None, nbytes: int, ok: bool,
                   error: str | None = None) -> None:  # fmt: skip
-        try:
-            self.post.send(ImageTransfer(key.image_id, key.raft, key.kind, source, dest, checksum, nbytes, ok,
-                                         error, time.time()), self.dmcs)  # fmt: skip
-        except PeerLost:
-            pass
+        _transfer(self.post, self.dmcs, key, source, dest, checksum, nbytes, ok, error)
 
 
-def _role_replicator():
-    from lsstpipe.runtime.layout import Role
-
-    return Role.REPLICATOR
-
-
-def _checksum_of(key: ImageKey, data: bytes) -> str:
-    from lsstpipe.archive.storage import blob_checksum
-
-    return blob_checksum(key, data)
+def _transfer(post: Postman, dmcs: int, key: ImageKey, source: str, dest: str, checksum: str | None, nbytes: int,
+              ok: bool, error: str | None = None) -> None:  # fmt: skip
+    """Report one transfer, good or bad, to the DMCS for the control database (nothing if it is unreachable)."""
+    try:
+        post.send(ImageTransfer(key.image_id, key.raft, key.kind, source, dest, checksum, nbytes, ok, error,
+                                time.time()), dmcs)  # fmt: skip
+    except PeerLost:
+        pass
 
 
 class Distributor:
@@ -416,10 +411,9 @@ class Distributor:
             self._receive(p, env.data, env.source)
         elif isinstance(p, CcdRequest):
             self._serve(p, env.source)
-        elif isinstance(p, Heartbeat) and p.role.name == "REPLICATOR":
+        elif isinstance(p, Heartbeat) and p.role is Role.REPLICATOR:
             try:
-                self.post.send(Heartbeat(self.post.rank, p.role.__class__.DISTRIBUTOR, p.sequence, time.time()),
-                               env.source)  # fmt: skip
+                self.post.send(Heartbeat(self.post.rank, Role.DISTRIBUTOR, p.sequence, time.time()), env.source)
             except PeerLost:
                 pass
         else:
@@ -490,5 +484,4 @@ class Distributor:
 
     def _transfer(self, key: ImageKey, source: str, dest: str, checksum: str | None, nbytes: int, ok: bool,
                   error: str | None = None) -> None:  # fmt: skip
-        self.post.send(ImageTransfer(key.image_id, key.raft, key.kind, source, dest, checksum, nbytes, ok, error,
-                                     time.time()), self.dmcs)  # fmt: skip
+        _transfer(self.post, self.dmcs, key, source, dest, checksum, nbytes, ok, error)

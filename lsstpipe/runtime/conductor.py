@@ -17,13 +17,14 @@ from lsstpipe.control.states import Command, EntityName, OCSEvent
 from lsstpipe.runtime.dmcs_night import NightCluster, NightDMCS, SchedulerSettings
 from lsstpipe.runtime.manifest import TERMINAL, Manifest
 from lsstpipe.runtime.night import ENTITY_CONFIGS, control_plane, progress, script
-from lsstpipe.runtime.plan import EventKind
+from lsstpipe.runtime.plan import EventKind, PlannedEvent
 
 log = logging.getLogger("lsstpipe.night")
 
 _EVENTS = {EventKind.NEXT_VISIT: OCSEvent.NEXT_VISIT, EventKind.START_INTEGRATION: OCSEvent.START_INTEGRATION,
            EventKind.START_EXPOSURE: OCSEvent.START_EXPOSURE,
            EventKind.START_READOUT: OCSEvent.START_READOUT}  # fmt: skip
+_KINDS = {v: k for k, v in _EVENTS.items()}
 
 
 def _pump(post, handlers, dmcs, budget: int = 500) -> int:
@@ -178,10 +179,8 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
                 entity, msg = cluster.events.get()
                 visit = by_id.get(msg.visit)
                 if visit is not None:
-                    kind = {v: k for k, v in _EVENTS.items()}.get(msg.event)
+                    kind = _KINDS.get(msg.event)
                     if kind is not None:
-                        from lsstpipe.runtime.plan import PlannedEvent
-
                         dmcs.on_event(entity, PlannedEvent(0.0, 0, kind, visit, msg.exposure))
                 busy = True
             busy |= _pump(post, handlers, dmcs) > 0

@@ -25,11 +25,12 @@ APDB, the alerts and the archive take a CCD's or an image's second copy as the f
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lsstpipe.repo import atomic_write_text
 
 __all__ = ["CcdRecord", "ImageRecord", "Manifest"]
 
@@ -187,10 +188,7 @@ class Manifest:
         }
 
     def write(self) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / ".manifest.json.tmp"
-        tmp.write_text(json.dumps(self.to_json(), indent=1, default=str))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.to_json(), indent=1, default=str))
         return self.path
 
     def summary(self) -> dict[str, int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ import numpy as np
 
 from lsstpipe.archive.storage import ImageKey, RawImageCache, decode_image
 from lsstpipe.camera.geometry import DetectorType
-from lsstpipe.repo import Repository
+from lsstpipe.repo import Repository, write_json
 from lsstpipe.runtime.messages import (
     CcdData,
     CcdRequest,
@@ -200,13 +199,9 @@ class Worker:
         sigma = float(1.4826 * np.median(np.abs(good - median))) if good.size else math.nan
         sdqa = {"median_e": median, "robust_sigma_e": sigma, "good_pixels": int(good.size),
                 "exptime": meta["exptime"]}  # fmt: skip
-        folder = self.out / "ccds" / str(job.visit)
-        folder.mkdir(parents=True, exist_ok=True)
         record = {"seq_num": job.visit, "detector": det.name, "mode": job.mode, "imgtype": header.get("IMGTYPE"),
                   "rank": self.post.rank, "sdqa": sdqa, "timings": {"total": time.time() - t0}}  # fmt: skip
-        tmp = folder / f".{det.name}.json.tmp"
-        tmp.write_text(json.dumps(record, default=_jsonable, indent=1))
-        os.replace(tmp, folder / f"{det.name}.json")
+        write_json(self.out / "ccds" / str(job.visit) / f"{det.name}.json", record)
         self.post.send(TelemetryReport(job.visit, det.name, tuple((k, float(v)) for k, v in sdqa.items())),
                        self.dmcs)  # fmt: skip
         return (("diasources", 0), ("alerts", 0))
@@ -317,9 +312,7 @@ class Worker:
                   "last_alert_time": l1.last_alert_time if l1 and l1.alerts else None}  # fmt: skip
         if len(result.dia_sources):
             np.save(folder / f"{det.name}_diasources.npy", result.dia_sources)
-        tmp = folder / f".{det.name}.json.tmp"
-        tmp.write_text(json.dumps(record, default=_jsonable, indent=1))
-        os.replace(tmp, folder / f"{det.name}.json")
+        write_json(folder / f"{det.name}.json", record)
 
     def _telemetry(self, job: JobAssignment, detector: str, result) -> None:
         values = [(k, float(v)) for k, v in result.sdqa.items() if isinstance(v, int | float) and math.isfinite(v)]
@@ -328,11 +321,3 @@ class Worker:
         if wcs is not None:
             values += [("wcs_crval1", float(wcs.wcs.crval[0])), ("wcs_crval2", float(wcs.wcs.crval[1]))]
         self.post.send(TelemetryReport(job.visit, detector, tuple(values)), self.dmcs)
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)
