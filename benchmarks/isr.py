@@ -12,7 +12,9 @@ rendered in memory with the simulator's instrument signature, master calibration
    fused pass without crosstalk) to show what fusing crosstalk pays;
 2. the effective bandwidth of ISR: the minimal bytes it must move — the raw int32 segments, bias, dark and
    flat float32 read; image and variance float32 and mask int32 written — over its time;
-3. anchors: a numpy copy of a 4k×4k float32 image (bytes read + written, as STREAM's Copy), and the same
+3. anchors: a numpy copy of a 4k×4k float32 image (bytes read + written, as STREAM's Copy), a bare numba
+   loop moving ISR's seven planes (one int32 and three float32 read, two float32 and one int32 written, next
+   to no arithmetic: what one pass with that traffic can reach on the core), and the same
    ISR written as plain numpy expressions (per-row ``np.median`` overscan, crosstalk by ``tensordot``,
    subtract, multiply, divide, assemble by slicing, variance and mask).
 
@@ -72,6 +74,29 @@ def copy_gbps(repeat: int) -> float:
     dst = np.empty_like(src)
     t = timed(lambda: np.copyto(dst, src), max(repeat, 5))
     return 2 * src.nbytes / t / 1e9
+
+
+@numba.njit(nogil=True)
+def _stream7(raw, b, d, f, img, var, msk):
+    for y in range(img.shape[0]):
+        r = raw[y]
+        br, dr, fr, ir, vr, mr = b[y], d[y], f[y], img[y], var[y], msk[y]
+        for x in range(ir.shape[0]):
+            ir[x] = (np.float32(r[x]) - br[x]) * fr[x]
+            vr[x] = dr[x] + fr[x]
+            mr[x] = r[x] >> 16
+
+
+def stream7_gbps(repeat: int) -> float:
+    """The ceiling of a single pass with ISR's traffic on this core: a numba loop reading an int32 and three
+    float32 4k×4k planes and writing two float32 and one int32 plane, with next to no arithmetic."""
+    n = 4096
+    raw = np.ones((n, n), np.int32)
+    b, d, f = (np.ones((n, n), np.float32) for _ in range(3))
+    img, var = np.empty((n, n), np.float32), np.empty((n, n), np.float32)
+    msk = np.empty((n, n), np.int32)
+    t = timed(lambda: _stream7(raw, b, d, f, img, var, msk), max(repeat, 5))
+    return 7 * 4 * n * n / t / 1e9
 
 
 def numpy_isr(raw, det, calibs, meta):
@@ -155,6 +180,7 @@ def main(argv=None) -> dict:
     repeat = 2 if args.quick else args.repeat
     dets = DETECTORS[:1] if args.quick else DETECTORS
     copy = copy_gbps(repeat)
+    stream = stream7_gbps(repeat)
     per = [one_detector(d, repeat) for d in dets]
     isr_s = statistics.mean(p["run_isr_seconds"] for p in per)
     np_s = statistics.mean(p["numpy_isr_seconds"] for p in per)
@@ -162,10 +188,12 @@ def main(argv=None) -> dict:
     result = {
         "isr_seconds": isr_s, "isr_gbps": gbps, "copy_gbps": copy, "numpy_isr_seconds": np_s,
         "isr_fraction_of_copy_bandwidth": gbps / copy, "numpy_over_isr": np_s / isr_s, "detectors": per,
+        "stream7_gbps": stream, "stream7_fraction_of_copy_bandwidth": stream / copy,
         "numba": numba.__version__, "numpy": np.__version__, "machine": platform.machine(),
         "processor": platform.processor(), "threads": numba.get_num_threads(),
     }  # fmt: skip
-    print(f"numpy copy of 4k×4k float32: {copy:.1f} GB/s (read + write)")
+    print(f"numpy copy of 4k×4k float32: {copy:.1f} GB/s (read + write); a bare one-pass loop with ISR's seven planes: "
+          f"{stream:.1f} GB/s = {stream / copy:.0%} of copy (the ceiling of a fused ISR on this core)")  # fmt: skip
     for p in per:
         print(
             f"{p['detector']} ({p['vendor']}, {p['shape'][0]}×{p['shape'][1]}): run_isr {p['run_isr_seconds'] * 1e3:.1f} ms "

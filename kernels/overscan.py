@@ -63,10 +63,11 @@ def _clipped_mean(seg, y, c0, n, center, cut):
     """
     lo = math.ceil(center - cut)
     hi = math.floor(center + cut)
+    row = seg[y, c0 : c0 + n]
     s = 0
     cnt = 0
     for k in range(n):
-        v = np.int64(seg[y, c0 + k])
+        v = np.int64(row[k])
         ok = (v >= lo) & (v <= hi)
         s += v if ok else 0
         cnt += 1 if ok else 0
@@ -75,40 +76,64 @@ def _clipped_mean(seg, y, c0, n, center, cut):
 
 @njit
 def _row_median(seg, y, c0, n, buf):
+    row = seg[y, c0 : c0 + n]  # a row view: 1-D loops without a wraparound test per element vectorise
     for k in range(n):
-        buf[k] = seg[y, c0 + k]
+        buf[k] = row[k]
     return _median(buf, n)
 
 
 @njit
-def _overscan_amp(seg, r0, r1, c0, c1, nsigma, smooth, out):
-    """Sigma-clipped mean per row of ``seg[r0:r1, c0:c1]``, into ``out[r1 - r0]``.
-
-    The scatter is 1.4826 × the median absolute deviation from the row medians, over 64 rows evenly spread
-    (every row when there are fewer than 128). Each row is clipped around the previous row's level (the first
-    row's and any row's that keeps fewer than half its pixels that way: around its median), which is
-    within a few ADU of its own and saves a selection per row.
-    """
+def _overscan_cut(seg, r0, r1, c0, n, nsigma):
+    """``nsigma`` × 1.4826 × the median absolute deviation of ``seg[r0:r1, c0:c0 + n]`` from the row medians,
+    over 64 rows evenly spread (every row when there are fewer than 128)."""
     h = r1 - r0
-    n = c1 - c0
     buf = np.empty(n, np.float64)
     rstep = max(1, h // 64)
     dev = np.empty(((h + rstep - 1) // rstep) * n, np.float64)
     nd = 0
     for y in range(0, h, rstep):
         m = _row_median(seg, r0 + y, c0, n, buf)
+        row = seg[r0 + y, c0 : c0 + n]
         for k in range(n):
-            dev[nd] = abs(seg[r0 + y, c0 + k] - m)
-            nd += 1
-    cut = nsigma * 1.482602218505602 * _median(dev, nd)
+            dev[nd + k] = abs(row[k] - m)
+        nd += n
+    return nsigma * 1.482602218505602 * _median(dev, nd)
+
+
+@njit
+def _first_center(seg, r0, c0, n):
+    """Where the clipping of the first row starts: its median."""
+    return _row_median(seg, r0, c0, n, np.empty(n, np.float64))
+
+
+@njit
+def _row_level(seg, y, c0, n, center, cut, buf):
+    """Level of row ``y``: mean of ``seg[y, c0:c0 + n]`` within ``cut`` of ``center`` (the previous row's
+    level), or within ``cut`` of the row's own median when that keeps fewer than half the pixels."""
+    s, cnt = _clipped_mean(seg, y, c0, n, center, cut)
+    if 2 * cnt < n:
+        center = _row_median(seg, y, c0, n, buf)
+        s, cnt = _clipped_mean(seg, y, c0, n, center, cut)
+    return s / cnt if cnt > 0 else center
+
+
+@njit
+def _overscan_amp(seg, r0, r1, c0, c1, nsigma, smooth, out):
+    """Sigma-clipped mean per row of ``seg[r0:r1, c0:c1]``, into ``out[r1 - r0]``.
+
+    The scatter comes from :func:`_overscan_cut`. Each row is clipped around the previous row's level (the
+    first row's and any row's that keeps fewer than half its pixels that way: around its median), which is
+    within a few ADU of its own and saves a selection per row (:func:`_row_level`; the fused ISR pass of
+    :mod:`kernels.isr` runs the same per-row step as it streams the raw rows).
+    """
+    h = r1 - r0
+    n = c1 - c0
+    buf = np.empty(n, np.float64)
+    cut = _overscan_cut(seg, r0, r1, c0, n, nsigma)
     level = np.empty(h, np.float64)
-    center = _row_median(seg, r0, c0, n, buf)
+    center = _first_center(seg, r0, c0, n)
     for y in range(h):
-        s, cnt = _clipped_mean(seg, r0 + y, c0, n, center, cut)
-        if 2 * cnt < n:
-            center = _row_median(seg, r0 + y, c0, n, buf)
-            s, cnt = _clipped_mean(seg, r0 + y, c0, n, center, cut)
-        level[y] = s / cnt if cnt > 0 else center
+        level[y] = _row_level(seg, r0 + y, c0, n, center, cut, buf)
         center = level[y]
     if smooth <= 0:
         for y in range(h):

@@ -264,3 +264,39 @@ def test_fit_fringe_errors():
         fit_fringe(np.full((20, 20), np.nan, np.float32), fringe)
     with pytest.raises(ValueError, match="same shape"):
         subtract_fringe(image, fringe[:, :3], 1.0)
+
+
+@pytest.mark.parametrize("tol", [0.0, 0.5])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_isr_inline_overscan_is_the_same_numbers(det, tol, parallel):
+    """Levels estimated inside the fused pass (oscan=None) equal overscan_levels', and so do the outputs, to
+    the bit; with a bright star in five amplifiers of the same rows (more strong crosstalk sources than the
+    output pass applies inline) and a bleed trail into an overscan."""
+    lay, a0 = _layout(det)
+    raw = _raw(det, 4)
+    rows, cols = a0.raw_data
+    for a in (0, 1, 2, 6, 7):  # > 3 strong sources for their neighbours' victims in rows 60..63
+        raw[a, 60:64, cols.start + 30 : cols.start + 34] = 180000
+    bias, dark, flat = _calibs(det, 2)
+    xt = crosstalk_template("E2V") * 10
+    gains, rn, sat = _amp_params(det)
+    (raw,) = _ro(raw)
+    kw = dict(bias=bias, dark=dark, flat=flat, crosstalk=xt, crosstalk_tolerance=tol, dark_time=30.0,
+              oscan_noise_rows=4, parallel=parallel)  # fmt: skip
+    levels = overscan_levels(raw, *a0.raw_serial_overscan, nsigma=2.5)
+    ref = isr_ccd(raw, lay, levels, gains, rn, sat, **kw)
+    got_levels = np.full_like(levels, np.nan)
+    got = isr_ccd(raw, lay, None, gains, rn, sat, overscan_cols=a0.raw_serial_overscan[1], overscan_nsigma=2.5,
+                  levels_out=got_levels, **kw)  # fmt: skip
+    np.testing.assert_array_equal(got_levels, levels)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+    if tol == 0.0:  # and the exact correction is the reference's (float64, einsum over every coupling)
+        naive = naive_isr.isr(raw, rows, cols, [(a.bbox[0], a.bbox[2]) for a in det.amps], [a.flip_x for a in det.amps],
+                              [a.flip_y for a in det.amps], det.shape, levels, gains, rn, sat, bias, dark, flat, xt, 30.0,
+                              oscan_noise_rows=4)  # fmt: skip
+        np.testing.assert_allclose(got[0], naive[0], rtol=1e-5, atol=0.05)
+    with pytest.raises(ValueError, match="overscan_cols"):
+        isr_ccd(raw, lay, None, gains, rn, sat)
+    with pytest.raises(ValueError, match="levels_out"):
+        isr_ccd(raw, lay, None, gains, rn, sat, overscan_cols=a0.raw_serial_overscan[1], levels_out=np.empty((2, 2)))
