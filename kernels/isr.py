@@ -27,8 +27,7 @@ with the same raw ``(row, col)``):
 Defects (bad columns, boxes) are ORed into the mask afterwards by :func:`mask_boxes`, which touches only
 their pixels. Fringes are fitted and subtracted after ISR by :mod:`kernels.fringe`.
 
-The fused pass reads each raw pixel (overscan included: with ``oscan=None`` the row levels are estimated as
-the rows stream in) and each calibration pixel once and writes each output pixel once:
+The fused pass reads each raw pixel and each calibration pixel once and writes each output pixel once:
 its floor is memory bandwidth (``benchmarks/isr.py``).
 """
 
@@ -41,7 +40,7 @@ import numpy as np
 
 from kernels.arrays import readonly
 from kernels.config import njit
-from kernels.overscan import _first_center, _overscan_cut, _row_level, as_raw_counts, overscan_levels
+from kernels.overscan import as_raw_counts
 
 __all__ = ["isr_ccd", "mask_boxes", "AmpLayout"]
 
@@ -58,15 +57,16 @@ def _make_isr_row(reverse: bool):
     # Inlined into the caller (numba IR): a call per amplifier row, with its array arguments and the loop's
     # run-time alias checks, costs ~60 ns — a third of the fused pass.
     @njit(error_model="numpy", inline="always")  # no ZeroDivisionError checks: a zero flat gives inf → NO_DATA
-    def isr_row(src, flev, base, c0, s0, c1, s1, c2, s2, rawrow, bias, dark, flat, yy, x0, img, var, msk, g, r2, sa, dt,
-                sat_bit, nodata_bit):  # fmt: skip
+    def isr_row(src, flev, base, c0, s0, f0, c1, s1, f1, c2, s2, f2, rawrow, bias, dark, flat, yy, x0, img, var, msk, g,
+                r2, sa, dt, sat_bit, nodata_bit):  # fmt: skip
         """One output row of one amplifier.
 
         The signal is ``src - flev`` (raw counts and the row's overscan level, or an already corrected row
-        and 0), then, with crosstalk (``s0`` not None), ``- base - c0 s0 - c1 s1 - c2 s2``: the constant part
-        of the weak couplings and up to three strong sources (overscan-subtracted rows; an unused slot has
-        ``c = 0`` and a row of zeros, which leaves the value unchanged to the bit). ``src``, ``s0..s2`` and
-        ``rawrow`` (for saturation) are in raw order; the calibrations are whole frames (or None: numba then
+        and 0), then, with crosstalk, ``- base - c0 (s0 - f0) - c1 (s1 - f1) - c2 (s2 - f2)``: the constant
+        part of the weak couplings and up to three strong sources (raw rows and their overscan levels, read
+        again from the cache). ``base`` and the sources may be None: numba compiles a loop without them, so a
+        row pays only for the sources it has. ``src``, ``s0..s2`` and ``rawrow`` (for saturation) are in raw
+        order; the calibrations are whole frames (or None: numba then
         compiles a version without them — a row view of an optional frame would stay a run-time Optional
         and keep the loop from vectorising), read at row ``yy`` from column ``x0``."""
         nan = np.float32(np.nan)
@@ -83,11 +83,14 @@ def _make_isr_row(reverse: bool):
             # unsigned: no wraparound test on the index, so the reversed loop vectorises too
             x = np.uint64(w - 1 - k) if reverse else np.uint64(k)
             v = np.float32(src[x]) - flev
-            if s0 is not None:
+            if base is not None:
                 v = v - base
-                v = v - c0 * s0[x]
-                v = v - c1 * s1[x]
-                v = v - c2 * s2[x]
+            if s0 is not None:
+                v = v - c0 * (np.float32(s0[x]) - f0)
+            if s1 is not None:
+                v = v - c1 * (np.float32(s1[x]) - f1)
+            if s2 is not None:
+                v = v - c2 * (np.float32(s2[x]) - f2)
             if bias is not None:
                 v -= brow[k]
             e = v * g
@@ -109,6 +112,19 @@ def _make_isr_row(reverse: bool):
 
 _isr_row_fwd = _make_isr_row(False)
 _isr_row_rev = _make_isr_row(True)
+
+
+@njit(inline="always")
+def _emit(rev, src, flev, base, c0, s0, f0, c1, s1, f1, c2, s2, f2, rawrow, bias, dark, flat, yy, x0, img, var, msk, g,
+          r2, sa, dt, sat_bit, nodata_bit):  # fmt: skip
+    """The output row, its inputs read backwards (``rev``: the amplifier's serial direction is flipped) or not."""
+    if rev:
+        _isr_row_rev(src, flev, base, c0, s0, f0, c1, s1, f1, c2, s2, f2, rawrow, bias, dark, flat, yy, x0, img, var,
+                     msk, g, r2, sa, dt, sat_bit, nodata_bit)  # fmt: skip
+    else:
+        _isr_row_fwd(src, flev, base, c0, s0, f0, c1, s1, f1, c2, s2, f2, rawrow, bias, dark, flat, yy, x0, img, var,
+                     msk, g, r2, sa, dt, sat_bit, nodata_bit)  # fmt: skip
+
 
 #: Strong crosstalk sources applied inside the output pass; a victim row with more (rare: a bright star in
 #: several amplifiers of the same row) gets its corrected row built first.
@@ -145,24 +161,21 @@ def _strong_sources(xt, j, pair_tol, mid, half, idx, coef):
 
 
 @njit(error_model="numpy")
-def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, oscan, inline, oc0, on, cut, center, xt, pair_tol, bias, dark,
-              flat, gains, rn2, sat, dark_time, oy0, ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit,
-              s, tr):  # fmt: skip
+def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, dark, flat, gains, rn2, sat, dark_time,
+              oy0, ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit, nb, tr):  # fmt: skip
     """Raw rows ``[y_begin, y_end)`` of the data region of every amplifier → assembled outputs.
 
-    One raw row of all amplifiers at a time (they are read at the same instant, so crosstalk couples
-    pixels with the same raw ``(row, col)``): its overscan level (``inline``: computed here from columns
-    ``[oc0, oc0 + on)`` of the same raw row, clipped around ``center`` with ``cut``, and stored in
-    ``oscan``; otherwise read from ``oscan``); with crosstalk, the overscan-subtracted signal of every
-    amplifier into ``s`` (``(namp, w)`` float32, 32 kB for LSSTCam: it stays in the L1 cache); then
-    amplifier by amplifier in the order of their place in the image — each output row of a half of the CCD
-    (and the same row of the calibrations) written in one sequential sweep — the output pixels, crosstalk
-    applied on the way (:func:`_strong_sources`). Every raw, calibration and output pixel crosses the
-    memory bus once. ``xt``, ``bias``, ``dark`` and ``flat`` may be None: numba compiles a version without
-    them.
+    Blocks of ``nb`` raw rows of all amplifiers (they are read at the same instant, so crosstalk couples
+    pixels with the same raw ``(row, col)``): with crosstalk, the range of each raw row first (which
+    couplings are strong, :func:`_strong_sources`; the block's raw rows, 16 × ``nb`` × 2.3 kB for LSSTCam,
+    then stay in the L2 cache); then one band of output rows (half of an LSSTCam CCD) at a time, row by
+    row, amplifiers left to right — the rows of a block of a band are contiguous in each output and
+    calibration frame, so the pass streams through six sequential regions — the output pixels, with the
+    overscan level of the row and the crosstalk of the strong sources applied on the way. Every raw,
+    calibration and output pixel crosses the memory bus once. ``xt``, ``bias``, ``dark`` and ``flat`` may be
+    None: numba compiles a version without them.
     """
     namp = raw.shape[0]
-    nb = s.shape[1]
     dt = np.float32(dark_time)
     zero = np.float32(0.0)
     order = np.argsort(oy0 * (ox0.max() + 1) + ox0)
@@ -174,39 +187,31 @@ def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, oscan, inline, oc0, on, cut, 
     mid = np.empty((namp, nb), np.float32)
     half = np.empty((namp, nb), np.float32)
     flev = np.empty((namp, nb), np.float32)
-    buf = np.empty(max(on, 1), np.float64)
     idx = np.empty(namp, np.int64)
     coef = np.empty(namp, np.float32)
-    zrow = np.zeros(w, np.float32)
+    zrow = np.zeros(w, raw.dtype)
     for yb in range(y_begin, y_end, nb):
         ye = min(yb + nb, y_end)
         for a in range(namp):
             seg = raw[a]
             for y in range(yb, ye):
-                if inline:
-                    lev = _row_level(seg, dr0 + y, oc0, on, center[a], cut[a], buf)
-                    oscan[a, y] = lev
-                    center[a] = lev
-                else:
-                    lev = oscan[a, y]
+                lev = oscan[a, y]
                 fl = np.float32(lev)
                 flev[a, y - yb] = fl
                 if xt is not None:
-                    sr = s[a, y - yb]
                     rr = seg[dr0 + y, dc0 : dc0 + w]
                     lo = rr[0]
                     hi = rr[0]
                     for x in range(w):
-                        sr[x] = np.float32(rr[x]) - fl
                         lo = min(lo, rr[x])  # integer reductions vectorise (float ones need fastmath)
                         hi = max(hi, rr[x])
                     mid[a, y - yb] = np.float32(0.5 * (float(lo) + float(hi)) - lev)
                     half[a, y - yb] = np.float32(0.5 * (float(hi) - float(lo)))
-        # One band of output rows (half of an LSSTCam CCD) at a time, row by row, amplifiers left to right:
-        # the rows of the block of a band are contiguous in each output and calibration frame, so the pass
-        # streams through six sequential regions instead of twelve.
+        # One band of output rows at a time: six sequential regions in flight instead of twelve.
         for band in range(len(starts) - 1):
-            for y in range(yb, ye):
+            up = flip_y[order[starts[band]]]  # output rows ascend with raw rows
+            for j in range(ye - yb):
+                y = yb + j if up else ye - 1 - j  # the block's output rows in ascending memory order
                 r = y - yb
                 for k in range(starts[band], starts[band + 1]):
                     a = order[k]
@@ -219,57 +224,50 @@ def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, oscan, inline, oc0, on, cut, 
                     rev = flip_x[a]
                     fl = flev[a, r]
                     if xt is None:
-                        if rev:
-                            _isr_row_rev(rawrow, fl, zero, zero, None, zero, None, zero, None, rawrow, bias, dark, flat,
-                                         yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
-                        else:
-                            _isr_row_fwd(rawrow, fl, zero, zero, None, zero, None, zero, None, rawrow, bias, dark, flat,
-                                         yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
+                        _emit(rev, rawrow, fl, None, zero, None, zero, zero, None, zero, zero, None, zero, rawrow, bias,
+                              dark, flat, yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
                         continue
                     base, n = _strong_sources(xt, a, pair_tol, mid[:, r], half[:, r], idx, coef)
                     if n > _INLINE_SOURCES:  # the corrected row built first, in the reference order
-                        sr = s[a, r]
                         for x in range(w):
-                            tr[x] = sr[x] - base
+                            tr[x] = (np.float32(rawrow[x]) - fl) - base
                         for m in range(n):
                             c = coef[m]
-                            si = s[idx[m], r]
+                            i = idx[m]
+                            si = raw[i, dr0 + y, dc0 : dc0 + w]
+                            fi = flev[i, r]
                             for x in range(w):
-                                tr[x] -= c * si[x]
-                        if rev:
-                            _isr_row_rev(tr, zero, zero, zero, zrow, zero, zrow, zero, zrow, rawrow, bias, dark, flat,
-                                         yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
-                        else:
-                            _isr_row_fwd(tr, zero, zero, zero, zrow, zero, zrow, zero, zrow, rawrow, bias, dark, flat,
-                                         yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
+                                tr[x] -= c * (np.float32(si[x]) - fi)
+                        _emit(rev, tr, zero, None, zero, None, zero, zero, None, zero, zero, None, zero, rawrow, bias,
+                              dark, flat, yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
                         continue
-                    c0 = coef[0] if n > 0 else zero
-                    c1 = coef[1] if n > 1 else zero
-                    c2 = coef[2] if n > 2 else zero
-                    s0 = s[idx[0], r] if n > 0 else zrow
-                    s1 = s[idx[1], r] if n > 1 else zrow
-                    s2 = s[idx[2], r] if n > 2 else zrow
-                    if rev:
-                        _isr_row_rev(rawrow, fl, base, c0, s0, c1, s1, c2, s2, rawrow, bias, dark, flat, yy, x0, img,
-                                     var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
-                    else:
-                        _isr_row_fwd(rawrow, fl, base, c0, s0, c1, s1, c2, s2, rawrow, bias, dark, flat, yy, x0, img,
-                                     var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
+                    # Two compiled variants (up to two sources, three) keep the compile time in bounds: a row
+                    # with fewer sources fills a slot with c = 0 and a row of zeros (the same value to the bit).
+                    i0 = idx[0] if n > 0 else a
+                    i1 = idx[1] if n > 1 else a
+                    s0 = raw[i0, dr0 + y, dc0 : dc0 + w] if n > 0 else zrow
+                    s1 = raw[i1, dr0 + y, dc0 : dc0 + w] if n > 1 else zrow
+                    c0, f0 = (coef[0], flev[i0, r]) if n > 0 else (zero, zero)
+                    c1, f1 = (coef[1], flev[i1, r]) if n > 1 else (zero, zero)
+                    if n <= 2:
+                        _emit(rev, rawrow, fl, base, c0, s0, f0, c1, s1, f1, zero, None, zero, rawrow, bias, dark, flat,
+                              yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
+                        continue
+                    i2 = idx[2]
+                    _emit(rev, rawrow, fl, base, c0, s0, f0, c1, s1, f1, coef[2], raw[i2, dr0 + y, dc0 : dc0 + w],
+                          flev[i2, r], rawrow, bias, dark, flat, yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit,
+                          nodata_bit)  # fmt: skip
 
 
 @njit(parallel=True)
-def _isr_parallel(nchunk, raw, dr0, dc0, h, w, oscan, inline, oc0, on, cut, center, xt, pair_tol, bias, dark, flat,
-                  gains, rn2, sat, dark_time, oy0, ox0, flip_x, flip_y, image, variance, mask, sat_bit,
-                  nodata_bit):  # fmt: skip
-    namp = raw.shape[0]
+def _isr_parallel(nchunk, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, dark, flat, gains, rn2, sat, dark_time, oy0,
+                  ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit):  # fmt: skip
     for k in numba.prange(nchunk):
         y0 = k * h // nchunk
         y1 = (k + 1) * h // nchunk
-        s = np.empty((namp, _BLOCK, w), np.float32)
         tr = np.empty(w, np.float32)
-        _isr_rows(y0, y1, raw, dr0, dc0, h, w, oscan, inline, oc0, on, cut, center, xt, pair_tol, bias, dark, flat,
-                  gains, rn2, sat, dark_time, oy0, ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit, s,
-                  tr)  # fmt: skip
+        _isr_rows(y0, y1, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, dark, flat, gains, rn2, sat, dark_time, oy0,
+                  ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit, _BLOCK, tr)  # fmt: skip
 
 
 class AmpLayout:
@@ -323,8 +321,7 @@ def _per_amp(name: str, v, namp: int) -> np.ndarray:
 
 def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, bias=None, dark=None, flat=None,
             crosstalk=None, crosstalk_tolerance: float = 0.0, dark_time: float = 0.0, sat_bit: int = 1,
-            nodata_bit: int = 2, oscan_noise_rows: float = 0.0, parallel: bool = False, out=None,
-            overscan_cols: slice | None = None, overscan_nsigma: float = 3.0, levels_out=None):  # fmt: skip
+            nodata_bit: int = 2, oscan_noise_rows: float = 0.0, parallel: bool = False, out=None):  # fmt: skip
     """Fused ISR of a CCD: raw integer segments → assembled image, variance and mask.
 
     Parameters
@@ -333,11 +330,8 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
         Integer ``(namp, raw_rows, raw_cols)`` segments in HDU order. Not modified.
     layout : AmpLayout
         Data region of a segment and each amplifier's place in the assembled image.
-    oscan : numpy.ndarray or None
-        ``(namp, data_rows)`` overscan level per row, ADU (:func:`~kernels.overscan.overscan_levels`), or None
-        to estimate the levels in the fused pass from the serial overscan columns ``overscan_cols`` of the
-        data rows, exactly as :func:`~kernels.overscan.overscan_levels` does without smoothing (the overscan
-        pixels then stream in with their row instead of costing a strided pass of their own).
+    oscan : numpy.ndarray
+        ``(namp, data_rows)`` overscan level per row, ADU (:func:`~kernels.overscan.overscan_levels`).
     gains, read_noise_e, saturation : array_like
         Per amplifier: e-/ADU, read noise in electrons, saturation in raw ADU (``raw >= saturation``).
     bias : numpy.ndarray, optional
@@ -364,12 +358,6 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
         Split rows between threads.
     out : tuple of numpy.ndarray, optional
         ``(image, variance, mask)`` to fill: float32, float32, int32, C-contiguous, shape ``layout.shape``.
-    overscan_cols : slice, optional
-        With ``oscan=None``: the serial overscan columns of a segment.
-    overscan_nsigma : float
-        With ``oscan=None``: the clipping threshold in robust standard deviations.
-    levels_out : numpy.ndarray, optional
-        With ``oscan=None``: a float64 ``(namp, data_rows)`` array that receives the levels used.
 
     Returns
     -------
@@ -389,37 +377,11 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
     for a in range(namp):
         if not (0 <= layout.oy0[a] and layout.oy0[a] + h <= ny and 0 <= layout.ox0[a] and layout.ox0[a] + w <= nx):
             raise ValueError(f"amplifier {a} ({h}×{w} at {layout.oy0[a]}, {layout.ox0[a]}) lies outside {ny}×{nx}")
-    inline = oscan is None
-    oc0 = on = 0
-    cut = np.zeros(namp, np.float64)
-    center = np.zeros(namp, np.float64)
-    if inline:
-        if overscan_cols is None:
-            raise ValueError(
-                "pass the overscan levels (oscan) or, with oscan=None, the overscan columns (overscan_cols)"
-            )
-        if not overscan_nsigma > 0:
-            raise ValueError(f"overscan_nsigma must be positive, got {overscan_nsigma}")
-        oc0, oc1, _ = overscan_cols.indices(raw.shape[2])
-        on = oc1 - oc0
-        if on <= 0:
-            raise ValueError(f"overscan columns {overscan_cols} are empty for segments of shape {raw.shape[1:]}")
-        oscan = np.empty((namp, h), np.float64) if levels_out is None else levels_out
-        if oscan.shape != (namp, h) or oscan.dtype != np.float64 or not oscan.flags.writeable:
-            raise ValueError(f"levels_out must be a writeable float64 array of shape {(namp, h)}")
-        cut = np.array([_overscan_cut(raw[a], dr0, dr1, oc0, on, float(overscan_nsigma)) for a in range(namp)])
-        center = np.array([_first_center(raw[a], dr0, oc0, on) for a in range(namp)])
-        if parallel:  # rows are split between threads, and each row's clipping starts from the previous level
-            oscan[:] = overscan_levels(raw, slice(dr0, dr1), overscan_cols, overscan_nsigma, parallel=True)
-            inline = False
-    else:
-        oscan = np.ascontiguousarray(oscan, np.float64)
-        if not oscan.flags.writeable:  # the kernel's signature has a writeable array (it is not written here)
-            oscan = oscan.copy()
-        if oscan.shape != (namp, h):
-            raise ValueError(f"oscan must be (namp, data rows) = {(namp, h)}, got {oscan.shape}")
-        if not np.all(np.isfinite(oscan)):
-            raise ValueError("overscan levels have NaN or infinite values")
+    oscan = readonly(np.ascontiguousarray(oscan, np.float64))
+    if oscan.shape != (namp, h):
+        raise ValueError(f"oscan must be (namp, data rows) = {(namp, h)}, got {oscan.shape}")
+    if not np.all(np.isfinite(oscan)):
+        raise ValueError("overscan levels have NaN or infinite values")
     g = _per_amp("gains", gains, namp)
     rn = _per_amp("read_noise_e", read_noise_e, namp)
     sat = _per_amp("saturation", saturation, namp)
@@ -464,14 +426,13 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
     if not (crosstalk_tolerance >= 0 and math.isfinite(crosstalk_tolerance)):
         raise ValueError(f"crosstalk_tolerance must be a finite number of ADU ≥ 0, got {crosstalk_tolerance}")
     pair_tol = np.float32(crosstalk_tolerance / max(namp - 1, 1))
-    args = (raw, dr0, dc0, h, w, oscan, inline, oc0, on, cut, center, xt, pair_tol, b, d, f, g, rn2, sat_i,
-            float(dark_time),
+    args = (raw, dr0, dc0, h, w, oscan, xt, pair_tol, b, d, f, g, rn2, sat_i, float(dark_time),
             layout.oy0, layout.ox0, layout.flip_x, layout.flip_y, image, variance, mask, np.int32(sat_bit),
             np.int32(nodata_bit))  # fmt: skip
     if parallel:
         _isr_parallel(max(1, min(h, 4 * numba.get_num_threads())), *args)
     else:
-        _isr_rows(0, h, *args, np.empty((namp, _BLOCK, w), np.float32), np.empty(w, np.float32))
+        _isr_rows(0, h, *args, _BLOCK, np.empty(w, np.float32))
     return image, variance, mask
 
 

@@ -101,12 +101,6 @@ def _overscan_cut(seg, r0, r1, c0, n, nsigma):
 
 
 @njit
-def _first_center(seg, r0, c0, n):
-    """Where the clipping of the first row starts: its median."""
-    return _row_median(seg, r0, c0, n, np.empty(n, np.float64))
-
-
-@njit
 def _row_level(seg, y, c0, n, center, cut, buf):
     """Level of row ``y``: mean of ``seg[y, c0:c0 + n]`` within ``cut`` of ``center`` (the previous row's
     level), or within ``cut`` of the row's own median when that keeps fewer than half the pixels."""
@@ -123,15 +117,14 @@ def _overscan_amp(seg, r0, r1, c0, c1, nsigma, smooth, out):
 
     The scatter comes from :func:`_overscan_cut`. Each row is clipped around the previous row's level (the
     first row's and any row's that keeps fewer than half its pixels that way: around its median), which is
-    within a few ADU of its own and saves a selection per row (:func:`_row_level`; the fused ISR pass of
-    :mod:`kernels.isr` runs the same per-row step as it streams the raw rows).
+    within a few ADU of its own and saves a selection per row (:func:`_row_level`).
     """
     h = r1 - r0
     n = c1 - c0
     buf = np.empty(n, np.float64)
     cut = _overscan_cut(seg, r0, r1, c0, n, nsigma)
     level = np.empty(h, np.float64)
-    center = _first_center(seg, r0, c0, n)
+    center = _row_median(seg, r0, c0, n, buf)
     for y in range(h):
         level[y] = _row_level(seg, r0 + y, c0, n, center, cut, buf)
         center = level[y]

@@ -65,6 +65,31 @@ def isr(raw, data_rows, data_cols, origins, flip_x, flip_y, shape, oscan, gains,
     return image, variance, mask
 
 
+def crosstalk_tolerant(raw, data_rows, data_cols, oscan, xt, tol):
+    """The crosstalk correction of ``isr_ccd(..., crosstalk_tolerance=tol)`` in float64, row by row: each source
+    row split into its mid-range and the rest, the rest applied only for ``|c| * half > tol / (namp - 1)``.
+    Returns the corrected segments ``(namp, h, w)`` and the number of strong sources per (victim, row)."""
+    s = raw[:, data_rows, data_cols].astype(np.float64) - oscan[:, :, None]
+    d = raw[:, data_rows, data_cols].astype(np.float64)
+    mid = 0.5 * (d.min(axis=2) + d.max(axis=2)) - oscan
+    half = 0.5 * (d.max(axis=2) - d.min(axis=2))
+    namp = s.shape[0]
+    c32 = np.asarray(xt, np.float32)  # the kernel classifies in float32: the same products at the threshold
+    c = c32.astype(np.float64)
+    pair_tol = np.float32(tol / (namp - 1))
+    half32 = half.astype(np.float32)
+    t = s.copy()
+    nstrong = np.zeros((namp, s.shape[1]), int)
+    for j in range(namp):
+        for i in range(namp):
+            if i == j or c[i, j] == 0:
+                continue
+            strong = np.abs(c32[i, j]) * half32[i] > pair_tol
+            nstrong[j] += strong
+            t[j] -= c[i, j] * np.where(strong[:, None], s[i], mid[i][:, None])
+    return t, nstrong
+
+
 def snap_cosmic_rays(im0, var0, im1, var1, t0, t1, mask0=None, mask1=None, bad_bits=0, nsigma=5.0,
                      grow_nsigma=2.5, contrast=0.1, dilate=1):  # fmt: skip
     """Seeds, connected components of the growth mask that hold a seed, binary dilation (scipy.ndimage)."""

@@ -129,6 +129,36 @@ def test_crosstalk_tolerance_bounds_the_error(det, tol):
         isr_ccd(*args, crosstalk=xt, crosstalk_tolerance=-1.0)
 
 
+def test_crosstalk_with_few_and_many_strong_sources(det):
+    """Rows whose victims have 0, 1, 2, 3 and more strong crosstalk sources (each count has its own code path
+    in the output pass) against the float64 reference of the same tolerant correction."""
+    lay, a0 = _layout(det)
+    rows, cols = a0.raw_data
+    raw = _raw(det, 8)
+    c0 = cols.start
+    for k, amps in enumerate([(2,), (2, 5), (2, 3, 5), (2, 3, 5, 6)]):  # amp 4 gets 1, 2, 3 and 4 strong sources
+        for a in amps:
+            raw[a, 20 + 10 * k : 23 + 10 * k, c0 + 7 : c0 + 11] = 150000
+    xt = crosstalk_template("E2V") * 5
+    tol = 60.0  # ADU: sky rows then have no strong source, the stars' near neighbours do
+    oscan = overscan_levels(raw, *a0.raw_serial_overscan)
+    gains, rn, sat = _amp_params(det)
+    bias, dark, flat = _calibs(det, 5)
+    (raw,) = _ro(raw)
+    t, nstrong = naive_isr.crosstalk_tolerant(raw, rows, cols, oscan, xt, tol)
+    assert set(np.unique(nstrong[4])) >= {0, 1, 2, 3, 4}
+    corrected = raw.astype(np.float64)
+    corrected[:, rows, cols] = t + oscan[:, :, None]
+    args = (rows, cols, [(a.bbox[0], a.bbox[2]) for a in det.amps], [a.flip_x for a in det.amps],
+            [a.flip_y for a in det.amps], det.shape, oscan, gains, rn, np.full(16, 1e9), bias, dark, flat)  # fmt: skip
+    ref = naive_isr.isr(corrected, *args, None, 12.0)
+    for parallel in (False, True):
+        img, var, _ = isr_ccd(raw, lay, oscan, gains, rn, np.full(16, 1e9), bias=bias, dark=dark, flat=flat,
+                              crosstalk=xt, crosstalk_tolerance=tol, dark_time=12.0, parallel=parallel)  # fmt: skip
+        np.testing.assert_allclose(img, ref[0], rtol=1e-5, atol=0.05)
+        np.testing.assert_allclose(var, ref[1], rtol=1e-4, atol=0.1)
+
+
 def test_isr_without_calibrations_is_assembly(det):
     """With no calibrations, unit gains and a zero overscan the image is the assembled raw (as assemble_ccd)."""
     from lsstpipe.isr.assembly import disassemble_ccd
@@ -264,39 +294,3 @@ def test_fit_fringe_errors():
         fit_fringe(np.full((20, 20), np.nan, np.float32), fringe)
     with pytest.raises(ValueError, match="same shape"):
         subtract_fringe(image, fringe[:, :3], 1.0)
-
-
-@pytest.mark.parametrize("tol", [0.0, 0.5])
-@pytest.mark.parametrize("parallel", [False, True])
-def test_isr_inline_overscan_is_the_same_numbers(det, tol, parallel):
-    """Levels estimated inside the fused pass (oscan=None) equal overscan_levels', and so do the outputs, to
-    the bit; with a bright star in five amplifiers of the same rows (more strong crosstalk sources than the
-    output pass applies inline) and a bleed trail into an overscan."""
-    lay, a0 = _layout(det)
-    raw = _raw(det, 4)
-    rows, cols = a0.raw_data
-    for a in (0, 1, 2, 6, 7):  # > 3 strong sources for their neighbours' victims in rows 60..63
-        raw[a, 60:64, cols.start + 30 : cols.start + 34] = 180000
-    bias, dark, flat = _calibs(det, 2)
-    xt = crosstalk_template("E2V") * 10
-    gains, rn, sat = _amp_params(det)
-    (raw,) = _ro(raw)
-    kw = dict(bias=bias, dark=dark, flat=flat, crosstalk=xt, crosstalk_tolerance=tol, dark_time=30.0,
-              oscan_noise_rows=4, parallel=parallel)  # fmt: skip
-    levels = overscan_levels(raw, *a0.raw_serial_overscan, nsigma=2.5)
-    ref = isr_ccd(raw, lay, levels, gains, rn, sat, **kw)
-    got_levels = np.full_like(levels, np.nan)
-    got = isr_ccd(raw, lay, None, gains, rn, sat, overscan_cols=a0.raw_serial_overscan[1], overscan_nsigma=2.5,
-                  levels_out=got_levels, **kw)  # fmt: skip
-    np.testing.assert_array_equal(got_levels, levels)
-    for g, r in zip(got, ref):
-        np.testing.assert_array_equal(g, r)
-    if tol == 0.0:  # and the exact correction is the reference's (float64, einsum over every coupling)
-        naive = naive_isr.isr(raw, rows, cols, [(a.bbox[0], a.bbox[2]) for a in det.amps], [a.flip_x for a in det.amps],
-                              [a.flip_y for a in det.amps], det.shape, levels, gains, rn, sat, bias, dark, flat, xt, 30.0,
-                              oscan_noise_rows=4)  # fmt: skip
-        np.testing.assert_allclose(got[0], naive[0], rtol=1e-5, atol=0.05)
-    with pytest.raises(ValueError, match="overscan_cols"):
-        isr_ccd(raw, lay, None, gains, rn, sat)
-    with pytest.raises(ValueError, match="levels_out"):
-        isr_ccd(raw, lay, None, gains, rn, sat, overscan_cols=a0.raw_serial_overscan[1], levels_out=np.empty((2, 2)))

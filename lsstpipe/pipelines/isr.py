@@ -138,20 +138,14 @@ def run_isr(raw_segments: np.ndarray, detector: Detector, calibs: IsrCalibs, met
     layout = amp_layout(detector)
     amps = sorted(detector.amps, key=lambda a: a.hdu)
     orows, ocols = amps[0].raw_serial_overscan
+    levels = overscan_levels(raw, orows, ocols, config.overscan_nsigma, config.overscan_smooth, config.parallel)
     n_os = (ocols.stop - ocols.start) * (2 * config.overscan_smooth + 1)
-    if config.overscan_smooth == 0 and orows == layout.data_rows:
-        # The row levels are estimated inside the fused pass, as its raw rows stream in (the same numbers).
-        levels = np.empty((len(amps), orows.stop - orows.start), np.float64)
-        oscan, inline = None, {"overscan_cols": ocols, "overscan_nsigma": config.overscan_nsigma, "levels_out": levels}
-    else:
-        levels = overscan_levels(raw, orows, ocols, config.overscan_nsigma, config.overscan_smooth, config.parallel)
-        oscan, inline = levels, {}
     image, variance, mask = isr_ccd(
-        raw, layout, oscan, [a.gain for a in amps], [a.read_noise for a in amps], [a.saturation for a in amps],
+        raw, layout, levels, [a.gain for a in amps], [a.read_noise for a in amps], [a.saturation for a in amps],
         bias=calibs.bias, dark=calibs.dark, flat=calibs.flat, crosstalk=calibs.crosstalk,
         crosstalk_tolerance=config.crosstalk_tolerance, dark_time=float(metadata["dark_time"]),
         sat_bit=int(MaskBit.SAT), nodata_bit=int(MaskBit.NO_DATA), oscan_noise_rows=n_os, parallel=config.parallel,
-        out=None if out is None else (out.image, out.variance, out.mask), **inline,
+        out=None if out is None else (out.image, out.variance, out.mask),
     )  # fmt: skip
     if len(calibs.defects):
         mask_boxes(mask, calibs.defects, int(MaskBit.BAD))
