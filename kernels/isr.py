@@ -130,8 +130,9 @@ def _emit(rev, src, flev, base, c0, s0, f0, c1, s1, f1, c2, s2, f2, rawrow, bias
 #: several amplifiers of the same row) gets its corrected row built first.
 _INLINE_SOURCES = 3
 
-#: Raw rows per block of the fused pass: 16 amplifiers × 4 rows × 512 columns of float32 signal = 128 kB
-#: (in the L2 cache).
+#: Raw rows per block of the fused pass: the block's raw rows (16 amplifiers × 4 rows × 2.3 kB = 147 kB for
+#: LSSTCam) stay in the L2 cache between the pass that finds each row's range and the output pass that reads
+#: them again as victims and as crosstalk sources.
 _BLOCK = 4
 
 
