@@ -6,6 +6,8 @@ model and photometry, with sky and Gaussian photon noise, its TAN-SIP WCS fitted
 
 import dataclasses
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -312,6 +314,41 @@ def test_read_template_patches_from_a_repository(tmp_path, pair):
     fits.HDUList([fits.PrimaryHDU(np.zeros((4, 4)))]).writeto(bad)
     with pytest.raises(ValueError, match="IMAGE/VARIANCE"):
         read_template_patches([bad], BAND, 0.0, 0.0, 1.0)
+
+
+def test_template_patch_headers_are_read_once_per_process(tmp_path, pair, monkeypatch):
+    """A worker asks for a CCD's templates every visit: the patches' headers are parsed once, only the
+    overlapping patches are opened again for their pixels, and a patch rewritten in place is read afresh."""
+    import lsstpipe.pipelines.difference as dmod
+
+    repo = Repository(tmp_path / "repo")
+    repo.create({"camera": "mini", "seed": 7})
+    for k, p in enumerate(pair.patches):
+        path = repo.template_path(BAND, 0, f"{k},0")
+        write_template(path, p.image, p.variance, p.wcs, BAND, 0, f"{k},0", 0.2)
+        ra, dec = p.wcs.all_pix2world(p.image.shape[1] / 2, p.image.shape[0] / 2, 0)
+        repo.register_template(BAND, 0, f"{k},0", path, float(ra), float(dec), p.image.shape[0])
+    cra, cdec = pair.wcs.all_pix2world(255.5, 249.5, 0)
+    first = read_template_patches(repo, BAND, float(cra), float(cdec), 0.02)
+    opened = []
+    real_open = fits.open
+    monkeypatch.setattr(fits, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    again = read_template_patches(repo, BAND, float(cra), float(cdec), 0.02)
+    assert len(opened) == len(first)  # pixels only, no header pass
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.image, b.image)
+        assert a.wcs.to_header() == b.wcs.to_header()
+    assert read_template_patches(repo, BAND, float(cra) + 5, float(cdec), 0.02) == []
+    assert len(opened) == len(first)  # nothing overlaps: nothing opened
+    p0 = pair.patches[0]
+    path0 = repo.template_path(BAND, 0, "0,0")
+    write_template(path0, p0.image + 1, p0.variance, p0.wcs, BAND, 0, "0,0", 0.3)  # rewritten: new PSF scale
+    os.utime(path0, ns=(time.time_ns(), time.time_ns() + 10**9))
+    n_keys = len(dmod._PATCH_INFO)
+    third = read_template_patches(repo, BAND, float(cra), float(cdec), 0.02)
+    assert len(dmod._PATCH_INFO) == n_keys + 1
+    np.testing.assert_array_equal(third[0].image, p0.image + 1)
+    assert third[0].psf_fwhm_pix != first[0].psf_fwhm_pix
 
 
 @pytest.mark.slow
