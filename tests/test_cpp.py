@@ -172,6 +172,11 @@ def test_isr_calibs_from_db(done):
     assert np.array_equal(calibs.bias, _master(repo, summary, "R10_S00", "bias").image)
     assert np.array_equal(calibs.flat, _master(repo, summary, "R10_S00", "flat", "z").image)
     assert calibs.fringe is not None and calibs.dark is not None and len(calibs.defects) >= 2
+    # the lookup reads only the planes ISR uses (read_master_image / read_master_defects): the same numbers
+    assert np.array_equal(calibs.dark, _master(repo, summary, "R10_S00", "dark").image)
+    assert np.array_equal(calibs.fringe, _master(repo, summary, "R10_S00", "fringe", "z").image)
+    assert np.array_equal(calibs.defects, _master(repo, summary, "R10_S00", "defects").defects)
+    assert calibs.bias.dtype == np.float32 and calibs.flat.flags.c_contiguous
     (raw_row,) = [x for x in r.raws(sci["obsid"]) if x["detector"] == "R10_S00"]
     raw = read_raw(r.root / raw_row["path"])
     exp = run_isr(raw.stack(), get_camera("mini")["R10_S00"], calibs, raw_metadata(raw))

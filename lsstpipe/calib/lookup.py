@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lsstpipe.calib.cpp import calib_db_path
-from lsstpipe.calib.masters import read_master
+from lsstpipe.calib.masters import read_master_defects, read_master_image
 from lsstpipe.camera import Detector, get_camera
 from lsstpipe.db.calib import CalibrationDatabase, CalibrationNotFound, CalibrationRecord
 from lsstpipe.pipelines.isr import FRINGE_BANDS, IsrCalibs
@@ -80,14 +80,14 @@ def isr_calibs_from_db(repo: str | os.PathLike, detector: str | Detector, band: 
             except CalibrationNotFound:
                 return None
 
-        bias = read_master(_verified(root, db.lookup("bias", name, None, mjd)))
-        flat = read_master(_verified(root, db.lookup("flat", name, band, mjd)))
+        bias = read_master_image(_verified(root, db.lookup("bias", name, None, mjd)))
+        flat = read_master_image(_verified(root, db.lookup("flat", name, band, mjd)))
         rec = optional("dark", None)
-        dark = read_master(_verified(root, rec)).image if rec else None
+        dark = read_master_image(_verified(root, rec)) if rec else None
         rec = optional("defects", None)
-        defects = read_master(_verified(root, rec)).defects if rec else np.zeros((0, 4), np.int64)
+        defects = read_master_defects(_verified(root, rec)) if rec else np.zeros((0, 4), np.int64)
         rec = optional("fringe", band) if band in FRINGE_BANDS else None
-        fringe = read_master(_verified(root, rec)).image if rec else None
+        fringe = read_master_image(_verified(root, rec)) if rec else None
         rec = optional("crosstalk", None)
         crosstalk = None
         if rec is not None:
@@ -95,4 +95,4 @@ def isr_calibs_from_db(repo: str | os.PathLike, detector: str | Detector, band: 
 
             det = get_camera(Repository(root).read_config()["camera"])[name] if isinstance(detector, str) else detector
             crosstalk = matrix_for_detector(read_crosstalk(_verified(root, rec))[0], det)
-    return IsrCalibs(bias=bias.image, dark=dark, flat=flat.image, defects=defects, crosstalk=crosstalk, fringe=fringe)
+    return IsrCalibs(bias=bias, dark=dark, flat=flat, defects=defects, crosstalk=crosstalk, fringe=fringe)
