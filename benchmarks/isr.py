@@ -39,6 +39,7 @@ from pathlib import Path  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
+from kernels.config import njit  # noqa: E402
 from kernels.crosstalk import remove_crosstalk  # noqa: E402
 from kernels.isr import isr_ccd  # noqa: E402
 from kernels.overscan import overscan_levels  # noqa: E402
@@ -76,7 +77,7 @@ def copy_gbps(repeat: int) -> float:
     return 2 * src.nbytes / t / 1e9
 
 
-@numba.njit(nogil=True)
+@njit
 def _stream7(raw, b, d, f, img, var, msk):
     for y in range(img.shape[0]):
         r = raw[y]

@@ -64,9 +64,9 @@ def _make_isr_row(reverse: bool):
         The signal is ``src - flev`` (raw counts and the row's overscan level, or an already corrected row
         and 0), then, with crosstalk, ``- base - c0 (s0 - f0) - c1 (s1 - f1) - c2 (s2 - f2)``: the constant
         part of the weak couplings and up to three strong sources (raw rows and their overscan levels, read
-        again from the cache). ``base`` and the sources may be None: numba compiles a loop without them, so a
-        row pays only for the sources it has. ``src``, ``s0..s2`` and ``rawrow`` (for saturation) are in raw
-        order; the calibrations are whole frames (or None: numba then
+        again from the cache). ``base`` and the sources may be None: numba compiles a loop without them (the
+        caller compiles three: no crosstalk, up to two sources with unused slots at ``c = 0``, three).
+        ``src``, ``s0..s2`` and ``rawrow`` (for saturation) are in raw order; the calibrations are whole frames (or None: numba then
         compiles a version without them — a row view of an optional frame would stay a run-time Optional
         and keep the loop from vectorising), read at row ``yy`` from column ``x0``."""
         nan = np.float32(np.nan)
@@ -126,8 +126,9 @@ def _emit(rev, src, flev, base, c0, s0, f0, c1, s1, f1, c2, s2, f2, rawrow, bias
                      msk, g, r2, sa, dt, sat_bit, nodata_bit)  # fmt: skip
 
 
-#: Strong crosstalk sources applied inside the output pass; a victim row with more (rare: a bright star in
-#: several amplifiers of the same row) gets its corrected row built first.
+#: Strong crosstalk sources applied inside the output pass (the slots of :func:`_make_isr_row`'s kernel); a
+#: victim row with more (rare: a bright star in several amplifiers of the same row) gets its corrected row
+#: built first.
 _INLINE_SOURCES = 3
 
 #: Raw rows per block of the fused pass: the block's raw rows (16 amplifiers × 4 rows × 2.3 kB = 147 kB for

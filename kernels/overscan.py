@@ -83,10 +83,16 @@ def _row_median(seg, y, c0, n, buf):
 
 
 @njit
-def _overscan_cut(seg, r0, r1, c0, n, nsigma):
-    """``nsigma`` × 1.4826 × the median absolute deviation of ``seg[r0:r1, c0:c0 + n]`` from the row medians,
-    over 64 rows evenly spread (every row when there are fewer than 128)."""
+def _overscan_amp(seg, r0, r1, c0, c1, nsigma, smooth, out):
+    """Sigma-clipped mean per row of ``seg[r0:r1, c0:c1]``, into ``out[r1 - r0]``.
+
+    The scatter is 1.4826 × the median absolute deviation from the row medians, over 64 rows evenly spread
+    (every row when there are fewer than 128). Each row is clipped around the previous row's level (the first
+    row's and any row's that keeps fewer than half its pixels that way: around its median), which is
+    within a few ADU of its own and saves a selection per row.
+    """
     h = r1 - r0
+    n = c1 - c0
     buf = np.empty(n, np.float64)
     rstep = max(1, h // 64)
     dev = np.empty(((h + rstep - 1) // rstep) * n, np.float64)
@@ -97,36 +103,15 @@ def _overscan_cut(seg, r0, r1, c0, n, nsigma):
         for k in range(n):
             dev[nd + k] = abs(row[k] - m)
         nd += n
-    return nsigma * 1.482602218505602 * _median(dev, nd)
-
-
-@njit
-def _row_level(seg, y, c0, n, center, cut, buf):
-    """Level of row ``y``: mean of ``seg[y, c0:c0 + n]`` within ``cut`` of ``center`` (the previous row's
-    level), or within ``cut`` of the row's own median when that keeps fewer than half the pixels."""
-    s, cnt = _clipped_mean(seg, y, c0, n, center, cut)
-    if 2 * cnt < n:
-        center = _row_median(seg, y, c0, n, buf)
-        s, cnt = _clipped_mean(seg, y, c0, n, center, cut)
-    return s / cnt if cnt > 0 else center
-
-
-@njit
-def _overscan_amp(seg, r0, r1, c0, c1, nsigma, smooth, out):
-    """Sigma-clipped mean per row of ``seg[r0:r1, c0:c1]``, into ``out[r1 - r0]``.
-
-    The scatter comes from :func:`_overscan_cut`. Each row is clipped around the previous row's level (the
-    first row's and any row's that keeps fewer than half its pixels that way: around its median), which is
-    within a few ADU of its own and saves a selection per row (:func:`_row_level`).
-    """
-    h = r1 - r0
-    n = c1 - c0
-    buf = np.empty(n, np.float64)
-    cut = _overscan_cut(seg, r0, r1, c0, n, nsigma)
+    cut = nsigma * 1.482602218505602 * _median(dev, nd)
     level = np.empty(h, np.float64)
     center = _row_median(seg, r0, c0, n, buf)
     for y in range(h):
-        level[y] = _row_level(seg, r0 + y, c0, n, center, cut, buf)
+        s, cnt = _clipped_mean(seg, r0 + y, c0, n, center, cut)
+        if 2 * cnt < n:
+            center = _row_median(seg, r0 + y, c0, n, buf)
+            s, cnt = _clipped_mean(seg, r0 + y, c0, n, center, cut)
+        level[y] = s / cnt if cnt > 0 else center
         center = level[y]
     if smooth <= 0:
         for y in range(h):

@@ -69,8 +69,8 @@ def crosstalk_tolerant(raw, data_rows, data_cols, oscan, xt, tol):
     """The crosstalk correction of ``isr_ccd(..., crosstalk_tolerance=tol)`` in float64, row by row: each source
     row split into its mid-range and the rest, the rest applied only for ``|c| * half > tol / (namp - 1)``.
     Returns the corrected segments ``(namp, h, w)`` and the number of strong sources per (victim, row)."""
-    s = raw[:, data_rows, data_cols].astype(np.float64) - oscan[:, :, None]
     d = raw[:, data_rows, data_cols].astype(np.float64)
+    s = d - oscan[:, :, None]
     mid = 0.5 * (d.min(axis=2) + d.max(axis=2)) - oscan
     half = 0.5 * (d.max(axis=2) - d.min(axis=2))
     namp = s.shape[0]

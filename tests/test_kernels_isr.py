@@ -130,8 +130,8 @@ def test_crosstalk_tolerance_bounds_the_error(det, tol):
 
 
 def test_crosstalk_with_few_and_many_strong_sources(det):
-    """Rows whose victims have 0, 1, 2, 3 and more strong crosstalk sources (each count has its own code path
-    in the output pass) against the float64 reference of the same tolerant correction."""
+    """Rows whose victims have 0, 1, 2, 3 and more strong crosstalk sources (the output pass has a path for
+    up to two, for three, and for more) against the float64 reference of the same tolerant correction."""
     lay, a0 = _layout(det)
     rows, cols = a0.raw_data
     raw = _raw(det, 8)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -198,7 +199,9 @@ def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radiu
             if x1 <= x0 or y1 <= y0:
                 continue
             cut = (slice(y0, y1), slice(x0, x1))
-        wcs = wcs.slice(cut)  # a new WCS: the cached one stays as read
+            wcs = wcs.slice(cut)
+        else:
+            wcs = wcs.deepcopy()  # the caller's own: the cached one stays as read
         with fits.open(path, memmap=True) as hdul:
 
             def read(name, dtype, cut=cut, hdul=hdul):
@@ -235,9 +238,12 @@ _PATCH_INFO_MAX = 20000
 def _patch_info(path) -> _PatchInfo:
     from astropy.io import fits
 
-    if not os.path.isfile(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         raise FileNotFoundError(f"template {path}: no such file")
-    st = os.stat(path)
     key = (os.fspath(path), st.st_mtime_ns, st.st_size)
     info = _PATCH_INFO.get(key)
     if info is not None:
