@@ -8,8 +8,10 @@ The script loads ``ulfm.py`` by its path, so that environment needs nothing of l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,8 +84,11 @@ results = survivors.gather(mine, root=0)
 if rank == 0:
     print("ULFM-RESULT " + json.dumps({"enabled": enabled, "ranks": results,
                                         "err_proc_failed": MPI.ERR_PROC_FAILED}), flush=True)
+survivors.Barrier()  # the line is out before any rank leaves: a rank gone without MPI_Finalize ends the job
 survivors.Free()
 det.free()
+# as the night does (runtime/loop.py): with a peer dead, leave without MPI_Finalize, which may wait for it
+os._exit(0)
 """
 
 AVAILABLE_SCRIPT = r"""
@@ -192,10 +197,17 @@ def _run_ompi(prefix: Path, ranks: int, script: str, tmp_path: Path, ft: bool) -
         cmd += ["--with-ft", "ulfm"]
     cmd += ["--mca", "btl", "tcp,self", "--oversubscribe", "-n", str(ranks)]
     cmd += [str(prefix / "bin" / "python"), str(path), str(ULFM_PY)]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"Open MPI job hung (60 s): {' '.join(cmd)}\nstdout: {exc.stdout}\nstderr: {exc.stderr}")
+    # its own session, so that a hung job's ranks go with the launcher instead of outliving the test
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"Open MPI job hung (60 s): {' '.join(cmd)}\nstdout: {out}\nstderr: {err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _line(proc: subprocess.CompletedProcess, key: str) -> str:

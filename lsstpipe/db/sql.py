@@ -169,6 +169,25 @@ class Migration:
     append_only: tuple[str, ...] = ()
 
 
+def _switch_to_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
+    """Put a SQLite database in WAL mode, waiting up to *busy_timeout* for other processes opening it.
+
+    The switch from the rollback journal takes an exclusive lock, and SQLite answers "database is locked"
+    without calling the busy handler while another process holds it in the middle of the same switch (the
+    first opens of a new database by several ranks at once): retry here until the timeout instead.
+    """
+    deadline = time.monotonic() + busy_timeout
+    pause = 0.001
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+
+
 class Database:
     """A connection to one database, its transactions and its schema migrations.
 
@@ -205,7 +224,7 @@ class Database:
             conn = sqlite3.connect(Path(path).expanduser(), timeout=busy_timeout, isolation_level=None,
                                    check_same_thread=False)  # fmt: skip
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _switch_to_wal(conn, busy_timeout)
             if str(mode).lower() != "wal":
                 raise DatabaseError(
                     f"{path}: SQLite refused WAL mode ({mode}); put the database on a local file system"
