@@ -16,6 +16,8 @@ from lsstpipe.alerts import (
     HISTORY_DAYS,
     AlertSchemaError,
     AlertWriter,
+    CcdCutouts,
+    CutoutWriter,
     Cutouts,
     SourceContext,
     ccd_cutouts,
@@ -34,7 +36,7 @@ from lsstpipe.alerts import (
     write_alert_file,
 )
 from lsstpipe.pipelines.ap import FORCED_DTYPE
-from lsstpipe.pipelines.diasources import DIA_DTYPE, FORCED_FAILED_FLAG
+from lsstpipe.pipelines.diasources import DIA_DTYPE, FORCED_FAILED_FLAG, njy_per_electron
 from lsstpipe.pipelines.difference import Difference
 from lsstpipe.pipelines.exposure import Exposure, MaskBit
 
@@ -311,6 +313,51 @@ def test_ccd_cutouts_calibrate_to_njy(wcs):
     with pytest.raises(ValueError, match="WCS"):
         ccd_cutouts(exp, diff, None, 31.4, 200.0, 150.0)
 
+
+def _odd_wcs(wcs):
+    """The fixture's WCS with a reference pixel that is no half-integer (wcslib formats it with more digits)."""
+    w = wcs.deepcopy()
+    w.wcs.crpix = [201.123456789012, 150.987654321098]
+    w.sip = Sip(wcs.sip.a, wcs.sip.b, None, None, w.wcs.crpix)
+    return w
+
+
+@pytest.mark.parametrize("odd_crpix", [False, True], ids=["half-pixel-crpix", "odd-crpix"])
+def test_ccd_cutouts_bytes_are_make_cutouts_everywhere(wcs, odd_crpix):
+    # the per-CCD writer patches four header cards of one astropy-made stamp: its bytes must be exactly
+    # make_cutout's for every position, inside, at the edges and just off them, for all three stamps
+    w = _odd_wcs(wcs) if odd_crpix else wcs
+    rng = np.random.default_rng(11)
+    img = rng.normal(100.0, 10.0, (NY, NX)).astype(np.float32)
+    img[5, 7] = np.nan
+    var = rng.uniform(1.0, 4.0, (NY, NX)).astype(np.float32)
+    mask = rng.integers(0, 1 << 20, (NY, NX)).astype(np.int32)
+    exp = Exposure(img, var, mask)
+    diff = Difference(img * 0.5, var * 2.0, mask ^ 1, img * 0.25)
+    zp = 27.3
+    cuts = CcdCutouts(exp, diff, w, zp)
+    n = cuts.size
+    half = n // 2
+    scale = njy_per_electron(zp)
+    points = [(180.2, 130.7), (0.0, 0.0), (-0.5 - half, -0.5 - half), (NX - 0.5 + half - 1e-6, NY - 0.51 + half),
+              (NX - 1.0, 3.0), (-1.4, NY - 2.0), (17.5, 150.5), (16.5, 149.5)]  # fmt: skip
+    points += [(float(x), float(y)) for x, y in rng.uniform([-0.5 - half, -0.5 - half],
+                                                            [NX - 0.5 + half, NY - 0.5 + half], (25, 2))]  # fmt: skip
+    for x, y in points:
+        ref = Cutouts(make_cutout(img, x, y, w, n, var, mask, scale), make_cutout(img * 0.25, x, y, w, n, flux_scale=scale),
+                      make_cutout(img * 0.5, x, y, w, n, var * 2.0, mask ^ 1, scale))  # fmt: skip
+        assert cuts.at(x, y) == ref, (x, y)
+    assert ccd_cutouts(exp, diff, w, zp, 180.2, 130.7) == cuts.at(180.2, 130.7)
+    c = read_cutout(cuts.at(180.2, 130.7).science)
+    ra, dec = w.all_pix2world(180.2, 130.7, 0)
+    cra, cdec = c.wcs.all_pix2world(180.2 - c.header["CUTMINX"], 130.7 - c.header["CUTMINY"], 0)
+    assert math.hypot((cra - ra) * math.cos(math.radians(dec)), cdec - dec) * 3600 < 1e-6
+    with pytest.raises(ValueError, match="outside"):
+        cuts.at(NX + n, 5.0)
+    with pytest.raises(ValueError, match="layout"):
+        CutoutWriter(w, n, variance=False, mask=False).write(img, 10.0, 10.0, var)
+    with pytest.raises(ValueError, match="odd"):
+        CutoutWriter(w, 150, variance=True, mask=True)
 
 # --------------------------------------------------------------------------------------------- writer
 class FakeProducer:

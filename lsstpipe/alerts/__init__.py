@@ -3,7 +3,9 @@ local alert distribution point with an optional Kafka producer (:mod:`.writer`).
 
 from lsstpipe.alerts.cutouts import (
     CUTOUT_SIZE_ARCSEC,
+    CcdCutouts,
     Cutout,
+    CutoutWriter,
     Cutouts,
     ccd_cutouts,
     cutout_size_pixels,
@@ -32,7 +34,7 @@ from lsstpipe.alerts.writer import AlertProducer, AlertWriter, read_alerts, writ
 
 __all__ = [
     "CUTOUT_SIZE_ARCSEC", "HISTORY_DAYS", "AlertProducer", "AlertSchemaError", "AlertWriter", "Cutout",
-    "Cutouts", "SourceContext", "ccd_cutouts", "complete_record", "cutout_size_pixels", "deserialize_alert",
+    "CcdCutouts", "CutoutWriter", "Cutouts", "SourceContext", "ccd_cutouts", "complete_record", "cutout_size_pixels", "deserialize_alert",
     "dia_forced_source_record", "dia_source_record", "load_schema", "make_alert", "make_cutout", "read_alerts",
     "read_cutout", "record_fields", "schema_id", "select_history", "serialize_alert", "ss_source_record",
     "validate_alert", "wire_header", "write_alert_file",
