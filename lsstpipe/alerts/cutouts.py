@@ -20,6 +20,7 @@ with its SIP terms (``relax=True``). The bytes are deterministic: no dates and n
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -159,6 +160,15 @@ def _header_cards(data: bytes, start: int) -> tuple[int, dict[str, int]]:
     raise ValueError("no END card: not a FITS header")
 
 
+@functools.lru_cache(maxsize=16)  # a source's stamps of every layout share their reference pixel
+def _crpix_cards(crpix1: float, crpix2: float) -> tuple[bytes, bytes]:
+    """The CRPIX1/2 cards of a WCS with this reference pixel, formatted as ``WCS.to_header`` formats them."""
+    w = WCS(naxis=2)
+    w.wcs.crpix = [crpix1, crpix2]
+    h = w.to_header(relax=True)
+    return h.cards["CRPIX1"].image.encode("ascii"), h.cards["CRPIX2"].image.encode("ascii")
+
+
 class CutoutWriter:
     """The FITS bytes of many stamps of one CCD: :func:`make_cutout`'s bytes at ~1/50 of its cost.
 
@@ -201,7 +211,6 @@ class CutoutWriter:
             self._extensions.append(ref[pos : pos + m])
             pos += m + _padded(self._data_bytes)
         self._crpix = np.array(wcs.wcs.crpix, float)  # the probe's origin is (0, 0): its CRPIX is the CCD's
-        self._origin = WCS(naxis=2)  # formats the moved reference pixel as make_cutout's header does
         self._last: tuple = (None, b"")
         self._comment = {key: fits.Card.fromstring(ref[self._cards[key] : self._cards[key] + _CARD].decode()).comment
                          for key in ("CUTMINX", "CUTMINY")}  # fmt: skip
@@ -212,12 +221,10 @@ class CutoutWriter:
     def header(self, x0: int, y0: int) -> bytes:
         """The primary header of the stamp whose pixel (0, 0) is CCD pixel ``(x0, y0)``."""
         if self._last[0] != (x0, y0):  # the science and difference stamps of a source share their header
-            self._origin.wcs.crpix = self._crpix - np.array([x0, y0], float)
-            moved = self._origin.to_header(relax=True)
             out = bytearray(self._primary)
-            for key in ("CRPIX1", "CRPIX2"):
+            for key, card in zip(("CRPIX1", "CRPIX2"), _crpix_cards(*(self._crpix - np.array([x0, y0], float)))):
                 at = self._cards[key]
-                out[at : at + _CARD] = moved.cards[key].image.encode("ascii")
+                out[at : at + _CARD] = card
             for key, value in (("CUTMINX", x0), ("CUTMINY", y0)):
                 at = self._cards[key]
                 out[at : at + _CARD] = self._card(key, value)
