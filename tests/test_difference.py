@@ -316,6 +316,45 @@ def test_read_template_patches_from_a_repository(tmp_path, pair):
         read_template_patches([bad], BAND, 0.0, 0.0, 1.0)
 
 
+@pytest.mark.parametrize("layout", ["plain", "scaled-variance", "tiled-mask", "one-tile-mask"])
+def test_template_cut_is_the_same_pixels_whatever_the_storage(tmp_path, pair, layout):
+    # a CCD's footprint reads only part of a patch: through a memory map (plain planes), astropy's section
+    # (scaled planes, compressed planes of one or many tiles); the pixels must be the file's own
+    p = pair.patches[0]
+    ny, nx = p.image.shape
+    rng = np.random.default_rng(4)
+    hdr = p.wcs.to_header()
+    image = rng.normal(0, 1, (ny, nx)).astype(np.float32)
+    variance = rng.uniform(1, 2, (ny, nx)).astype(np.float32)
+    mask = rng.integers(0, 1 << 12, (ny, nx)).astype(np.int32)
+    primary = fits.PrimaryHDU()
+    primary.header.update({"BAND": BAND, "PSFFWHM": 0.75, "PIXSCALE": 0.2})
+    hdus = [primary, fits.ImageHDU(image, header=hdr, name="IMAGE")]
+    if layout == "scaled-variance":  # 16-bit integers with BSCALE/BZERO: astropy scales on read
+        v = fits.ImageHDU(np.round((variance - 1.5) * 20000).astype(np.int16), header=hdr, name="VARIANCE")
+        v.header["BSCALE"], v.header["BZERO"] = 1 / 20000, 1.5
+        hdus.append(v)
+        variance = (np.round((variance - 1.5) * 20000).astype(np.int16) / 20000 + 1.5).astype(np.float32)
+    else:
+        hdus.append(fits.ImageHDU(variance, header=hdr, name="VARIANCE"))
+    tile = {"tiled-mask": (64, 64), "one-tile-mask": (ny, nx)}.get(layout)
+    if tile:
+        hdus.append(fits.CompImageHDU(mask, header=hdr, name="MASK", compression_type="RICE_1", tile_shape=tile))
+    else:
+        hdus.append(fits.ImageHDU(mask, header=hdr, name="MASK"))
+    path = tmp_path / f"{layout}.fits"
+    fits.HDUList(hdus).writeto(path)
+    px, py = np.array([150.0, 330.0, 330.0, 150.0]), np.array([140.0, 140.0, 300.0, 300.0])
+    fra, fdec = p.wcs.all_pix2world(px, py, 0)
+    ra, dec = p.wcs.all_pix2world(nx / 2, ny / 2, 0)
+    (got,) = read_template_patches([path], BAND, float(ra), float(dec), 0.05, footprint=(fra, fdec), margin=10)
+    x0, y0 = (np.round(p.wcs.wcs.crpix - got.wcs.wcs.crpix)).astype(int)
+    h, w = got.image.shape
+    assert abs(x0 - 140) <= 1 and abs(y0 - 130) <= 1 and 201 <= w <= 203 and 181 <= h <= 183  # the cut, not all
+    np.testing.assert_array_equal(got.image, image[y0 : y0 + h, x0 : x0 + w])
+    np.testing.assert_allclose(got.variance, variance[y0 : y0 + h, x0 : x0 + w], rtol=1e-6)
+    np.testing.assert_array_equal(got.mask, mask[y0 : y0 + h, x0 : x0 + w])
+
 def test_template_patch_headers_are_read_once_per_process(tmp_path, pair, monkeypatch):
     """A worker asks for a CCD's templates every visit: the patches' headers are parsed once, only the
     overlapping patches are opened again for their pixels, and a patch rewritten in place is read afresh."""
