@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Subtract a mesh background, detect sources with a PSF-matched filter at THRESHOLD sigma and "
             "measure them (centroid, aperture and PSF flux, shape a/b/theta, trail, flags). Columns: id, x, y "
             "(0-based pixels), flux (aperture), flux_err, psf_flux, psf_flux_err, a, b, theta (radians from "
-            "+x), x2, y2, xy, trail_length, trail_angle, snr, npix, sign, flags."
+            "+x), x2, y2, xy, trail_length, trail_angle, snr, npix, bbox_size, sign, flags."
         ),
     )
     p.add_argument("image", help="FITS file (plain or tile-compressed)")

@@ -78,7 +78,8 @@ def _dia_row(wcs, x, y, idx=7, flags=0):
     ra, dec = wcs.all_pix2world(x, y, 0)
     vals = dict(id=idx, x=x, y=y, ra=float(ra), dec=float(dec), psf_flux=1234.5, psf_flux_err=56.7, ap_flux=1200.0,
                 ap_flux_err=60.0, science_flux=np.nan, science_flux_err=np.nan, snr=21.8, ixx=2.0, iyy=3.0,
-                ixy=0.5, trail_length=10.0, trail_angle=math.pi / 2, npix=40, is_negative=False, is_dipole=True,
+                ixy=0.5, trail_length=10.0, trail_angle=math.pi / 2, npix=40, bbox_size=9, is_negative=False,
+                is_dipole=True,
                 is_trailed=False, flags=flags)  # fmt: skip
     for k, v in vals.items():
         row[k] = v
@@ -165,7 +166,7 @@ def test_dia_source_mapping(schema, wcs):
     assert src["pixelFlags_edge"] and src["apFlux_flag_apertureTruncated"] and src["pixelFlags_saturated"]
     assert src["forced_PsfFlux_flag"] and not src["pixelFlags_bad"] and not src["centroid_flag"]
     assert src["isDipole"] and src["isNegative"] is False
-    assert src["psfNdata"] == 225 and src["bboxSize"] == 7 and src["trailNdata"] == 0
+    assert src["psfNdata"] == 225 and src["bboxSize"] == 9 and src["trailNdata"] == 0  # 40 px in a 9-px box
     named = schema.definition["__named_schemas"]
     assert fastavro.validate(src, named[schema.definition["name"].replace(".alert", ".diaSource")])
     no_wcs = dia_source_record(_dia_row(wcs, 150.3, 120.6), _context(None), schema)

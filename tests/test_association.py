@@ -127,7 +127,14 @@ def _no_objects():
 
 def test_new_objects_for_every_unmatched_source():
     src = _dia([10, 10.01, 10.02, 10.03], [0, 0, 0, 0], [100.0, -80.0, 50.0, 70.0], dipole=[False, False, True, False])
+    src["bbox_size"] = [5, 5, 12, 6]  # a dipole's footprint spans both lobes
     rows = A.dia_source_rows(src, 7, 3, "r", MJD, MJD + 0.001)
+    assert list(rows["bboxSize"]) == [5, 5, 12, 6] and list(rows["psfNdata"]) == [25] * 4
+    # rows without the column (older DIASource files) get the square of the footprint's area
+    legacy = np.zeros(4, [(n, t) for n, t in DIA_DTYPE.descr if n != "bbox_size"])
+    for name in legacy.dtype.names:
+        legacy[name] = src[name]
+    assert list(A.dia_source_rows(legacy, 7, 3, "r", MJD, MJD + 0.001)["bboxSize"]) == [5] * 4
     res = A.associate_ccd(rows, *_no_objects(), None)
     assert res.n_new == 4 and res.n_unassociated == 0 and res.n_updated == 0
     ids = res.dia_sources["diaObjectId"]

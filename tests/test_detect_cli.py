@@ -133,6 +133,10 @@ def test_trails_and_cosmic_rays_are_told_apart():
     assert trail["trail_length"][0] == pytest.approx(30, rel=0.15)
     assert trail["trail_angle"][0] == pytest.approx(math.pi / 6, abs=0.03)
     assert cr.size == 1 and cr["flags"][0] & 1024 and not cr["flags"][0] & 64
+    # bbox_size: the side of the square holding the footprint's box, not of a square of its area
+    assert trail["bbox_size"][0] >= 26 > math.ceil(math.sqrt(trail["npix"][0]))  # 30 px × cos 30°
+    assert cr["bbox_size"][0] >= 20 > math.ceil(math.sqrt(cr["npix"][0]))
+    assert (cat["bbox_size"].astype(np.int64) ** 2 >= cat["npix"]).all() and (cat["bbox_size"] <= cat["npix"]).all()
 
 
 def test_saturated_blob_is_flagged_not_fatal():

@@ -48,8 +48,9 @@ DiaSource mapping from :data:`lsstpipe.pipelines.diasources.DIA_DTYPE` (:func:`d
     flags PSF_FLUX_FAILED                  psfFlux_flag, psfFlux_flag_noGoodPixels
     flags FORCED_FAILED_FLAG               forced_PsfFlux_flag
     context.psf_stamp_size                 psfNdata                   stamp_size² pixels in the PSF fit
-    npix (or a bbox_size column)           bboxSize                   ceil(sqrt(npix)) without bbox_size:
-                                                                      the smallest square holding them
+    bbox_size (or npix)                    bboxSize                   the side of the square holding the
+                                                                      footprint's bounding box; ceil(sqrt(npix))
+                                                                      for rows without bbox_size
     —                                      trailNdata, dipoleNdata    0: no trailed/dipole model is fitted
     —                                      dipoleFitAttempted         False
     —                                      every other field          null (not measured)

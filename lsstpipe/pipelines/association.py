@@ -158,8 +158,9 @@ def dia_source_rows(sources: np.ndarray, visit: int, detector: int, band: str, m
                     processed_mjd_tai: float, pixel_scale_arcsec: float = 0.2) -> np.ndarray:  # fmt: skip
     """Rubin DiaSource rows (:data:`DIA_SOURCE_ROW`) of ``DIA_DTYPE`` sources, not yet associated.
 
-    ``psfNdata``/``bboxSize`` come from the footprint's pixel count (the bbox side is that of the square of
-    the same area); flags map from :mod:`kernels.measure` bits. Trail angles are in pixel axes in our
+    ``psfNdata`` is the footprint's pixel count, ``bboxSize`` the side of the square holding its bounding box
+    (``bbox_size``; from sources without that column, the square of the footprint's area); flags map from
+    :mod:`kernels.measure` bits. Trail angles are in pixel axes in our
     measurement and are not stored (Rubin's ``trailAngle`` is on the sky).
     """
     _check_band(band)
@@ -179,7 +180,8 @@ def dia_source_rows(sources: np.ndarray, visit: int, detector: int, band: str, m
     npix = np.maximum(np.asarray(sources["npix"], np.int64), 0)
     flags = np.asarray(sources["flags"], np.int64)
     out["psfNdata"] = npix
-    out["bboxSize"] = np.ceil(np.sqrt(npix)).astype(np.int64)
+    names = sources.dtype.names or ()
+    out["bboxSize"] = sources["bbox_size"] if "bbox_size" in names else np.ceil(np.sqrt(npix)).astype(np.int64)
     out["trailNdata"] = np.where(sources["is_trailed"], npix, 0)
     out["dipoleNdata"] = np.where(sources["is_dipole"], npix, 0)
     out["trailLength"] = np.where(sources["is_trailed"], sources["trail_length"] * pixel_scale_arcsec, np.nan)

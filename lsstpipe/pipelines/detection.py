@@ -25,7 +25,7 @@ CATALOG_DTYPE = np.dtype(
         ("id", "i8"), ("x", "f8"), ("y", "f8"), ("flux", "f8"), ("flux_err", "f8"), ("psf_flux", "f8"),
         ("psf_flux_err", "f8"), ("a", "f8"), ("b", "f8"), ("theta", "f8"), ("x2", "f8"), ("y2", "f8"),
         ("xy", "f8"), ("trail_length", "f8"), ("trail_angle", "f8"), ("snr", "f8"), ("npix", "i8"),
-        ("sign", "i1"), ("flags", "i8"),
+        ("bbox_size", "i4"), ("sign", "i1"), ("flags", "i8"),
     ]
 )  # fmt: skip
 
@@ -224,6 +224,8 @@ def detect_and_measure(
         if name in CATALOG_DTYPE.names:
             cat[name] = vals[:, i]
     cat["snr"], cat["npix"], cat["sign"] = fp.peak_sn, fp.npix, fp.sign
+    if len(fp):  # the side of the square that holds the footprint's bounding box (Rubin's bboxSize)
+        cat["bbox_size"] = np.maximum(fp.bbox[:, 1] - fp.bbox[:, 0], fp.bbox[:, 3] - fp.bbox[:, 2]) + 1
     apcorr = _aperture_correction(cat, flags, threshold)
     cat["psf_flux"] *= apcorr
     cat["psf_flux_err"] *= apcorr

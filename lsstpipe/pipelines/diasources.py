@@ -36,7 +36,7 @@ DIA_DTYPE = np.dtype(
         ("id", "i8"), ("x", "f8"), ("y", "f8"), ("ra", "f8"), ("dec", "f8"), ("psf_flux", "f8"),
         ("psf_flux_err", "f8"), ("ap_flux", "f8"), ("ap_flux_err", "f8"), ("science_flux", "f8"),
         ("science_flux_err", "f8"), ("snr", "f8"), ("ixx", "f8"), ("iyy", "f8"), ("ixy", "f8"),
-        ("trail_length", "f8"), ("trail_angle", "f8"), ("npix", "i8"), ("is_negative", "?"),
+        ("trail_length", "f8"), ("trail_angle", "f8"), ("npix", "i8"), ("bbox_size", "i4"), ("is_negative", "?"),
         ("is_dipole", "?"), ("is_trailed", "?"), ("flags", "i8"),
     ]
 )  # fmt: skip
@@ -170,6 +170,7 @@ def dia_sources(
     out["ixx"], out["iyy"], out["ixy"] = cat["x2"], cat["y2"], cat["xy"]
     out["trail_length"], out["trail_angle"] = cat["trail_length"], cat["trail_angle"]
     out["npix"] = cat["npix"]
+    out["bbox_size"] = cat["bbox_size"]
     flags = cat["flags"].copy()
     flags[(sflags & FORCED_FAILED) != 0] |= FORCED_FAILED_FLAG
     out["flags"] = flags
