@@ -17,8 +17,8 @@ from lsstpipe.alerts import (
     AlertSchemaError,
     AlertWriter,
     CcdCutouts,
-    CutoutWriter,
     Cutouts,
+    CutoutWriter,
     SourceContext,
     ccd_cutouts,
     cutout_size_pixels,
@@ -359,6 +359,7 @@ def test_ccd_cutouts_bytes_are_make_cutouts_everywhere(wcs, odd_crpix):
         CutoutWriter(w, n, variance=False, mask=False).write(img, 10.0, 10.0, var)
     with pytest.raises(ValueError, match="odd"):
         CutoutWriter(w, 150, variance=True, mask=True)
+
 
 # --------------------------------------------------------------------------------------------- writer
 class FakeProducer:

@@ -355,6 +355,7 @@ def test_template_cut_is_the_same_pixels_whatever_the_storage(tmp_path, pair, la
     np.testing.assert_allclose(got.variance, variance[y0 : y0 + h, x0 : x0 + w], rtol=1e-6)
     np.testing.assert_array_equal(got.mask, mask[y0 : y0 + h, x0 : x0 + w])
 
+
 def test_template_patch_headers_are_read_once_per_process(tmp_path, pair, monkeypatch):
     """A worker asks for a CCD's templates every visit: the patches' headers are parsed once, only the
     overlapping patches are opened again for their pixels, and a patch rewritten in place is read afresh."""

@@ -204,7 +204,7 @@ def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radiu
             wcs = wcs.deepcopy()  # the caller's own: the cached one stays as read
         with fits.open(path, memmap=True) as hdul:
 
-            def read(name, dtype, cut=cut, hdul=hdul):
+            def read(name, dtype, cut=cut, hdul=hdul, path=path):
                 hdu = hdul[name]
                 if isinstance(hdu, fits.CompImageHDU):
                     data = hdu.section[cut]  # only the tiles the cut covers
