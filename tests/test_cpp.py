@@ -213,6 +213,32 @@ def test_rerun_supersedes_and_refuses_the_same_label(done, tmp_path):
         isr_calibs_from_db(work, "R10_S00", "z", summary["valid_start"])
 
 
+def test_masters_are_hashed_once_per_process_until_they_change(done, tmp_path, monkeypatch):
+    from lsstpipe.calib import lookup
+
+    repo, _, summary = done
+    work = tmp_path / "repo"
+    shutil.copytree(repo, work)
+    hashed = []
+    real = lookup.sha256_file
+    monkeypatch.setattr(
+        lookup, "sha256_file", lambda path, *a, **k: hashed.append(Path(path).name) or real(path, *a, **k)
+    )
+    first = isr_calibs_from_db(work, "R10_S00", "z", summary["valid_start"])
+    n = len(hashed)
+    assert n >= 3  # bias, dark, flat at least
+    again = isr_calibs_from_db(work, "R10_S00", "z", summary["valid_start"])
+    assert len(hashed) == n  # the same files: not hashed again
+    np.testing.assert_array_equal(first.flat, again.flat)
+    with CalibrationDatabase(calib_db_path(work)) as db:
+        path = work / db.lookup("flat", "R10_S00", "z", summary["valid_start"]).path
+    with fits.open(path, mode="update") as h:  # rewritten in place after this process verified it
+        h["IMAGE"].data[0, 0] += 1
+    with pytest.raises(CalibrationChecksumError, match="changed after certification"):
+        isr_calibs_from_db(work, "R10_S00", "z", summary["valid_start"])
+    assert len(hashed) == n + 1 and hashed[-1] == path.name
+
+
 def test_bad_inputs_are_skipped_and_a_short_ccd_fails_alone(done, tmp_path):
     _, pristine, _ = done
     work = tmp_path / "repo"
