@@ -106,7 +106,8 @@ class StoragePaths:
 class ArchiveSettings:
     """Archiver settings used by the ranks (from the Archiver's configuration)."""
 
-    compress: bool = True
+    compress: bool = False
+    """zlib level 1 on the CDS file's bytes (already LZF): 19 % fewer bytes for ~1 s of CPU per 44 MB."""
     max_retries: int = 3
     outage_capacity_bytes: int = 8 << 30
     readout_timeout_s: float = 30.0
