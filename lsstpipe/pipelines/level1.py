@@ -418,7 +418,8 @@ def _write_alerts(inputs, result, prefetch, dia, ids, src_obj, src_ss, obj_recor
     first = last = np.nan
     n = 0
     # the stamps' headers are formatted once per CCD (astropy per stamp took ~10 ms an alert)
-    cutouts = CcdCutouts(result.calexp, result.difference, char.wcs, char.zero_point, config.cutout_size_arcsec)
+    cutouts = CcdCutouts(result.calexp, result.difference, char.wcs, char.zero_point, config.cutout_size_arcsec) \
+        if len(dia) else None  # fmt: skip
 
     def wrote(paths) -> None:
         nonlocal first, last
