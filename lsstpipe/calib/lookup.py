@@ -17,6 +17,7 @@ from lsstpipe.calib.cpp import calib_db_path
 from lsstpipe.calib.masters import read_master_defects, read_master_image
 from lsstpipe.camera import Detector, get_camera
 from lsstpipe.db.calib import CalibrationDatabase, CalibrationNotFound, CalibrationRecord
+from lsstpipe.io.filememo import FileMemo
 from lsstpipe.pipelines.isr import FRINGE_BANDS, IsrCalibs
 from lsstpipe.repo import Repository, sha256_file
 
@@ -27,23 +28,9 @@ class CalibrationChecksumError(ValueError):
     """A master's file does not match the checksum it was certified with (changed or corrupted)."""
 
 
-#: sha256 of the master files this process has hashed, by (path, device, inode, size, modification time): a
-#: worker looks up the same masters for many CCD jobs, and hashing a full-size master (~200 MB) costs ~70 ms,
-#: 0.35 s per job for its four or five. A file replaced or rewritten gets a new key and is hashed again.
-_DIGESTS: dict[tuple, str] = {}
-_DIGESTS_MAX = 4096
-
-
-def _digest(path: Path) -> str:
-    st = path.stat()
-    key = (os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    digest = _DIGESTS.get(key)
-    if digest is None:
-        digest = sha256_file(path)
-        if len(_DIGESTS) >= _DIGESTS_MAX:
-            _DIGESTS.clear()
-        _DIGESTS[key] = digest
-    return digest
+#: sha256 of each master file, once per process and file version: a worker looks up the same masters for many
+#: CCD jobs, and hashing a full-size master (~200 MB) costs ~70 ms, 0.35 s per job for its four or five.
+_DIGESTS: FileMemo[str] = FileMemo(lambda path: sha256_file(path), 4096, "master")  # sha256_file bound at call time
 
 
 def _verified(repo: Path, record: CalibrationRecord) -> Path:
@@ -51,7 +38,7 @@ def _verified(repo: Path, record: CalibrationRecord) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"certified {record.calib_type.value} {path} (run {record.run!r}) is missing; "
                                 "restore it or certify a new run")  # fmt: skip
-    digest = _digest(path)
+    digest = _DIGESTS(path)
     if digest != record.checksum:
         raise CalibrationChecksumError(f"{path} has sha256 {digest}, but run {record.run!r} certified "
                                        f"{record.checksum}; the file changed after certification: re-run "

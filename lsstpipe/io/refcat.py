@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lsstpipe.io.filememo import FileMemo
+
 __all__ = ["read_refcat", "cone"]
 
 
@@ -61,26 +63,21 @@ def read_refcat(path: str | os.PathLike, ra: float, dec: float, radius_deg: floa
     return out
 
 
-_CACHE: dict[tuple[str, int, int], tuple[list[str], np.ndarray]] = {}
+def _parse(path: Path) -> tuple[list[str], np.ndarray]:
+    with Path(path).open() as fh:
+        names = [c.strip() for c in fh.readline().strip().split(",")]
+    if "ra" not in names or "dec" not in names:
+        raise ValueError(f"{path}: the reference catalogue needs 'ra' and 'dec' columns; it has {names}")
+    try:  # one pass, all as float64: the ids (< 2**53) stay exact
+        data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+    except ValueError as exc:
+        raise ValueError(f"{path}: cannot parse the reference catalogue ({exc})") from exc
+    if data.size and data.shape[1] != len(names):
+        raise ValueError(f"{path}: rows have {data.shape[1]} values but the header names {len(names)} columns")
+    data.setflags(write=False)
+    return names, data
 
 
-def _parsed(path: Path) -> tuple[list[str], np.ndarray]:
-    """The whole file parsed once per process (a worker reads cones of it for every CCD of the night);
-    keyed by path, size and modification time, so a rewritten file is read again."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _CACHE:
-        with path.open() as fh:
-            names = [c.strip() for c in fh.readline().strip().split(",")]
-        if "ra" not in names or "dec" not in names:
-            raise ValueError(f"{path}: the reference catalogue needs 'ra' and 'dec' columns; it has {names}")
-        try:  # one pass, all as float64: the ids (< 2**53) stay exact
-            data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
-        except ValueError as exc:
-            raise ValueError(f"{path}: cannot parse the reference catalogue ({exc})") from exc
-        if data.size and data.shape[1] != len(names):
-            raise ValueError(f"{path}: rows have {data.shape[1]} values but the header names {len(names)} columns")
-        data.setflags(write=False)
-        _CACHE.clear()  # one catalogue at a time: a night reads one repository
-        _CACHE[key] = (names, data)
-    return _CACHE[key]
+#: The whole file parsed once per process (a worker reads cones of it for every CCD of the night), again
+#: when it changes; one catalogue at a time: a night reads one repository.
+_parsed: FileMemo[tuple[list[str], np.ndarray]] = FileMemo(_parse, 1, "reference catalogue")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from astropy.wcs import WCS
 
 from kernels import diffim as K
 from kernels.warp import WarpResult, grid_nodes, lanczos_noise_power, warp_image
+from lsstpipe.io.filememo import FileMemo
 from lsstpipe.pipelines.exposure import Exposure, MaskBit
 
 #: AB magnitude of 1 nJy.
@@ -183,7 +183,7 @@ def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radiu
         raise ValueError(f"give a Repository, a repository directory or template paths, not {type(repo_or_paths)}")
     out = []
     for path in paths:
-        info = _patch_info(path)
+        info = _PATCH_INFO(path)
         if info.band not in (None, band):
             continue
         if info.problem:
@@ -234,46 +234,29 @@ class _PatchInfo:
     problem: str | None = None
 
 
-#: Headers of the template patches this process has read, by (path, modification time, size): a worker
-#: tests every patch of the band for overlap with each CCD, and parsing a compressed patch's headers and
-#: WCS costs ~5 ms (0.9 s per CCD for the 100 patches of the demo repository, every CCD). A patch rewritten
-#: in place gets a new key and is read again.
-_PATCH_INFO: dict[tuple[str, int, int], _PatchInfo] = {}
-_PATCH_INFO_MAX = 20000
-
-
-def _patch_info(path) -> _PatchInfo:
+def _read_patch_info(path) -> _PatchInfo:
     from astropy.io import fits
 
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    if st is None or not stat.S_ISREG(st.st_mode):
-        raise FileNotFoundError(f"template {path}: no such file")
-    key = (os.fspath(path), st.st_mtime_ns, st.st_size)
-    info = _PATCH_INFO.get(key)
-    if info is not None:
-        return info
     with fits.open(path, memmap=True) as hdul:
         hdr = hdul[0].header
         names = [h.name for h in hdul]
         band = hdr.get("BAND")
         band = None if band is None else str(band)
         if "IMAGE" not in names or "VARIANCE" not in names:
-            info = _PatchInfo(band, None, (0, 0), float("nan"), False,
+            return _PatchInfo(band, None, (0, 0), float("nan"), False,
                               f"template {path} lacks IMAGE/VARIANCE HDUs (has {names})")  # fmt: skip
-        else:
-            ihdr = hdul["IMAGE"].header
-            fwhm = float("nan")
-            if isinstance(hdr.get("PSFFWHM"), (int, float)) and isinstance(hdr.get("PIXSCALE"), (int, float)):
-                fwhm = float(hdr["PSFFWHM"]) / float(hdr["PIXSCALE"])
-            shape = (int(ihdr.get("ZNAXIS2", ihdr["NAXIS2"])), int(ihdr.get("ZNAXIS1", ihdr["NAXIS1"])))
-            info = _PatchInfo(band, WCS(ihdr), shape, fwhm, "MASK" in names)
-    if len(_PATCH_INFO) >= _PATCH_INFO_MAX:
-        _PATCH_INFO.clear()
-    _PATCH_INFO[key] = info
-    return info
+        ihdr = hdul["IMAGE"].header
+        fwhm = float("nan")
+        if isinstance(hdr.get("PSFFWHM"), (int, float)) and isinstance(hdr.get("PIXSCALE"), (int, float)):
+            fwhm = float(hdr["PSFFWHM"]) / float(hdr["PIXSCALE"])
+        shape = (int(ihdr.get("ZNAXIS2", ihdr["NAXIS2"])), int(ihdr.get("ZNAXIS1", ihdr["NAXIS1"])))
+        return _PatchInfo(band, WCS(ihdr), shape, fwhm, "MASK" in names)
+
+
+#: Headers of the template patches, once per process and patch version: a worker tests every patch of the
+#: band for overlap with each CCD, and parsing a compressed patch's headers and WCS costs ~5 ms (0.9 s per CCD
+#: for the 100 patches of the demo repository, every CCD).
+_PATCH_INFO: FileMemo[_PatchInfo] = FileMemo(_read_patch_info, 20000, "template")
 
 
 def _overlaps(wcs: WCS, shape, ra: float, dec: float, radius_deg: float) -> bool:
