@@ -282,9 +282,9 @@ def dia_source_record(row: np.void, context: SourceContext, schema, *, dia_sourc
                                "alerts need the calexp's WCS")  # fmt: skip
     s = context.pixel_scale_arcsec
     flags = int(row["flags"])
-    names = row.dtype.names or ()
-    npix = int(row["npix"]) if "npix" in names else 0
-    bbox = int(row["bbox_size"]) if "bbox_size" in names else int(math.ceil(math.sqrt(max(npix, 0))))
+    from lsstpipe.pipelines.diasources import bbox_size  # here: the alert readers need not import the kernels
+
+    bbox = int(bbox_size(row))
     trail = float(row["trail_length"]) * s
     values = {
         "diaSourceId": int(row["id"]) if dia_source_id is None else dia_source_id,

@@ -42,7 +42,7 @@ import numpy as np
 
 from kernels import measure as M
 from kernels.associate import associate
-from lsstpipe.pipelines.diasources import FORCED_FAILED_FLAG
+from lsstpipe.pipelines.diasources import FORCED_FAILED_FLAG, bbox_size
 
 __all__ = ["AssociationConfig", "AssociationResult", "BANDS", "DIA_OBJECT_ROW", "DIA_SOURCE_ROW",
            "FORCED_SOURCE_ROW", "SS_PREDICTION_DTYPE", "associate_ccd", "dia_source_id", "dia_source_rows",
@@ -180,8 +180,7 @@ def dia_source_rows(sources: np.ndarray, visit: int, detector: int, band: str, m
     npix = np.maximum(np.asarray(sources["npix"], np.int64), 0)
     flags = np.asarray(sources["flags"], np.int64)
     out["psfNdata"] = npix
-    names = sources.dtype.names or ()
-    out["bboxSize"] = sources["bbox_size"] if "bbox_size" in names else np.ceil(np.sqrt(npix)).astype(np.int64)
+    out["bboxSize"] = bbox_size(sources)
     out["trailNdata"] = np.where(sources["is_trailed"], npix, 0)
     out["dipoleNdata"] = np.where(sources["is_dipole"], npix, 0)
     out["trailLength"] = np.where(sources["is_trailed"], sources["trail_length"] * pixel_scale_arcsec, np.nan)

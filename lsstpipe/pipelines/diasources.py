@@ -23,7 +23,8 @@ from kernels.forced import forced_psf_flux, gaussian_stamps
 from lsstpipe.pipelines.detection import detect_and_measure
 from lsstpipe.pipelines.exposure import Exposure, MaskBit
 
-__all__ = ["DIA_DTYPE", "DiaSourceConfig", "NJY_AB_ZP", "dia_sources", "forced_photometry", "njy_per_electron"]
+__all__ = ["DIA_DTYPE", "DiaSourceConfig", "NJY_AB_ZP", "bbox_size", "dia_sources", "forced_photometry",
+           "njy_per_electron"]  # fmt: skip
 
 #: AB magnitude of a 1 nJy source.
 NJY_AB_ZP = 31.4
@@ -40,6 +41,22 @@ DIA_DTYPE = np.dtype(
         ("is_dipole", "?"), ("is_trailed", "?"), ("flags", "i8"),
     ]
 )  # fmt: skip
+
+
+def bbox_size(sources: np.ndarray | np.void) -> np.ndarray:
+    """Rubin's ``bboxSize`` of DIASource rows (an array or one row): the side of the square holding each
+    footprint's bounding box — their ``bbox_size``; for rows from before that column, the side of a square of
+    the footprint's area, ``ceil(sqrt(npix))`` (0 without ``npix`` either)."""
+    names = sources.dtype.names or ()
+    if "bbox_size" in names:
+        return np.asarray(sources["bbox_size"], np.int64)
+    npix = (
+        np.maximum(np.asarray(sources["npix"], np.int64), 0)
+        if "npix" in names
+        else np.zeros(np.shape(sources), np.int64)
+    )
+    return np.ceil(np.sqrt(npix)).astype(np.int64)
+
 
 #: Flag bit (beyond :mod:`kernels.measure`'s) for a failed forced measurement on the calexp.
 FORCED_FAILED_FLAG = 1 << 16
