@@ -203,13 +203,14 @@ class CutoutWriter:
                           np.zeros(probe.shape, np.int32) if mask else None)  # fmt: skip
         n, self._cards = _header_cards(ref, 0)
         self._primary = ref[:n]
-        self._data_bytes = self.size * self.size * 4
-        pos = n + _padded(self._data_bytes)
+        data_bytes = self.size * self.size * 4
+        self._pad = bytes(_padded(data_bytes) - data_bytes)  # zeros to the end of each data unit's last block
+        pos = n + _padded(data_bytes)
         self._extensions = []
         while pos < len(ref):
             m, _ = _header_cards(ref, pos)
             self._extensions.append(ref[pos : pos + m])
-            pos += m + _padded(self._data_bytes)
+            pos += m + _padded(data_bytes)
         self._crpix = np.array(wcs.wcs.crpix, float)  # the probe's origin is (0, 0): its CRPIX is the CCD's
         self._last: tuple = (None, b"")
         self._comment = {key: fits.Card.fromstring(ref[self._cards[key] : self._cards[key] + _CARD].decode()).comment
@@ -240,7 +241,7 @@ class CutoutWriter:
                              f"{'with' if self.mask else 'without'} mask; make a CutoutWriter for the other layout")  # fmt: skip
         px, py = _centre(image.shape, x, y, self.size, variance, mask, flux_scale)
         x0, y0 = int(px) - self.size // 2, int(py) - self.size // 2
-        pad = bytes(_padded(self._data_bytes) - self._data_bytes)
+        pad = self._pad
         img = _stamp(image, x0, y0, self.size, np.nan, np.float32) * np.float32(flux_scale)
         parts = [self.header(x0, y0), img.astype(">f4").tobytes(), pad]
         ext = iter(self._extensions)
