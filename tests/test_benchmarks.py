@@ -99,3 +99,15 @@ def test_ccd_chain_quick_run_writes_the_issue_keys(tmp_path):
         assert isinstance(result[k], float) and math.isfinite(result[k]) and result[k] > 0, (k, result[k])
     assert {"isr", "characterize", "difference", "dia_sources"} <= set(result["stage_seconds"])
     assert "whole chain" in proc.stdout
+
+
+def test_cutouts_quick_run_compares_with_astropy(tmp_path):
+    out = tmp_path / "cutouts.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cutouts.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["identical_bytes"] is True and result["sources"] == 10
+    for key in ("astropy_seconds_per_alert", "writer_seconds_per_alert", "writer_setup_seconds", "astropy_over_writer"):
+        assert math.isfinite(result[key]) and result[key] > 0
+    assert "faster; bytes identical: True" in proc.stdout
