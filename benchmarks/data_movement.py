@@ -267,13 +267,14 @@ class Mover:
             blob = encode_image(image)
             payload = zlib.compress(blob, 1) if self.args.compress else blob
             info = {"image_id": image.image_id, "nbytes": len(payload), "file_sha": sha(np.frombuffer(payload, np.uint8)),
+                    "blob_sha": sha(np.frombuffer(blob, np.uint8)),
                     "checksum": image.checksum, "ccd_sha": {d: sha(a) for d, a in image.ccds.items()},
                     "pixels": sum(a.nbytes for a in image.ccds.values())}  # fmt: skip
         info = comm.bcast(info, root=0)
         self.bytes["hop1"] += info["nbytes"]
         self.bytes["pixels"] += info["pixels"]
-        header = ImageData(index, index + 1, 0, info["image_id"], RAFT, XTALK, info["checksum"], info["nbytes"],
-                           self.args.compress, "science")  # fmt: skip
+        header = ImageData(index, index + 1, 0, info["image_id"], RAFT, XTALK, info["checksum"], info["blob_sha"],
+                           info["nbytes"], self.args.compress, "science")  # fmt: skip
         data = None if payload is None else np.frombuffer(payload, np.uint8)
 
         # hop 1, plain and runtime (alternating which goes first), then the runtime with verification

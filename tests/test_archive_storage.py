@@ -291,9 +291,17 @@ def test_raw_image_cache_verify_detects_damage_on_disk(tmp_path):
     key = ImageKey.of(image)
     data = encode_image(image)
     cache.put(key, data, blob_meta(key, data, "science"))
-    cache.path(key).write_bytes(flip_byte(data, pixel_offset(data, image)))
+    assert cache.verify(key, received=data) == blob_meta(key, data, "science").checksum
+    damaged = flip_byte(data, pixel_offset(data, image))
+    cache.path(key).write_bytes(damaged)
     with pytest.raises(CDSChecksumError):
         cache.verify(key)
+    # compared with the bytes received (the distributor's read-back check): the same damage, no decoding
+    with pytest.raises(CDSChecksumError, match="differs from the .* bytes stored"):
+        cache.verify(key, received=data)
+    cache.path(key).write_bytes(data[:-1])
+    with pytest.raises(CDSChecksumError, match="differs"):
+        cache.verify(key, received=data)
 
 
 # ---------------------------------------------------------------- tape
@@ -373,6 +381,21 @@ def test_tape_verify_detects_damage(tmp_path):
         TapeLibrary(tmp_path).verify(key)
     with TapeArchive(tmp_path, "x", fsync=False) as tape, pytest.raises(CDSChecksumError):
         tape.verify(key)
+    with TapeArchive(tmp_path, "x", fsync=False) as tape, pytest.raises(CDSChecksumError, match="index says"):
+        tape.verify(key, received=data)  # the index's SHA-256 is checked first
+
+
+def test_tape_verify_against_received_bytes(tmp_path):
+    image = make_image()
+    key = ImageKey.of(image)
+    data = encode_image(image)
+    meta = blob_meta(key, data, "science")
+    with TapeArchive(tmp_path, "x", fsync=False) as tape:
+        tape.append(key, data, meta)
+        assert tape.verify(key, received=data) == meta.checksum == tape.verify(key)
+        # a copy that matches its index but not what the distributor received (stored the wrong bytes)
+        with pytest.raises(CDSChecksumError, match="differs from the .* bytes stored"):
+            tape.verify(key, received=flip_byte(data, pixel_offset(data, image)))
 
 
 def test_tape_bad_arguments(tmp_path):
@@ -445,3 +468,72 @@ def test_outage_buffer_shared_by_processes_never_overfills(tmp_path):
     pending = buf.pending()
     assert len({i.sequence for i in pending}) == 5
     assert all(buf.verify(i.key) == i.meta.checksum for i in pending)
+
+
+# ---------------------------------------------------------------- the distributor's read-back check
+
+
+class _Post:
+    """A postman that keeps what is sent (the distributor's reports)."""
+
+    rank = 3
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, payload, dest, data=None):
+        self.sent.append(payload)
+
+
+@pytest.mark.parametrize("kind", ["raw", "crosstalk_corrected"])
+def test_distributor_verifies_the_stored_copy_against_the_bytes_it_received(tmp_path, monkeypatch, kind):
+    """The image received is decoded and verified once; the Archive's copy read back is compared with those
+    bytes (not decoded again), and a copy the store damaged is reported, not confirmed."""
+    from lsstpipe.archive import storage
+    from lsstpipe.runtime.archiving import ArchiveSettings, Distributor, StoragePaths
+    from lsstpipe.runtime.messages import Archived, ImageData
+
+    decodes = []
+    real_decode = storage.decode_image
+
+    def counting_decode(data, key):
+        decodes.append(key)
+        return real_decode(data, key)
+
+    monkeypatch.setattr(storage, "decode_image", counting_decode)
+    monkeypatch.setattr("lsstpipe.runtime.archiving.decode_image", counting_decode)
+    monkeypatch.setattr("lsstpipe.archive.tape.decode_image", counting_decode)
+
+    def receive(dist, seq, damage_at=None):
+        key, data, meta = blob_of(seq, kind=kind)
+        sha = hashlib.sha256(data).hexdigest()
+        header = ImageData(7, seq, 0, key.image_id, key.raft, kind, meta.checksum, sha, len(data), False, "science")
+        sent = data if damage_at is None else flip_byte(data, damage_at)
+        dist._receive(header, np.frombuffer(sent, np.uint8), source=1)
+        return key, meta, [p for p in dist.post.sent if isinstance(p, Archived)][-1]
+
+    dist = Distributor(_Post(), StoragePaths(tmp_path), ArchiveSettings())
+    key, meta, report = receive(dist, 1)
+    assert report.ok and report.checksum == meta.checksum and report.error is None
+    # decoded once, on receipt, when workers need it; a raw image was verified by the replicator and its
+    # bytes arrived unchanged (SHA-256): it is not decoded at all
+    assert decodes == ([key] if kind == "crosstalk_corrected" else [])
+    store = dist.tape if kind == "raw" else dist.raw_cache
+    assert store.verify(key) == meta.checksum  # the stored copy decodes and verifies
+    # damaged in transit (a pixel byte: the header still reads): refused, the replicator is asked again
+    key3, _, report = receive(dist, 3, damage_at=pixel_offset(blob_of(3, kind=kind)[1], make_image(3, kind=kind)))
+    assert not report.ok and "damaged in transit" in report.error and "resend" in report.error
+    assert "SHA-256" in report.error and key3 not in [r.key for r in dist.tape.index()] and not dist.raw_cache.has(key3)
+
+    # a store that hands back other bytes than those written: reported, the Base keeps its copy
+    if kind == "raw":
+        from lsstpipe.archive import tape as tape_module
+
+        real = tape_module._read_blob
+        monkeypatch.setattr(tape_module, "_read_blob", lambda path, record: flip_byte(real(path, record), 100))
+    else:
+        real = RawImageCache.get
+        monkeypatch.setattr(RawImageCache, "get", lambda self, k: flip_byte(real(self, k), 100))
+    _, _, report = receive(dist, 2)
+    assert not report.ok and "storing at the Archive failed" in report.error
+    assert ("index says" if kind == "raw" else "differs from the") in report.error

@@ -83,7 +83,7 @@ def test_manifest_archive_check_finds_missing_copies(tmp_path):
 
 
 def test_runtime_messages_have_their_own_tags():
-    h = ImageData(1, 2, 0, "MC_O_20260101_000001", "R10", "raw", "0" * 64, 100, True, "science")
+    h = ImageData(1, 2, 0, "MC_O_20260101_000001", "R10", "raw", "0" * 64, "1" * 64, 100, True, "science")
     assert tag_of(h) is Tag.IMAGE and expect(int(Tag.IMAGE), h) is h
     with pytest.raises(TypeError, match="carries a ImageData"):
         expect(int(Tag.CCD_DATA), h)

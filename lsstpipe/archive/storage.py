@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 
 from lsstpipe.cds.image import (
+    CDSChecksumError,
     CDSFormatError,
     ImageKind,
     PreparedImage,
@@ -263,6 +264,16 @@ def decode_image(data: bytes, key: ImageKey | str) -> RaftImage:
         raise CDSFormatError(_damaged(key, len(data), f"{type(exc).__name__}: {exc}")) from exc
     image.verify()
     return image
+
+
+def check_copy(key: ImageKey, stored: bytes, received: bytes, where: str) -> None:
+    """Raise :class:`CDSChecksumError` unless the copy of ``key`` read back from ``where`` is ``received``,
+    byte for byte."""
+    if stored != received:
+        raise CDSChecksumError(
+            f"the copy of {key} read back from {where} ({len(stored)} bytes) differs from the {len(received)} "
+            "bytes stored; the store damaged it — store it again (the Base keeps its copy until the Archive confirms)"
+        )
 
 
 def _damaged(key: ImageKey, nbytes: int, why: str) -> str:
@@ -538,8 +549,17 @@ class _BlobStore:
         """Every item, oldest first (time stored, then put order)."""
         return sorted(self._scan().values(), key=lambda i: (i.meta.stored_mjd, i.sequence))
 
-    def verify(self, key: ImageKey | str) -> str:
+    def verify(self, key: ImageKey | str, received: bytes | None = None) -> str:
         """Read the stored copy back, decode and verify it; return its content checksum.
+
+        Parameters
+        ----------
+        key : ImageKey or str
+        received : bytes, optional
+            The bytes that were stored, already decoded and verified by the caller (the distributor checks
+            every image it receives): the copy read back is then compared with them byte for byte instead
+            of being decoded again — identical bytes hold the identical, verified content (a 44 MB raft
+            file: 0.03 s instead of 0.8).
 
         Raises
         ------
@@ -550,6 +570,9 @@ class _BlobStore:
         """
         key = as_key(key)
         expected = self.meta(key).checksum
+        if received is not None:
+            check_copy(key, self.get(key), received, f"the {self._what} {self._root}")
+            return expected
         image = decode_image(self.get(key), key)
         if image.checksum != expected:
             raise CDSFormatError(f"the copy of {key} in {self._root} has checksum {image.checksum[:16]}…, its "

@@ -45,6 +45,7 @@ from lsstpipe.archive.storage import (
     ItemMeta,
     as_key,
     blob_checksum,
+    check_copy,
     check_data,
     decode_image,
     flocked,
@@ -151,7 +152,7 @@ def _read_blob(path: Path, record: TapeRecord) -> bytes:
         return np.asarray(f["blobs"][_blob_name(record.sequence)][()]).tobytes()
 
 
-def _verify(record: TapeRecord, data: bytes) -> str:
+def _verify(record: TapeRecord, data: bytes, received: bytes | None = None) -> str:
     digest = hashlib.sha256(data).hexdigest()
     if digest != record.sha256 or len(data) != record.nbytes:
         raise CDSChecksumError(
@@ -159,6 +160,9 @@ def _verify(record: TapeRecord, data: bytes) -> str:
             f"{len(data)} bytes with SHA-256 {digest[:16]}…, the index says {record.nbytes} bytes with "
             f"{record.sha256[:16]}… — restore it from the other site's tape or the raw image cache"
         )
+    if received is not None:
+        check_copy(record.key, data, received, f"tape volume {record.volume}")
+        return record.checksum
     image = decode_image(data, record.key)
     if image.checksum != record.checksum:
         raise CDSFormatError(
@@ -337,8 +341,12 @@ class TapeArchive:
         """The blob of ``key`` as written; :class:`ArchiveNotFound` if it is not on this volume."""
         return _read_blob(self._path, self._record_of(key))
 
-    def verify(self, key: ImageKey | str) -> str:
+    def verify(self, key: ImageKey | str, received: bytes | None = None) -> str:
         """Read ``key`` back, check its bytes' SHA-256 against the index, decode and verify its content.
+
+        ``received``: the bytes appended, already decoded and verified by the caller; the copy read back is
+        compared with them byte for byte instead of being decoded again (as
+        :meth:`lsstpipe.archive.storage.RawImageCache.verify`).
 
         Returns
         -------
@@ -353,7 +361,7 @@ class TapeArchive:
             If the copy on tape is damaged.
         """
         record = self._record_of(key)
-        return _verify(record, _read_blob(self._path, record))
+        return _verify(record, _read_blob(self._path, record), received)
 
     def index(self) -> list[TapeRecord]:
         """The volume's records in arrival order."""

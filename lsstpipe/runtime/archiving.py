@@ -41,7 +41,7 @@ from lsstpipe.archive.storage import (
     decode_image,
 )
 from lsstpipe.archive.tape import TapeArchive
-from lsstpipe.cds.image import CDSError, RaftImage
+from lsstpipe.cds.image import CDSChecksumError, CDSError, RaftImage
 from lsstpipe.db.records import ImageTransfer
 from lsstpipe.runtime.layout import Role
 from lsstpipe.runtime.messages import (
@@ -349,7 +349,7 @@ class Replicator:
             damaged[len(damaged) // 2] ^= 0xFF
             payload = bytes(damaged)
         header = ImageData(job.job_id, job.visit, job.exposure, key.image_id, key.raft, key.kind,
-                           checksum, len(payload), self.settings.compress,
+                           checksum, _sha(data), len(payload), self.settings.compress,
                            job.mode.split(":", 1)[0], rj.telemetry, time.time())  # fmt: skip
         t0 = time.monotonic()
         if self._send_safe(header, payload):
@@ -362,11 +362,14 @@ class Replicator:
             rj.failures.append(f"{key}: distributor {self.distributor} unreachable")
 
     def resend(self, key: ImageKey, job_id: int) -> None:
-        """Send ``key`` again after the distributor rejected it (from the outage buffer, else the CDS)."""
+        """Send ``key`` again after the distributor rejected it (from the outage buffer, else the CDS).
+
+        The copy is decoded and verified first, as every image the replicator sends: the distributor checks
+        the bytes it receives against their SHA-256, not their content."""
         data = self.outage.get(key) if self.outage.has(key) else self._cds_path(key).read_bytes()
         job = JobAssignment(job_id, JobKind.CATCHUP, 0, raft=key.raft, image_ids=(key.image_id,),
                             mode=f"science:{key.kind}")  # fmt: skip
-        self._ship(_RepJob(job), key, data, blob_checksum(key, data), job)
+        self._ship(_RepJob(job), key, data, decode_image(data, key).checksum, job)
 
     def _confirmed(self, a: Archived) -> None:
         key = ImageKey(a.image_id, a.raft, a.kind)
@@ -426,10 +429,16 @@ class Distributor:
         where = "tape" if h.kind == "raw" else "raw_cache"
         try:
             blob = zlib.decompress(data.tobytes()) if h.compressed else data.tobytes()
-            image = decode_image(blob, key)
-            if image.checksum != h.checksum:
-                raise CDSError(f"{key} carries checksum {image.checksum[:12]}…, the replicator sent "
-                               f"{h.checksum[:12]}…")  # fmt: skip
+            digest = _sha(blob)
+            if digest != h.sha256:
+                raise CDSChecksumError(f"{key}: {len(blob)} bytes with SHA-256 {digest[:12]}… arrived, the replicator "
+                                       f"sent {h.sha256[:12]}…")  # fmt: skip
+            # The replicator verified the content before sending these very bytes. A crosstalk-corrected raft is
+            # decoded (and verified again) to serve workers; a raw one only goes to tape: its header is checked.
+            image = decode_image(blob, key) if h.kind == "crosstalk_corrected" else None
+            checksum = image.checksum if image is not None else blob_checksum(key, blob)
+            if checksum != h.checksum:
+                raise CDSError(f"{key} carries checksum {checksum[:12]}…, the replicator sent {h.checksum[:12]}…")
         except (zlib.error, CDSError, ValueError) as exc:
             n = self.rejected[(h.image_id, h.raft, h.kind)] = self.rejected.get((h.image_id, h.raft, h.kind), 0) + 1
             retry = n <= self.settings.max_retries
@@ -438,19 +447,22 @@ class Distributor:
             self._report(Archived(h.job_id, h.image_id, h.raft, h.kind, False, where, None, self.post.rank, 0,
                                   error), source)  # fmt: skip
             return
-        if h.kind == "crosstalk_corrected":  # verified: workers may have it now, while the Archive stores it
+        if image is not None:  # verified: workers may have it now, while the Archive stores it
             self.rafts[(h.image_id, h.raft)] = image
             while len(self.rafts) > self.settings.keep_rafts:
                 self.rafts.popitem(last=False)
             self.post.send(RaftPublished(h.visit, h.exposure, h.image_id, h.raft, self.post.rank), self.dmcs)
-        meta = ItemMeta(image.checksum, len(blob), h.mode)
-        try:
+        meta = ItemMeta(checksum, len(blob), h.mode)
+        try:  # the copy read back is compared with the verified bytes received (no second decoding)
             if where == "tape":
                 self.tape.append(key, blob, meta)
-                checksum = self.tape.verify(key)
+                stored = self.tape.verify(key, received=blob)
             else:
                 self.raw_cache.put(key, blob, meta)
-                checksum = self.raw_cache.verify(key)
+                stored = self.raw_cache.verify(key, received=blob)
+            if stored != meta.checksum:
+                raise CDSError(f"the Archive's {where} recorded checksum {stored[:12]}… for {key}, whose content "
+                               f"has {meta.checksum[:12]}…")  # fmt: skip
         except Exception as exc:  # noqa: BLE001 — any storage failure is reported, the image stays at the Base
             error = f"storing at the Archive failed: {exc}"
             self._transfer(key, f"replicator {source}", f"archive {where}", None, len(blob), False, error)

@@ -242,6 +242,9 @@ class ImageData:
     kind: str
     checksum: str
     """Content checksum of the image (:meth:`lsstpipe.cds.image.RaftImage.verify`)."""
+    sha256: str
+    """SHA-256 of the raft file's bytes as the replicator read them and verified their content (before
+    compression): what arrives is checked against it."""
     nbytes: int
     """Bytes that follow under :attr:`Tag.DATA`."""
     compressed: bool
