@@ -51,6 +51,14 @@ def night(tmp_path_factory):
     return repo, cache, out, run
 
 
+def _no_calibration_exposures(tmp_path: Path) -> list[str]:
+    """``--config`` for a night without the calibration exposures before its visits: the clean night and the
+    slow-link night cover them; each costs its 300 s dark's integration (30 s at the test clock)."""
+    path = tmp_path / "no-calibration-exposures.yaml"
+    path.write_text("calibration_exposures: 0\n")
+    return ["--config", str(path)]
+
+
 def _manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
@@ -135,7 +143,7 @@ def test_clean_night_certifies_masters_archives_everything_and_alerts(night):
 def test_night_survives_fault(night, tmp_path, fault, ranks):
     repo, cache, _, _ = night
     out = tmp_path / "out"
-    extra = []
+    extra = _no_calibration_exposures(tmp_path)
     if fault.startswith("slow-link"):  # this night takes its calibration exposures in engineering mode
         (tmp_path / "engineering.yaml").write_text("calibration_exposures: 1\ncalibration_mode: engineering\n")
         extra = ["--config", str(tmp_path / "engineering.yaml")]
@@ -171,10 +179,11 @@ def test_night_survives_fault(night, tmp_path, fault, ranks):
 def test_restart_skips_completed_work(night, tmp_path):
     repo, cache, _, _ = night
     out = tmp_path / "out"
-    first = _night(repo, out, 3, cache, "--max-visits", "2")
+    config = _no_calibration_exposures(tmp_path)
+    first = _night(repo, out, 3, cache, "--max-visits", "2", *config)
     assert first.returncode == 0, first.stderr[-3000:]
     before = {(v["visit"], c["detector"]): c for v in _manifest(out)["visits"] for c in v["ccds"]}
-    again = _night(repo, out, 3, cache)
+    again = _night(repo, out, 3, cache, *config)
     m = _check_night(out, again)
     for v in m["visits"][:2]:
         for c in v["ccds"]:
@@ -198,7 +207,8 @@ def test_ulfm_reschedules_a_killed_workers_ccd_within_a_second(night, tmp_path):
     job = Path(__file__).resolve().parent.parent / "lsstpipe" / "runtime" / "night.py"
     cmd = [str(prefix / "bin" / "mpiexec"), "--with-ft", "ulfm", "--mca", "btl", "tcp,self", "--oversubscribe",
            *(["--allow-run-as-root"] if os.geteuid() == 0 else []), "-n", "5", str(prefix / "bin" / "python"),
-           "-m", "mpi4py", str(job), "--repo", str(repo), "--out", str(out), "--inject", "kill-worker@2"]  # fmt: skip
+           "-m", "mpi4py", str(job), "--repo", str(repo), "--out", str(out), "--inject", "kill-worker@2",
+           *_no_calibration_exposures(tmp_path)]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(cache))
     assert "ULFM: MPI reports the process failed" in run.stderr, run.stderr[-3000:]
     m = json.loads((out / "manifest.json").read_text())

@@ -183,9 +183,12 @@ def test_night_job_on_slurm(tmp_path):
         visit_args="--visits 1", extra_args="--calibs --quiet", log_dir=str(tmp_path), time_limit="00:10:00", **cache,
     )  # fmt: skip
     _assert_completed(*_sbatch_wait(simulate, "--overcommit"), tmp_path)
+    # without the calibration exposures before the visits (the night tests cover them; each costs its 300 s
+    # dark's integration, 30 s at the night's default clock)
+    (tmp_path / "night.yaml").write_text("calibration_exposures: 0\n")
     night = _render(
         "night", tmp_path / "night.sbatch", repo=str(repo), out=str(out), log_dir=str(tmp_path),
-        time_limit="00:10:00", **cache,
+        time_limit="00:10:00", extra_args=f"--config {tmp_path / 'night.yaml'}", **cache,
     )  # fmt: skip
     _assert_completed(*_sbatch_wait(night, "--overcommit"), tmp_path)
 

@@ -229,9 +229,11 @@ def test_end_to_end_on_a_tiny_repository(tmp_path):
                           "--visits", "2", "--calibs", "-n", "2"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert sim.returncode == 0, sim.stderr[-4000:]
     js = tmp_path / "lat.json"
+    config = tmp_path / "night.yaml"  # no calibration exposures before the visits (their 300 s dark: 30 s here)
+    config.write_text("calibration_exposures: 0\n")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "visit_latency.py"), "--repo", str(repo), "-n", "3", "--visits",
-         "2", "--out", str(tmp_path / "night"), "--json", str(js), "--no-warmup"],
+         "2", "--out", str(tmp_path / "night"), "--json", str(js), "--no-warmup", "--config", str(config)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
