@@ -474,12 +474,13 @@ def test_outage_buffer_shared_by_processes_never_overfills(tmp_path):
 
 
 class _Post:
-    """A postman that keeps what is sent (the distributor's reports)."""
+    """A postman that keeps what is sent (the distributor's reports, the replicator's images)."""
 
     rank = 3
 
     def __init__(self):
         self.sent = []
+        self.dead = set()
 
     def send(self, payload, dest, data=None):
         self.sent.append(payload)
@@ -537,3 +538,34 @@ def test_distributor_verifies_the_stored_copy_against_the_bytes_it_received(tmp_
     _, _, report = receive(dist, 2)
     assert not report.ok and "storing at the Archive failed" in report.error
     assert ("index says" if kind == "raw" else "differs from the") in report.error
+
+
+def test_replicator_resends_only_a_verified_copy(tmp_path):
+    """After the distributor refused an image, the replicator sends it again from a copy whose content it
+    verified: the outage buffer's, else the CDS buffer's; with neither, it reports why and sends nothing."""
+    from lsstpipe.db.records import ImageTransfer
+    from lsstpipe.runtime.archiving import ArchiveSettings, Replicator, StoragePaths
+    from lsstpipe.runtime.messages import ImageData
+
+    paths = StoragePaths(tmp_path)
+    image = make_image(kind="crosstalk_corrected")
+    key, data, meta = blob_of(kind="crosstalk_corrected")
+    rep = Replicator(_Post(), 9, paths, ArchiveSettings())
+    rep.outage.put(key, data, meta)
+    damaged = flip_byte(data, pixel_offset(data, image))
+    rep.outage.path(key).write_bytes(damaged)  # damaged on the Base's disk since it was stored
+    cds = rep._cds_path(key)
+    cds.parent.mkdir(parents=True)
+    cds.write_bytes(data)
+
+    rep.resend(key, 5)
+    sent = [p for p in rep.post.sent if isinstance(p, ImageData)]
+    assert len(sent) == 1 and sent[0].checksum == meta.checksum
+    assert sent[0].sha256 == hashlib.sha256(data).hexdigest()  # the CDS copy, not the damaged one
+
+    cds.write_bytes(damaged)
+    rep.post.sent.clear()
+    rep.resend(key, 6)
+    assert not [p for p in rep.post.sent if isinstance(p, ImageData)]
+    (report,) = [p for p in rep.post.sent if isinstance(p, ImageTransfer)]
+    assert not report.ok and "cannot resend" in report.error and "left to catch-up" in report.error

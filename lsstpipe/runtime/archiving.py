@@ -366,10 +366,20 @@ class Replicator:
 
         The copy is decoded and verified first, as every image the replicator sends: the distributor checks
         the bytes it receives against their SHA-256, not their content."""
-        data = self.outage.get(key) if self.outage.has(key) else self._cds_path(key).read_bytes()
         job = JobAssignment(job_id, JobKind.CATCHUP, 0, raft=key.raft, image_ids=(key.image_id,),
                             mode=f"science:{key.kind}")  # fmt: skip
-        self._ship(_RepJob(job), key, data, decode_image(data, key).checksum, job)
+        problems = []
+        for where, read in (("outage_buffer", self.outage.get), ("cds", lambda k: self._cds_path(k).read_bytes())):
+            try:
+                data = read(key)
+                checksum = decode_image(data, key).checksum
+            except (CDSError, OSError, LookupError) as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+            self._ship(_RepJob(job), key, data, checksum, job)
+            return
+        self._transfer(key, "outage_buffer", self.name, None, 0, False,
+                       f"cannot resend: no verified copy ({'; '.join(problems)}); left to catch-up")  # fmt: skip
 
     def _confirmed(self, a: Archived) -> None:
         key = ImageKey(a.image_id, a.raft, a.kind)
