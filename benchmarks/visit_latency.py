@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -471,34 +470,11 @@ def run_night(
 
 
 def wait_night(proc: subprocess.Popen, out: Path, timeout_s: float, grace_s: float) -> int:
-    """Wait for the night ``proc`` (started in its own session) as :func:`run_night` says; 124 if stopped."""
-    t0, complete_at = time.monotonic(), None
-    while True:
-        try:
-            return proc.wait(timeout=min(2.0, grace_s, timeout_s))
-        except subprocess.TimeoutExpired:
-            pass
-        if complete_at is None and _complete(out):
-            complete_at = time.monotonic()
-        now = time.monotonic()
-        if now - t0 > timeout_s or (complete_at is not None and now - complete_at > grace_s):
-            why = (f"still running after {timeout_s:g} s" if now - t0 > timeout_s else
-                   f"its manifest says complete but it has not returned {grace_s:g} s later (a rank left running)")  # fmt: skip
-            print(f"night: {why}; stopping it (process group {proc.pid})", file=sys.stderr)
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            return 124
+    """Wait for the night ``proc`` (started in its own session) as :func:`run_night` says; 124 if stopped
+    (:func:`lsstpipe.night_cli.wait_night` on its manifest)."""
+    from lsstpipe.night_cli import wait_night as wait
 
-
-def _complete(out: Path) -> bool:
-    try:
-        return bool(json.loads((Path(out) / "manifest.json").read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
+    return wait(proc, Path(out) / "manifest.json", grace_s=grace_s, timeout_s=timeout_s)
 
 
 def _f(x: float | None, digits: int = 2) -> str:

@@ -8,6 +8,9 @@ the TCP transport (failures reported by MPI itself), plus ``--allow-run-as-root`
 
 The exit status is the night's (0: every CCD accounted for and every image archived and verified), read
 from ``OUT/manifest.json``: a rank killed by an injected fault makes ``mpiexec`` itself report a failure.
+The MPI job runs in its own process group, stopped with this command (Ctrl-C, SIGTERM); once its manifest
+says the night is complete, its ranks have ``--exit-grace`` seconds to leave, after which they are stopped
+and the night's status stands (a rank left hanging in ``MPI_Finalize`` loses nothing the night wrote).
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lsstpipe.runtime.faults import FAULT_KINDS
 
-__all__ = ["add_parser", "launcher_command", "run"]
+__all__ = ["add_parser", "launcher_command", "run", "wait_night"]
 
 JOB = Path(__file__).resolve().parent / "runtime" / "night.py"
 
@@ -39,6 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-visits", type=int, help="play only the first N visits")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--mpiexec", default=None, help="the mpiexec to use (default: the one on PATH)")
+    p.add_argument("--exit-grace", type=float, default=60.0, metavar="SECONDS",
+                   help="once the manifest says the night is complete, stop ranks still running after this "
+                        "long (default 60)")  # fmt: skip
 
 
 def mpi_flavour(mpiexec: str) -> str:
@@ -92,7 +100,9 @@ def run(args) -> int:
     env.setdefault("OMP_NUM_THREADS", "1")
     manifest = Path(args.out) / "manifest.json"
     before = manifest.stat().st_mtime if manifest.is_file() else None
-    rc = subprocess.call(cmd, env=env)
+    if not args.exit_grace > 0:
+        raise ValueError(f"--exit-grace must be a positive number of seconds, not {args.exit_grace}")
+    rc = _launch(cmd, env, manifest, before, args.exit_grace)
     if rc == 2 or not manifest.is_file() or manifest.stat().st_mtime == before:
         return rc or 1
     data = json.loads(manifest.read_text())
@@ -102,7 +112,72 @@ def run(args) -> int:
         return rc or 1
     images = [im for v in data["visits"] for im in v["images"]]
     lost = [im for im in images if not (im["tape"] if im["kind"] == "raw" else im["raw_cache"])]
-    if rc != 0:
+    if rc == 124:
+        print("lsstpipe night: the night completed; ranks that had not left were stopped", file=sys.stderr)
+    elif rc != 0:
         print(f"lsstpipe night: mpiexec ({flavour}) exited {rc} (a rank died, e.g. an injected fault); the night "
               f"completed without it", file=sys.stderr)  # fmt: skip
     return 1 if lost else 0
+
+
+def _launch(cmd: list[str], env: dict, manifest: Path, before: float | None, grace_s: float) -> int:
+    """Run the MPI job in its own process group (stopped with this process) and wait for it (:func:`wait_night`)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        return wait_night(proc, manifest, grace_s=grace_s, since=before)
+    except BaseException:  # Ctrl-C, SIGTERM, anything: the ranks go with the launcher
+        stop_group(proc)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_night(proc: subprocess.Popen, manifest: Path, *, grace_s: float, timeout_s: float | None = None,
+               since: float | None = None) -> int:  # fmt: skip
+    """Wait for the night job ``proc`` (started in its own session): its exit status, or 124 when stopped.
+
+    It is stopped (its whole process group) when it runs past ``timeout_s``, or when ``manifest`` — written
+    after ``since`` (a modification time; None: any) — has said the night is complete for ``grace_s`` and the
+    job has not returned (a rank left running, e.g. in ``MPI_Finalize``).
+    """
+    t0, complete_at = time.monotonic(), None
+    while True:
+        try:
+            return proc.wait(timeout=min(2.0, grace_s, timeout_s or 2.0))
+        except subprocess.TimeoutExpired:
+            pass
+        if complete_at is None and _complete(manifest, since):
+            complete_at = time.monotonic()
+        now = time.monotonic()
+        late = timeout_s is not None and now - t0 > timeout_s
+        if late or (complete_at is not None and now - complete_at > grace_s):
+            why = (f"still running after {timeout_s:g} s" if late else
+                   f"its manifest says the night is complete but ranks are still running {grace_s:g} s later")  # fmt: skip
+            print(f"lsstpipe night: {why}; stopping the MPI job (process group {proc.pid})", file=sys.stderr)
+            stop_group(proc)
+            return 124
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to ``proc``'s process group, SIGKILL after 10 s; waits for ``proc``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+def _complete(manifest: Path, since: float | None) -> bool:
+    try:
+        if since is not None and manifest.stat().st_mtime == since:
+            return False
+        return bool(json.loads(manifest.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False

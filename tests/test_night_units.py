@@ -118,3 +118,41 @@ def test_config_defaults_and_unknown_keys(tmp_path):
         load_config(bad)
     with pytest.raises(NightError, match="no such file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_night_whose_ranks_do_not_leave_is_stopped_after_its_manifest_completes(tmp_path, capsys):
+    """A rank left hanging (e.g. in MPI_Finalize) after the night completed does not hang ``lsstpipe night``:
+    the MPI job is stopped ``--exit-grace`` seconds later, the night's status stands."""
+    import os
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    pids = tmp_path / "pids"
+    fake = tmp_path / "mpiexec"  # writes a complete manifest, then a "rank" that never leaves
+    fake.write_text(f"""#!/bin/bash
+[ "$1" = --version ] && {{ echo "HYDRA build details"; exit 0; }}
+while [ $# -gt 0 ] && [ "$1" != --out ]; do shift; done
+mkdir -p "$2"
+echo '{{"complete": true, "visits": []}}' > "$2/manifest.json"
+sleep 120 & echo $! > {pids}
+wait
+""")
+    fake.chmod(0o755)
+    args = SimpleNamespace(ranks=2, repo=str(tmp_path), out=str(out), config=None, inject=[], max_visits=None,
+                           quiet=True, mpiexec=str(fake), exit_grace=0.5)  # fmt: skip
+    t0 = time.monotonic()
+    assert night_cli.run(args) == 0
+    assert time.monotonic() - t0 < 30
+    assert "ranks that had not left were stopped" in capsys.readouterr().err
+    rank = int(pids.read_text())
+    with pytest.raises(ProcessLookupError):  # the whole process group went
+        for _ in range(50):
+            os.kill(rank, 0)
+            time.sleep(0.1)
+    # an earlier night's complete manifest in the same --out does not count: only the job's own
+    proc = subprocess.Popen(["sleep", "1.5"], start_new_session=True)
+    manifest = out / "manifest.json"
+    assert night_cli.wait_night(proc, manifest, grace_s=0.2, since=manifest.stat().st_mtime) == 0
+    with pytest.raises(ValueError, match="exit-grace"):
+        night_cli.run(SimpleNamespace(**{**vars(args), "exit_grace": 0.0}))

@@ -651,9 +651,12 @@ class NightDMCS:
         return not self.queue and not self.busy
 
     def stop_all(self, reason: str) -> None:
-        stop = Stop(reason, skip_finalize=bool(self.dead))
+        # rank 0 skips MPI_Finalize when its postman knows a dead rank (runtime.loop): say the same to every rank,
+        # whichever DMCS (a standby too) declared it, or those finalizing would wait for rank 0 forever
+        gone = self.dead | self.post.dead
+        stop = Stop(reason, skip_finalize=bool(gone))
         for rank in range(1, self.layout.size):
-            if rank not in self.dead:
+            if rank not in gone:
                 self._send(stop, rank)
             elif rank not in self.post.detector.failed:
                 try:  # presumed dead but maybe only silent: it must not wait for work forever
