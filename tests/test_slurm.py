@@ -174,13 +174,14 @@ def test_night_template_starts_every_role_with_srun_multi_prog(tmp_path):
 @needs_slurm
 @pytest.mark.skipif(not (ROOT / "jobs" / "night.py").is_file(), reason="jobs/night.py not present")
 def test_night_job_on_slurm(tmp_path):
-    """A short night on ``mini`` through the rendered night template: every visit's CCDs are processed."""
+    """A short night on three ``mini`` CCDs through the rendered templates: every visit's CCDs are processed."""
     repo, out = tmp_path / "repo", tmp_path / "out"
     # the test run's numba cache (tests/run.sh) when it has one: the jobs start warm after the earlier nights
     cache = {"numba_cache_dir": os.environ["NUMBA_CACHE_DIR"]} if os.environ.get("NUMBA_CACHE_DIR") else {}
     simulate = _render(
         "simulate", tmp_path / "simulate.sbatch", repo=str(repo), ranks="2", camera="mini",
-        visit_args="--visits 1", extra_args="--calibs --quiet", log_dir=str(tmp_path), time_limit="00:10:00", **cache,
+        visit_args="--visits 1", extra_args="--calibs --quiet --detectors R10_S11,R11_S11,R00_SW", log_dir=str(tmp_path),
+        time_limit="00:10:00", **cache,
     )  # fmt: skip
     _assert_completed(*_sbatch_wait(simulate, "--overcommit"), tmp_path)
     # without the calibration exposures before the visits (the night tests cover them; each costs its 300 s
