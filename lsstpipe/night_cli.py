@@ -8,9 +8,9 @@ the TCP transport (failures reported by MPI itself), plus ``--allow-run-as-root`
 
 The exit status is the night's (0: every CCD accounted for and every image archived and verified), read
 from ``OUT/manifest.json``: a rank killed by an injected fault makes ``mpiexec`` itself report a failure.
-The MPI job runs in its own process group, stopped with this command (Ctrl-C, SIGTERM); once its manifest
-says the night is complete, its ranks have ``--exit-grace`` seconds to leave, after which they are stopped
-and the night's status stands (a rank left hanging in ``MPI_Finalize`` loses nothing the night wrote).
+The MPI job runs in its own process group, stopped with this command (Ctrl-C, SIGTERM, SIGHUP); once its
+manifest says the night is complete, its ranks have ``--exit-grace`` seconds to leave, after which they are
+stopped and the night's status stands (a rank left hanging in ``MPI_Finalize`` loses nothing the night wrote).
 """
 
 from __future__ import annotations
@@ -123,14 +123,18 @@ def run(args) -> int:
 def _launch(cmd: list[str], env: dict, manifest: Path, before: float | None, grace_s: float) -> int:
     """Run the MPI job in its own process group (stopped with this process) and wait for it (:func:`wait_night`)."""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # a terminal's hang-up and a SIGTERM (e.g. from a batch system) reach this process only: they stop the job too
+    previous = {
+        sig: signal.signal(sig, lambda signum, _: sys.exit(128 + signum)) for sig in (signal.SIGTERM, signal.SIGHUP)
+    }
     try:
         return wait_night(proc, manifest, grace_s=grace_s, since=before)
-    except BaseException:  # Ctrl-C, SIGTERM, anything: the ranks go with the launcher
+    except BaseException:  # Ctrl-C, SIGTERM, SIGHUP, anything: the ranks go with the launcher
         stop_group(proc)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def wait_night(proc: subprocess.Popen, manifest: Path, *, grace_s: float, timeout_s: float | None = None,

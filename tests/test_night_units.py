@@ -156,3 +156,36 @@ wait
     assert night_cli.wait_night(proc, manifest, grace_s=0.2, since=manifest.stat().st_mtime) == 0
     with pytest.raises(ValueError, match="exit-grace"):
         night_cli.run(SimpleNamespace(**{**vars(args), "exit_grace": 0.0}))
+
+
+def test_stopping_lsstpipe_night_stops_its_ranks(tmp_path):
+    """The MPI job runs in a process group of its own: a SIGTERM to ``lsstpipe night`` (a batch system
+    cancelling it) stops the job's processes too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    fake = tmp_path / "mpiexec"  # a "rank" that runs until stopped; no manifest
+    fake.write_text(f"""#!/bin/bash
+[ "$1" = --version ] && {{ echo "HYDRA build details"; exit 0; }}
+sleep 120 & echo $! > {pids}
+wait
+""")
+    fake.chmod(0o755)
+    cmd = [sys.executable, "-m", "lsstpipe", "night", "-n", "2", "--repo", str(tmp_path), "--out", str(tmp_path / "o"),
+           "--mpiexec", str(fake)]  # fmt: skip
+    night = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for _ in range(300):
+        if pids.is_file() and pids.read_text().strip():
+            break
+        time.sleep(0.1)
+    rank = int(pids.read_text())
+    night.send_signal(signal.SIGTERM)
+    assert night.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(rank, 0)
+            time.sleep(0.1)
