@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.detect import run_sep  # noqa: E402
 from benchmarks.isr import copy_gbps, copy_resident_gbps, numpy_isr  # noqa: E402
+from benchmarks.timing import median_wall_cpu  # noqa: E402
 from lsstpipe import __version__  # noqa: E402
 from lsstpipe.pipelines.ap import ApConfig, process_ccd  # noqa: E402
 from lsstpipe.pipelines.detection import detect_and_measure  # noqa: E402
@@ -72,18 +73,6 @@ def simulate(root: Path, camera: str, detector: str, seed: int) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"simulation failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-
-
-def median_time(fn, repeat: int) -> tuple[float, float]:
-    """Median wall and CPU seconds of ``repeat`` runs after a warm-up."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(max(repeat, 1)):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
 
 
 def peak_rss_mb() -> float:
@@ -157,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
         fwhm = float(res.sdqa["psf_fwhm_pix"])
         radius = 2.0 * fwhm
         bad = (calexp.mask & 0b111) != 0
-        detect_wall, detect_cpu = median_time(
+        detect_wall, detect_cpu = median_wall_cpu(
             lambda: detect_and_measure(calexp.image, calexp.variance, bad, psf_fwhm=fwhm, aperture_radius=radius),
             args.repeat,
         )
@@ -178,16 +167,16 @@ def run(args: argparse.Namespace) -> dict:
             out["notes"] = ["SEP not installed (pip install sep): no detection anchor"]
         else:
             image = np.ascontiguousarray(np.where(bad, 0, calexp.image), np.float32)
-            out["sep_seconds"] = median_time(lambda: run_sep(sep, image, calexp.variance, radius), args.repeat)[0]
+            out["sep_seconds"] = median_wall_cpu(lambda: run_sep(sep, image, calexp.variance, radius), args.repeat)[0]
             out["detect_over_sep"] = out["detect_seconds"] / out["sep_seconds"]
 
         # ISR bandwidth on one snap, against a plain numpy copy and the numpy ISR: both write new memory, as
         # the chain's ISR does; and both into memory already touched (benchmarks/isr.py).
         raw, meta = inputs.raw_snaps[0], inputs.snap_metadata[0]
         prev = run_isr(raw, inputs.detector, inputs.calibs, meta, config.isr)
-        isr_wall = median_time(lambda: run_isr(raw, inputs.detector, inputs.calibs, meta, config.isr),
+        isr_wall = median_wall_cpu(lambda: run_isr(raw, inputs.detector, inputs.calibs, meta, config.isr),
                                args.repeat)[0]  # fmt: skip
-        isr_resident = median_time(lambda: run_isr(raw, inputs.detector, inputs.calibs, meta, config.isr, out=prev),
+        isr_resident = median_wall_cpu(lambda: run_isr(raw, inputs.detector, inputs.calibs, meta, config.isr, out=prev),
                                    args.repeat)[0]  # fmt: skip
         npix = calexp.shape[0] * calexp.shape[1]
         minimal = int(raw.nbytes + 3 * 4 * npix + 3 * 4 * npix)
@@ -199,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
         out["copy_resident_gbps"] = copy_resident_gbps(args.repeat)
         out["isr_resident_fraction_of_copy_resident"] = out["isr_resident_gbps"] / out["copy_resident_gbps"]
         if inputs.calibs.crosstalk is not None and inputs.calibs.bias is not None:
-            out["numpy_isr_seconds"] = median_time(lambda: numpy_isr(raw, inputs.detector, inputs.calibs, meta),
+            out["numpy_isr_seconds"] = median_wall_cpu(lambda: numpy_isr(raw, inputs.detector, inputs.calibs, meta),
                                                    args.repeat)[0]  # fmt: skip
             out["numpy_isr_over_ours"] = out["numpy_isr_seconds"] / isr_wall
 
@@ -210,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
             k = int(res.difference.kernel_info.get("kernel_size", 21))
             kernel = np.ones((k, k), np.float32) / k**2
             tmpl = np.ascontiguousarray(np.nan_to_num(res.difference.template), np.float32)
-            out["fftconvolve_seconds"] = median_time(lambda: fftconvolve(tmpl, kernel, mode="same"), args.repeat)[0]
+            out["fftconvolve_seconds"] = median_wall_cpu(lambda: fftconvolve(tmpl, kernel, mode="same"), args.repeat)[0]
             out["difference_over_fftconvolve"] = stages.get("difference", np.nan) / out["fftconvolve_seconds"]
         try:
             import sfft  # noqa: F401

@@ -26,24 +26,16 @@ for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MK
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import time  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.timing import fastest  # noqa: E402
 from kernels.combine import combine_stack, combine_streaming  # noqa: E402
-
-
-def timed(fn, repeat: int) -> float:
-    """Fastest of ``repeat`` runs after a warm-up (JIT compilation, first-touch page faults)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def make_stack(n: int, size: int, seed: int = 1) -> np.ndarray:
@@ -72,7 +64,7 @@ def run(frames: int, size: int, repeat: int) -> dict:
             stack, nsigma=4.0, stdfunc="model", noise_model=(36.0, 0.0)
         ),  # fmt: skip
     }
-    seconds = {name: timed(fn, repeat) for name, fn in cases.items()}
+    seconds = {name: fastest(fn, repeat) for name, fn in cases.items()}
     anchor = seconds["numpy.median"]
     results = {name: {"seconds": t, "mpix_per_s": npix / t / 1e6, "speed_vs_numpy_median": anchor / t}
                for name, t in seconds.items()}  # fmt: skip

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import median  # noqa: E402
 from lsstpipe.alerts.cutouts import CcdCutouts, Cutouts, cutout_size_pixels, make_cutout  # noqa: E402
 from lsstpipe.camera import get_camera  # noqa: E402
 from lsstpipe.pipelines.characterize import initial_wcs  # noqa: E402
@@ -41,15 +40,6 @@ def _planes(shape, seed: int):
     calexp = Exposure(image, variance, mask)
     difference = Difference(image - 100.0, variance * 2.0, mask, image * 0.5)
     return calexp, difference
-
-
-def _median(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> dict:
@@ -83,9 +73,9 @@ def main(argv=None) -> dict:
         return [cuts.at(x, y) for x, y in xy]
 
     same = reference() == writer()  # also the untimed warm-up of both
-    t_ref = _median(reference, repeat)
-    t_setup = _median(lambda: CcdCutouts(calexp, difference, wcs, zero_point), repeat)
-    t_new = _median(writer, repeat)
+    t_ref = median(reference, repeat)
+    t_setup = median(lambda: CcdCutouts(calexp, difference, wcs, zero_point), repeat)
+    t_new = median(writer, repeat)
     result = {
         "camera": camera_name, "detector": detector, "shape": [ny, nx], "sources": n_src, "stamp_pixels": size,
         "astropy_seconds_per_alert": t_ref / n_src, "writer_seconds_per_alert": t_new / n_src,

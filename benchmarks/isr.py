@@ -37,12 +37,15 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.timing import fastest  # noqa: E402
 from kernels.config import njit  # noqa: E402
 from kernels.crosstalk import remove_crosstalk  # noqa: E402
 from kernels.isr import isr_ccd  # noqa: E402
@@ -61,24 +64,10 @@ DETECTORS = ("R22_S11", "R10_S11")  # e2v, ITL
 BAND = "r"
 
 
-def timed(fn, repeat: int) -> float:
-    """Fastest of ``repeat`` runs after a warm-up (JIT compilation, first-touch page faults).
-
-    The fastest run, not the median: on a shared node other processes' memory traffic only ever adds
-    time, and the minimum is the repeatable cost of the code itself."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def copy_gbps(repeat: int) -> float:
     """A plain numpy copy of a 4k×4k float32 image (``np.copy``: a new destination), GB/s read + written."""
     src = np.ones((4096, 4096), np.float32)
-    t = timed(lambda: np.copy(src), max(repeat, 5))
+    t = fastest(lambda: np.copy(src), max(repeat, 5))
     return 2 * src.nbytes / t / 1e9
 
 
@@ -86,7 +75,7 @@ def copy_resident_gbps(repeat: int) -> float:
     """The same copy into a destination already touched (``np.copyto``): no page is new."""
     src = np.ones((4096, 4096), np.float32)
     dst = np.empty_like(src)
-    t = timed(lambda: np.copyto(dst, src), max(repeat, 5))
+    t = fastest(lambda: np.copyto(dst, src), max(repeat, 5))
     return 2 * src.nbytes / t / 1e9
 
 
@@ -109,7 +98,7 @@ def stream7_gbps(repeat: int) -> float:
     b, d, f = (np.ones((n, n), np.float32) for _ in range(3))
     img, var = np.empty((n, n), np.float32), np.empty((n, n), np.float32)
     msk = np.empty((n, n), np.int32)
-    t = timed(lambda: _stream7(raw, b, d, f, img, var, msk), max(repeat, 5))
+    t = fastest(lambda: _stream7(raw, b, d, f, img, var, msk), max(repeat, 5))
     return 7 * 4 * n * n / t / 1e9
 
 
@@ -170,14 +159,14 @@ def one_detector(name: str, repeat: int) -> dict:
 
     r = {"detector": name, "vendor": det.vendor.name, "shape": list(det.shape)}
     reuse = run_isr(raw, det, calibs, meta)
-    r["run_isr_seconds"] = timed(lambda: run_isr(raw, det, calibs, meta), repeat)  # new planes, as the chain
-    r["run_isr_resident_seconds"] = timed(lambda: run_isr(raw, det, calibs, meta, out=reuse), repeat)
-    r["overscan_seconds"] = timed(lambda: overscan_levels(raw, orows, ocols), repeat)
-    r["fused_seconds"] = timed(fused, repeat)
-    r["fused_exact_crosstalk_seconds"] = timed(lambda: fused(tol=0.0), repeat)
-    r["fused_no_crosstalk_seconds"] = timed(lambda: fused(None), repeat)
-    r["unfused_crosstalk_seconds"] = timed(unfused, repeat)
-    r["numpy_isr_seconds"] = timed(lambda: numpy_isr(raw, det, calibs, meta), repeat)
+    r["run_isr_seconds"] = fastest(lambda: run_isr(raw, det, calibs, meta), repeat)  # new planes, as the chain
+    r["run_isr_resident_seconds"] = fastest(lambda: run_isr(raw, det, calibs, meta, out=reuse), repeat)
+    r["overscan_seconds"] = fastest(lambda: overscan_levels(raw, orows, ocols), repeat)
+    r["fused_seconds"] = fastest(fused, repeat)
+    r["fused_exact_crosstalk_seconds"] = fastest(lambda: fused(tol=0.0), repeat)
+    r["fused_no_crosstalk_seconds"] = fastest(lambda: fused(None), repeat)
+    r["unfused_crosstalk_seconds"] = fastest(unfused, repeat)
+    r["numpy_isr_seconds"] = fastest(lambda: numpy_isr(raw, det, calibs, meta), repeat)
     npix = det.shape[0] * det.shape[1]
     r["minimal_bytes"] = int(raw.nbytes + 3 * 4 * npix + (4 + 4 + 4) * npix)
     r["isr_gbps"] = r["minimal_bytes"] / r["run_isr_seconds"] / 1e9

@@ -35,6 +35,7 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from contextlib import ExitStack, contextmanager  # noqa: E402
@@ -44,11 +45,14 @@ from pathlib import Path  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import kernels.render  # noqa: E402
 import lsstpipe.sim.camera_daq  # noqa: E402
 import lsstpipe.sim.exposure as exposure_mod  # noqa: E402
 import lsstpipe.sim.simulate as simulate_mod  # noqa: E402
 import lsstpipe.sim.templates  # noqa: E402
+from benchmarks.timing import median  # noqa: E402
 from lsstpipe import __version__  # noqa: E402
 from lsstpipe.camera import get_camera  # noqa: E402
 from lsstpipe.io.raw import write_raw  # noqa: E402
@@ -155,15 +159,6 @@ def _stages(total: float, s: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _median_time(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _setup(camera_name: str, detectors: tuple[str, ...], seed: int, root: Path) -> dict:
     """Camera, sky, asteroids, ephemerides and repository, as ``run_simulation`` builds them for one visit."""
     request = SimulationRequest(repo=str(root), camera=camera_name, detectors=detectors, n_visits=1, seed=seed,
@@ -225,13 +220,13 @@ def bench_detector(env: dict, det_name: str, repeat: int) -> dict:
     w_args, w_kwargs = clock.last_call["write_raw"]
     plain = {**w_kwargs, "compress": False, "overwrite": True}
     plain_path = Path(w_args[0]).with_name(f"plain_{Path(w_args[0]).name}")
-    t_plain = _median_time(lambda: write_raw(plain_path, *w_args[1:], **plain), repeat)
+    t_plain = median(lambda: write_raw(plain_path, *w_args[1:], **plain), repeat)
 
     # Anchor: numpy Poisson noise on the same expected-electron image the simulator drew from.
     c_args, c_kwargs = clock.last_call["compose_exposure"]
     lam = exposure_mod.compose_exposure(*c_args, **{**c_kwargs, "noise": False})
     seed = int(c_kwargs.get("seed", 0))
-    t_numpy = _median_time(lambda: np.random.default_rng(seed).poisson(lam), repeat)
+    t_numpy = median(lambda: np.random.default_rng(seed).poisson(lam), repeat)
     median_total = statistics.median(totals)
     stages = {k: statistics.median(r[k] for r in stage_runs) for k in stage_runs[0]}
     return {
@@ -248,7 +243,7 @@ def bench_copy(repeat: int) -> tuple[float, float]:
     src = np.random.default_rng(0).random((4096, 4096), dtype=np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    t = _median_time(lambda: np.copyto(dst, src), max(repeat, 5))
+    t = median(lambda: np.copyto(dst, src), max(repeat, 5))
     return t, 2 * src.nbytes / t / 1e9
 
 
@@ -276,7 +271,7 @@ def bench_mini_night(root: Path, n_visits: int, seed: int, lam: np.ndarray, repe
     total_pixels = summary["exposures"] * sum(d.shape[0] * d.shape[1] for d in night_dets)
     ny, nx = max(d.shape for d in night_dets)
     cut = np.ascontiguousarray(lam[:ny, :nx])
-    per_pixel = _median_time(lambda: np.random.default_rng(seed).poisson(cut), max(repeat, 5)) / cut.size
+    per_pixel = median(lambda: np.random.default_rng(seed).poisson(cut), max(repeat, 5)) / cut.size
     return {
         "seconds": seconds, "cpu_seconds": cpu, "warmup_seconds": warmup, "ccd_exposures": summary["raws"],
         "visits": summary["visits"], "exposures": summary["exposures"], "detectors": summary["detectors"],

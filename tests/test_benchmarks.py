@@ -111,3 +111,26 @@ def test_cutouts_quick_run_compares_with_astropy(tmp_path):
     for key in ("astropy_seconds_per_alert", "writer_seconds_per_alert", "writer_setup_seconds", "astropy_over_writer"):
         assert math.isfinite(result[key]) and result[key] > 0
     assert "faster; bytes identical: True" in proc.stdout
+
+
+def test_timing_helpers_count_runs_and_pick_the_statistic(monkeypatch):
+    """benchmarks/timing.py: one untimed warm-up run when asked, then exactly ``repeat`` timed ones."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.timing import fastest, median, median_wall_cpu
+
+    calls = []
+    assert fastest(lambda: calls.append(1), 3) >= 0 and len(calls) == 4
+    calls.clear()
+    assert median(lambda: calls.append(1), 3) >= 0 and len(calls) == 3
+    calls.clear()
+    wall, cpu = median_wall_cpu(lambda: calls.append(1), 2, warmup=False)
+    assert wall >= 0 and cpu >= 0 and len(calls) == 2
+    import benchmarks.timing as timing
+
+    for fn, want in ((fastest, 1.0), (median, 2.0)):  # a scripted clock: timed runs of 3, 1 and 2 s
+        ticks = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0])
+        monkeypatch.setattr(timing, "perf_counter", ticks.__next__)
+        assert fn(lambda: None, 3, warmup=False) == want
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="repeat"):
+        median(lambda: None, 0)
