@@ -96,7 +96,7 @@ def test_item_meta_validates():
         ItemMeta(checksum, 10, "science", float("nan"))
 
 
-@pytest.mark.parametrize("compression", [None, "lzf", "gzip"])
+@pytest.mark.parametrize("compression", [None, "lzf", "gzip", "blosc-lz4"])
 def test_blob_round_trip_is_exact_and_deterministic(compression):
     image = make_image(kind="crosstalk_corrected")
     key = ImageKey.of(image)

@@ -48,11 +48,10 @@ from lsstpipe.cds.image import (
     finite_mjd,
     image_day_obs,
 )
-from lsstpipe.cds.store import FORMAT_NAME, fsync_path, now_mjd, read_file, write_file
+from lsstpipe.cds.store import FORMAT_NAME, check_compression, fsync_path, now_mjd, read_file, write_file
 
 _log = logging.getLogger(__name__)
 
-COMPRESSIONS = (None, "gzip", "lzf")
 _HOST = socket.gethostname().replace(".", "_")
 
 
@@ -207,8 +206,8 @@ def encode_image(
     ----------
     image : RaftImage or PreparedImage
         From :class:`~lsstpipe.cds.CDSClient` or :func:`~lsstpipe.cds.image.prepare_image`.
-    compression : {None, 'gzip', 'lzf'}
-        HDF5 compression of the pixels (with byte shuffling).
+    compression : {None, 'gzip', 'lzf', 'blosc-lz4'}
+        HDF5 compression of the pixels (:data:`lsstpipe.cds.store.COMPRESSIONS`).
     mjd : float, optional
         The camera's write time recorded in the blob; defaults to ``image.written_mjd`` for a
         ``RaftImage`` and 0.0 (unknown) for a ``PreparedImage``.
@@ -219,8 +218,7 @@ def encode_image(
         If ``image`` is neither kind of image, holds pixels that are not int32 segments, or the
         compression is unknown.
     """
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
+    check_compression(compression)
     if isinstance(image, RaftImage):
         for name, pixels in image.ccds.items():
             if not isinstance(pixels, np.ndarray) or pixels.dtype != np.int32 or pixels.ndim != 3:

@@ -45,7 +45,7 @@ def fill_cds(repo: Repository, camera: Camera, detectors, specs: list[ExposureSp
     With ``part = (rank, size)`` this rank writes the rafts ``k % size == rank`` (rafts are separate files,
     so ranks never write the same one)."""
     # The simulator fills a whole buffer in bulk: no fsync per file (a crash just means simulating again).
-    buffer = CDSBuffer(repo.cds_root, compression="lzf", fsync=False)
+    buffer = CDSBuffer(repo.cds_root, compression="blosc-lz4", fsync=False)
     by_raft: dict[str, list[Detector]] = defaultdict(list)
     for d in detectors:
         by_raft[d.raft].append(d)
