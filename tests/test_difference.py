@@ -303,7 +303,7 @@ def test_read_template_patches_from_a_repository(tmp_path, pair):
     got = read_template_patches(repo, BAND, float(cra), float(cdec), 0.02)
     assert len(got) == len(pair.patches)
     np.testing.assert_array_equal(got[0].image, pair.patches[0].image)
-    assert got[0].psf_fwhm_pix == pytest.approx(3.75) and (got[0].mask == 0).all()
+    assert got[0].psf_fwhm_pix == pytest.approx(3.75) and got[0].mask is None  # an all-good mask is not kept
     assert read_template_patches(str(repo.root), "g", float(cra), float(cdec), 0.02) == []
     assert read_template_patches(repo, BAND, float(cra) + 5, float(cdec), 0.02) == []
     paths = [repo.template_path(BAND, 0, "0,0")]
@@ -354,6 +354,12 @@ def test_template_cut_is_the_same_pixels_whatever_the_storage(tmp_path, pair, la
     np.testing.assert_array_equal(got.image, image[y0 : y0 + h, x0 : x0 + w])
     np.testing.assert_allclose(got.variance, variance[y0 : y0 + h, x0 : x0 + w], rtol=1e-6)
     np.testing.assert_array_equal(got.mask, mask[y0 : y0 + h, x0 : x0 + w])
+    # flags only outside the part read: the patch comes without a mask (a worker holds no plane of zeros)
+    hdus[-1].data[y0 - 2 : y0 + h + 2, x0 - 2 : x0 + w + 2] = 0
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    (clean,) = read_template_patches([path], BAND, float(ra), float(dec), 0.05, footprint=(fra, fdec), margin=10)
+    assert clean.mask is None and hdus[-1].data.any()
+    np.testing.assert_array_equal(clean.image, got.image)
 
 
 def test_template_patch_headers_are_read_once_per_process(tmp_path, pair, monkeypatch):

@@ -165,7 +165,8 @@ def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radiu
     ``repo_or_paths``: an :class:`lsstpipe.repo.Repository`, a repository directory, or FITS file paths
     (HDUs IMAGE, VARIANCE, optional MASK with a celestial WCS; the primary header's PSFFWHM in arcsec and
     PIXSCALE give the PSF FWHM in pixels, else it is NaN). Files of another band (``BAND`` keyword) are
-    skipped. Returns an empty list where nothing overlaps.
+    skipped. A patch's mask is None when the file has none or when it flags no pixel of the part read.
+    Returns an empty list where nothing overlaps.
     """
     from astropy.io import fits
 
@@ -206,8 +207,8 @@ def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radiu
 
             def read(name, dtype, cut=cut, hdul=hdul, path=path):
                 hdu = hdul[name]
-                if isinstance(hdu, fits.CompImageHDU):
-                    data = hdu.section[cut]  # only the tiles the cut covers
+                if isinstance(hdu, fits.CompImageHDU):  # only the tiles the cut covers, decompressed into a new array
+                    return np.asarray(hdu.section[cut], dtype=dtype)
                 else:
                     try:  # a memory map: the cut's pages only (astropy's section reads it one row at a time)
                         data = hdu.data[cut]
@@ -217,6 +218,8 @@ def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radiu
                 return np.array(data, dtype=dtype)  # a copy: the file is closed afterwards
 
             mask = read("MASK", np.int32) if info.has_mask else None
+            if mask is not None and not mask.any():
+                mask = None  # an all-good mask says nothing: a worker would hold (and warp) a plane of zeros
             out.append(TemplatePatch(read("IMAGE", np.float32), read("VARIANCE", np.float32), wcs, info.fwhm, mask))
     return out
 

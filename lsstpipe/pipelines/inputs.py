@@ -8,7 +8,6 @@ template patches around the CCD, and the nominal WCS from the boresight.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
@@ -77,6 +76,7 @@ def load_ccd_inputs(repo: str | os.PathLike | Repository, visit: int, detector: 
         raw = read_raw(repo.raw_path(row["day_obs"], row["obsid"], det.name))
         raws.append(raw.stack())
         metas.append(raw_metadata(raw))
+        del raw  # its segments, copied into the stack: not held while the rest loads
     first = rows[0]
     band = metas[0]["band"] if metas else str(first["band"])
     if calibs == "auto":
@@ -95,6 +95,4 @@ def load_ccd_inputs(repo: str | os.PathLike | Repository, visit: int, detector: 
     footprint = wcs.all_pix2world(bx, by, 0)  # the CCD's boundary on the sky (nominal WCS)
     patches = read_template_patches(repo, band, ra_c, dec_c, radius, footprint=footprint,
                                     margin=64)  # fmt: skip
-    # an all-good template mask says nothing: the worker would hold (and warp) a CCD-sized plane of zeros
-    patches = [p if p.mask is None or p.mask.any() else dataclasses.replace(p, mask=None) for p in patches]
     return CcdInputs(det, tuple(raws), tuple(metas), masters, refcat, wcs, tuple(patches), dia_objects)
