@@ -16,8 +16,9 @@ to 1 before numpy is imported):
    minimal bytes — raw int32 segments, bias, dark and flat read; image, variance, mask written — over its
    time, against the copy's read + written bytes; both into new memory, as the chain's ISR writes, and both
    into memory already touched); SFFT when it is installed.
-3. the peak resident memory of a worker's cycle (with the worker's allocator setting,
-   :func:`lsstpipe.runtime.memory.return_large_frees`): loading a CCD's inputs (whose readers hold transient
+3. the peak resident memory of a worker's cycle (with the worker's allocator settings,
+   :func:`lsstpipe.runtime.memory.return_large_frees` and, around the chain,
+   :func:`~lsstpipe.runtime.memory.planes_reused`): loading a CCD's inputs (whose readers hold transient
    buffers of their own) and running its chain, each with its own high-water mark (reset before each, Linux
    ``/proc/self/clear_refs``); ``peak_rss_mb`` is the larger over the counted runs. As a
    worker does, each run gets freshly loaded inputs (untimed) and hands their pixels over
@@ -99,7 +100,7 @@ def hwm_mb() -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from lsstpipe.runtime.memory import return_large_frees
+    from lsstpipe.runtime.memory import planes_reused, return_large_frees
 
     return_large_frees()  # as a worker rank does at start-up
     camera, detector = QUICK if args.quick else FULL
@@ -131,7 +132,8 @@ def run(args: argparse.Namespace) -> dict:
             load_peak = hwm_mb() if can_reset and run_index else None  # run 0's inputs were loaded before the loop
             can_reset = can_reset and reset_hwm()
             t0, c0 = time.perf_counter(), time.process_time()
-            last[0] = process_ccd(inputs, config, release_inputs=release)
+            with planes_reused():  # as the worker runs the chain
+                last[0] = process_ccd(inputs, config, release_inputs=release)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             peak = hwm_mb() if can_reset else None
             del inputs

@@ -85,3 +85,73 @@ def test_return_large_frees_validates_and_applies():
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert return_large_frees(8 << 20)
+
+
+def _glibc():
+    import platform
+
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _rss_mb():
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _minor_faults():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def test_planes_reused_recycles_within_the_block_and_gives_all_back():
+    """Inside planes_reused a freed plane is the memory of the next one (its pages are not faulted in again);
+    at the end the heap's free memory goes back to the system, and large allocations are mappings again."""
+    import pytest
+
+    from lsstpipe.runtime.memory import planes_reused, return_large_frees
+
+    if not _glibc():
+        pytest.skip("glibc's allocator only")
+    return_large_frees()
+    shape = (2048, 4096)  # 32 MB planes
+    before = _rss_mb()
+    with planes_reused() as ok:
+        assert ok
+        a = np.ones(shape, np.float32)
+        del a
+        f0 = _minor_faults()
+        b = np.ones(shape, np.float32)  # the same memory, already resident
+        refaults = _minor_faults() - f0
+        held = np.ones(shape, np.float32)  # a second plane, still referenced when the block ends
+        del b
+        inside = _rss_mb()
+    assert refaults < 100, refaults  # vs ~8192 4-kB (or 16 2-MB) pages for a fresh 32 MB plane
+    after = _rss_mb()
+    assert inside - before >= 60 and after - before < 48, (before, inside, after)  # b's plane returned, held kept
+    np.testing.assert_array_equal(held[::512, ::512], 1)
+    del held
+    f0 = _minor_faults()
+    c = np.ones(shape, np.float32)  # outside the block: a new mapping, faulted in
+    assert _minor_faults() - f0 >= 16
+    del c
+
+
+def test_planes_reused_restores_the_allocator_when_the_block_raises():
+    import pytest
+
+    from lsstpipe.runtime.memory import planes_reused, return_large_frees
+
+    if not _glibc():
+        pytest.skip("glibc's allocator only")
+    return_large_frees()
+    with pytest.raises(RuntimeError, match="stage failed"), planes_reused():
+        x = np.ones((2048, 4096), np.float32)
+        raise RuntimeError("stage failed")
+    del x
+    before = _rss_mb()
+    y = np.ones((2048, 4096), np.float32)
+    del y  # a mapping again: unmapped when freed
+    assert _rss_mb() - before < 8

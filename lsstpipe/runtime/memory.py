@@ -6,16 +6,44 @@ resident memory stays at its high-water mark from one CCD to the next. :func:`re
 threshold so that every allocation of ``threshold`` bytes or more is its own mapping, unmapped when freed
 (measured on a full-size CCD: ~100 MB less at rest and at the differencing peak). Call it once at worker
 start-up; ``MALLOC_MMAP_THRESHOLD_`` in the environment does the same before the process starts.
+
+Every new mapping costs its page faults, though: the kernel zeroes each page on first touch (on a VM the
+host may fault it in too, erratically), and a full-size CCD's chain allocates and frees well over a
+gigabyte of image planes, most of them the same size. :func:`planes_reused` serves one CCD's chain from
+the heap, where a plane freed by one stage is the memory of the next stage's plane, and gives everything
+free back to the system when the chain ends: the worker's memory at rest is what :func:`return_large_frees`
+leaves, its peak a little above the chain's own (``benchmarks/ccd_chain.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
+from collections.abc import Iterator
 
-__all__ = ["return_large_frees"]
+__all__ = ["return_large_frees", "planes_reused"]
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+# glibc's mallopt parameter numbers and defaults (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_DEFAULT_MMAP_MAX = 65536
+
+
+@functools.cache
+def _libc():
+    """glibc's ``mallopt`` and ``malloc_trim``, or None where the C library has them not."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return mallopt, trim
 
 
 def return_large_frees(threshold: int = 4 << 20) -> bool:
@@ -25,11 +53,31 @@ def return_large_frees(threshold: int = 4 << 20) -> bool:
     """
     if threshold <= 0:
         raise ValueError(f"threshold must be a positive number of bytes, got {threshold}")
-    name = ctypes.util.find_library("c")
+    libc = _libc()
+    return libc is not None and bool(libc[0](_M_MMAP_THRESHOLD, int(threshold)))
+
+
+@contextlib.contextmanager
+def planes_reused() -> Iterator[bool]:
+    """Within the block, large allocations come from the heap and stay there when freed, for the next ones.
+
+    For one CCD's chain (:func:`lsstpipe.pipelines.ap.process_ccd`): on entry, whatever free memory the
+    heap holds goes back to the system and mmap is turned off (every plane from the heap, none trimmed
+    when freed); on exit mmap is on again with glibc's default limits and the heap's free memory goes back
+    to the system, so nothing outlives the block but what it returned (the result's planes). Yields whether
+    the allocator could be set (False where the C library is not glibc: the block runs unchanged).
+    Not for blocks that run in parallel threads; the process-wide settings apply to every thread meanwhile.
+    """
+    libc = _libc()
+    if libc is None:
+        yield False
+        return
+    mallopt, trim = libc
+    trim(0)
+    ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+        yield ok
+    finally:
+        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        trim(0)

@@ -30,6 +30,7 @@ import numpy as np
 from lsstpipe.archive.storage import ImageKey, RawImageCache, decode_image
 from lsstpipe.camera.geometry import DetectorType
 from lsstpipe.repo import Repository, write_json
+from lsstpipe.runtime.memory import planes_reused, return_large_frees
 from lsstpipe.runtime.messages import (
     CcdData,
     CcdRequest,
@@ -86,6 +87,7 @@ class Worker:
                  level1: Any = None, string: Any = None) -> None:  # fmt: skip
         from lsstpipe.camera import get_camera
 
+        return_large_frees()  # image planes unmapped when freed: the rank's memory at rest stays small
         self.post, self.repo, self.out, self.settings, self.dmcs = postman, repo, out, settings, dmcs
         self.camera = get_camera(repo.read_config()["camera"])
         self.level1 = level1
@@ -238,7 +240,8 @@ class Worker:
         del raws
         if det.type is not DetectorType.SCIENCE:
             inputs = dataclasses.replace(inputs, template_patches=())
-        result = process_ccd(inputs, release_inputs=True)  # raws, masters and templates freed as used
+        with planes_reused():  # the chain's planes recycled from stage to stage, all given back at its end
+            result = process_ccd(inputs, release_inputs=True)  # raws, masters and templates freed as used
         self._check_deadline(job, "after processing")
         l1 = None
         if prefetch is not None and self.level1 is not None:
