@@ -83,7 +83,7 @@ class ArchiverSettings(CommonSettings):
         "pools to take pairs from, preferred first", (Pool.FULLY_OPERATIONAL, Pool.LOCAL_ONLY), None
     )
     compress: bool = _f("compress images (zlib level 1) before sending them to the distributors: only for a link "
-                        "slower than ~65 Mb/s (the CDS files are already LZF-compressed)", False)
+                        "slower than ~240 Mb/s (the CDS files are compressed already)", False)  # fmt: skip
     max_retries: int = _f("retries of a failed image transfer before it is left to the Catch-Up Archiver", 3, 0)
 
 

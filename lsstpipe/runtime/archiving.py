@@ -107,7 +107,7 @@ class ArchiveSettings:
     """Archiver settings used by the ranks (from the Archiver's configuration)."""
 
     compress: bool = False
-    """zlib level 1 on the CDS file's bytes (already LZF): 19 % fewer bytes for ~1 s of CPU per 44 MB."""
+    """zlib level 1 on the CDS file's bytes (already Blosc-LZ4): 41 % fewer bytes for ~0.5 s of CPU per 38 MB."""
     max_retries: int = 3
     outage_capacity_bytes: int = 8 << 30
     readout_timeout_s: float = 30.0
