@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> dict:
                 inputs, release = held, False
             else:
                 inputs, release, held = held or load_ccd_inputs(repo, visit, detector, calibs="truth"), True, None
-            load_peak = hwm_mb() if can_reset and run_index else None  # run 0's inputs were loaded before the loop
+            loaded = run_index > 0 and not args.hold_inputs  # run 0's inputs were loaded before the loop
+            load_peak = hwm_mb() if can_reset and loaded else None
             can_reset = can_reset and reset_hwm()
             t0, c0 = time.perf_counter(), time.process_time()
             with planes_reused():  # as the worker runs the chain
@@ -143,11 +144,11 @@ def run(args: argparse.Namespace) -> dict:
                 timings.append(last[0].timings)
                 if peak is not None:
                     chain_peaks.append(peak)
-                if load_peak is not None and not args.hold_inputs:
+                if load_peak is not None:
                     load_peaks.append(load_peak)
         chain_wall, chain_cpu = statistics.median(walls), statistics.median(cpus)
         # Without the high-water-mark reset (not Linux): the process's peak since it started, compilation included.
-        rss_chain = max(chain_peaks + load_peaks) if chain_peaks else peak_rss_mb()
+        rss_worker = max(chain_peaks + load_peaks) if chain_peaks else peak_rss_mb()
         res = last[0]
         stages = {k: statistics.median(t.get(k, 0.0) for t in timings) for k in res.timings}
         inputs = held or load_ccd_inputs(repo, visit, detector, calibs="truth")  # for the ISR anchor
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
             "snaps": n_snaps, "repeat": args.repeat, "chain_seconds": chain_wall,
             "chain_cpu_seconds": chain_cpu, "stage_seconds": stages, "detect_seconds": detect_wall,
             "flags": list(res.flags), "sdqa": res.sdqa, "n_dia_sources": int(len(res.dia_sources)),
-            "peak_rss_mb": rss_chain, "inputs_rss_mb": rss_inputs,
+            "peak_rss_mb": rss_worker, "inputs_rss_mb": rss_inputs,
             "chain_peak_rss_mb": max(chain_peaks) if chain_peaks else None, "inputs_released": not args.hold_inputs,
             "load_peak_rss_mb": max(load_peaks) if load_peaks else None,
             "machine": {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,

@@ -133,11 +133,10 @@ def _blosc() -> dict:
     return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
 
 
-def check_compression(compression: str | None) -> str | None:
-    """``compression`` if it is one of :data:`COMPRESSIONS`, else ``ValueError`` naming them."""
+def check_compression(compression: str | None) -> None:
+    """``ValueError`` naming :data:`COMPRESSIONS` unless ``compression`` is one of them."""
     if compression not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
-    return compression
 
 
 def _dataset_options(compression: str | None, shape: tuple[int, ...]) -> dict:
@@ -151,6 +150,7 @@ def _dataset_options(compression: str | None, shape: tuple[int, ...]) -> dict:
 
 def write_file(path: Path, image: PreparedImage, mjd: float, compression: str | None) -> None:
     """Write ``image`` as an HDF5 raft image file at ``path`` (a temporary name: publish it afterwards)."""
+    check_compression(compression)
     with h5py.File(path, "w", locking=False) as f:
         f.attrs["format"] = FORMAT_NAME
         f.attrs["format_version"] = FORMAT_VERSION
@@ -163,7 +163,7 @@ def write_file(path: Path, image: PreparedImage, mjd: float, compression: str | 
         f.attrs["telemetry"] = image.telemetry_json
         group = f.create_group("ccds")
         for name, pixels in image.ccds.items():
-            extra = _dataset_options(check_compression(compression), pixels.shape)
+            extra = _dataset_options(compression, pixels.shape)
             # No modification times in the file: the same image always gives the same bytes.
             dataset = group.create_dataset(name, data=pixels, track_times=False, **extra)
             dataset.attrs["header"] = image.headers_json[name]

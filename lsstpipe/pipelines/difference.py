@@ -209,12 +209,11 @@ def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radiu
                 hdu = hdul[name]
                 if isinstance(hdu, fits.CompImageHDU):  # only the tiles the cut covers, decompressed into a new array
                     return np.asarray(hdu.section[cut], dtype=dtype)
-                else:
-                    try:  # a memory map: the cut's pages only (astropy's section reads it one row at a time)
-                        data = hdu.data[cut]
-                    except ValueError:  # scaled integers (BSCALE/BZERO) cannot be memory-mapped: read the rows
-                        with fits.open(path, memmap=False) as plain:
-                            return np.array(plain[name].section[cut], dtype=dtype)
+                try:  # a memory map: the cut's pages only (astropy's section reads it one row at a time)
+                    data = hdu.data[cut]
+                except ValueError:  # scaled integers (BSCALE/BZERO) cannot be memory-mapped: read the rows
+                    with fits.open(path, memmap=False) as plain:
+                        return np.array(plain[name].section[cut], dtype=dtype)
                 return np.array(data, dtype=dtype)  # a copy: the file is closed afterwards
 
             mask = read("MASK", np.int32) if info.has_mask else None
