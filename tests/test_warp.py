@@ -6,7 +6,7 @@ import pytest
 from naive_warp import warp as naive_warp
 
 from kernels.arrays import readonly
-from kernels.warp import NO_DATA, grid_nodes, lanczos_noise_power, lanczos_weights, warp_image
+from kernels.warp import NO_DATA, _target_box, grid_nodes, lanczos_noise_power, lanczos_weights, warp_image
 
 
 def affine_grid(shape, step, a, b, c, d, x0, y0, quad=0.0):
@@ -44,6 +44,34 @@ def test_against_reference_with_edges_nan_inf_and_mask(mode, conserve):
     np.testing.assert_allclose(got.image, ref_i, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(got.variance, ref_v, rtol=2e-5, atol=2e-5)
     assert ((got.mask & 4) != 0).sum() > 0 and ((got.mask & NO_DATA) != 0).sum() > 0
+
+
+@pytest.mark.parametrize(
+    "src_shape, offset",
+    [((30, 25), (-7.77, -71.22)), ((7, 7), (-24.5, -83.47))],  # a rotated patch; one inside one grid cell
+)
+def test_only_the_box_a_source_can_reach_is_scanned(src_shape, offset):
+    """The kernel scans only the target box the source can cover (``_target_box``): it must hold every
+    covered pixel, including those of a source too small to contain any grid node."""
+    rng = np.random.default_rng(7)
+    src = rng.normal(5, 1, src_shape).astype(np.float32)
+    var = np.ones(src_shape, np.float32)
+    shape, step = (120, 130), 16
+    gx, gy = affine_grid(shape, step, *rotation(0.6), *offset)
+    gx[0, 0] = np.nan  # a node without a source position: its cells cover nothing
+    got = warp_image(src, var, None, gx, gy, step, shape)
+    ref_i, ref_v, ref_m = naive_warp(src, var, np.zeros(src_shape, np.int32), gx, gy, step, shape, True, "density")
+    covered = ~np.isnan(ref_i)
+    assert 0 < covered.sum() < 0.2 * covered.size
+    np.testing.assert_array_equal(np.isnan(got.image), ~covered)
+    np.testing.assert_array_equal(got.mask, ref_m)
+    np.testing.assert_allclose(got.image[covered], ref_i[covered], rtol=2e-5)
+    np.testing.assert_allclose(got.variance[covered], ref_v[covered], rtol=2e-5)
+    y0, y1, x0, x1 = _target_box(gx, gy, step, src_shape, shape)
+    ys, xs = np.nonzero(covered)
+    assert y0 <= ys.min() and ys.max() < y1 and x0 <= xs.min() and xs.max() < x1
+    assert (y1 - y0) * (x1 - x0) < 0.5 * covered.size  # the rest of the target is not scanned
+    assert _target_box(gx + 1e4, gy, step, src_shape, shape) == (0, 0, 0, 0)  # nowhere near: nothing
 
 
 def test_constant_image_stays_constant_and_integer_input():
