@@ -64,6 +64,7 @@ from kernels.diffim_pixels import (  # noqa: F401  (the per-pixel passes are par
     fill_missing,
     finalize_difference,
     prepare_pair,
+    pull_quartiles,
     subtract_images,
     zero_missing,
 )

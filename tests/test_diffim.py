@@ -258,3 +258,36 @@ def test_pair_passes_match_numpy():
         K.prepare_pair(s, sv, sm, t[:5], tv, tm)
     with pytest.raises(ValueError, match="kernel terms"):
         K.convolve_spatial(s, np.zeros((2, 3, 3)), 1, K.fft_shape(shape, 2))
+
+
+@pytest.mark.parametrize("sigma", [1.0, 3.0, 40.0])  # 40 σ: quartiles beyond the histogram, numpy's answer
+def test_pull_quartiles_equal_numpy_percentile(sigma):
+    rng = np.random.default_rng(11)
+    shape = (300, 257)
+    image = (rng.standard_normal(shape) * sigma).astype(np.float32)
+    image[rng.random(shape) < 0.01] += 500.0  # sources: the quartiles must ignore them, not the caller
+    variance = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    mask = np.zeros(shape, np.int32)
+    mask[rng.random(shape) < 0.05] = 4  # BAD: not used
+    mask[rng.random(shape) < 0.05] |= 16  # another bit: used
+    image[5, :40] = np.nan
+    image[6, :10] = np.inf
+    variance[7, :30] = np.nan
+    variance[8, :30] = 0.0
+    variance[9, :30] = -1.0
+    variance[10, :5] = np.inf  # pull 0: used, as numpy's division gives
+    variance[11, :5] = 1e-40  # a pull of ±inf (float32): used
+    ins = [readonly(a) for a in (image, variance, mask)]
+    q25, q75, n = K.pull_quartiles(*ins, 4 | 2)
+    good = ((mask & 6) == 0) & (variance > 0) & np.isfinite(image)
+    ref = np.percentile(image[good] / np.sqrt(variance[good]), [25, 75])
+    assert n == good.sum()
+    np.testing.assert_allclose([q25, q75], ref, rtol=1e-6, atol=1e-7)
+    # few pixels, duplicates: the order statistics interpolated exactly as numpy does
+    small = np.array([[1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 7.0]], np.float32)
+    got = K.pull_quartiles(small, np.ones_like(small), np.zeros(small.shape, np.int32), 4)
+    np.testing.assert_allclose(got[:2], np.percentile(small, [25, 75]), rtol=1e-7)
+    nothing = K.pull_quartiles(small, -np.ones_like(small), np.zeros(small.shape, np.int32), 4)
+    assert np.isnan(nothing[0]) and np.isnan(nothing[1]) and nothing[2] == 0
+    with pytest.raises(ValueError, match="integer"):
+        K.pull_quartiles(small, small, small, 4)
