@@ -34,6 +34,9 @@ while the visit latency stays under the number of strings times the cadence), an
 sensors. Its checks, per visit of this run against the measured visit latency: the schedule of the visit's
 own measured jobs (in the order they started), and the focal-plane formula itself with this camera's job
 count and the mean job (run it with ``-n 16`` on a 16-core node; ``--project-ranks`` defaults to ``-n``).
+A second projection, the **steady state**, leaves out each worker's first job of the night (its
+once-per-process costs: imports, headers and checksums read once per process, compiled code loaded), which a
+night of hundreds of jobs per worker pays once but a benchmark night of a few jobs per worker averages in.
 """
 
 from __future__ import annotations
@@ -426,11 +429,13 @@ def model(
         row["mean_job_model_s"] = project(row["jobs"], workers, chain, overhead, prefetch, gap).seconds
     measured_px, full_px = _pixels(camera, [c.detector for c in sci]), focal_plane_pixels()
     scale = full_px / measured_px
+    chain_given = chain_4k_s is not None
     if chain_4k_s is None:
         chain_4k_s, chain_source = chain * scale, f"measured {chain:.3f} s × {scale:.1f} (pixels)"
     fp_workers, fp_strings = workers_per_visit("lsstcam", project_ranks)
     fp = project(FOCAL_PLANE_CCDS, fp_workers, chain_4k_s, overhead, prefetch, gap)
     fp_scaled = project(FOCAL_PLANE_CCDS, fp_workers, chain_4k_s, overhead * scale, prefetch * scale, gap)
+    steady = steady_state(costs, sci, fp_workers, gap, chain_4k_s if chain_given else None, scale)
     return {
         "workers_per_visit": workers, "strings": strings, "check": check, "dispatch_gap_s": gap,
         "mean_job": {k: _mean([getattr(c, k) for c in sci])
@@ -438,7 +443,35 @@ def model(
         "measured_ccd_pixels": measured_px, "focal_plane_ccd_pixels": full_px, "pixel_scale": scale,
         "chain_4k_s": chain_4k_s, "chain_source": chain_source, "project_ranks": project_ranks,
         "focal_plane_workers": fp_workers, "focal_plane_strings": fp_strings,
-        "projection": asdict(fp), "projection_overhead_scaled": asdict(fp_scaled),
+        "projection": asdict(fp), "projection_overhead_scaled": asdict(fp_scaled), "steady": steady,
+    }  # fmt: skip
+
+
+def steady_state(costs: Sequence[JobCost], sci: Sequence[JobCost], workers: int, gap: float,
+                 chain_4k_s: float | None, scale: float) -> dict[str, Any] | None:  # fmt: skip
+    """The projection from the science jobs that were not their worker's first job of the night, or None.
+
+    A worker's first job carries once-per-night costs — imports, the template patches' headers and the
+    masters' checksums read once per process, compiled code loaded, first touches of its memory — that a
+    night of hundreds of jobs per worker pays once; in a short benchmark night they weigh on every mean.
+    ``chain_4k_s``: the full-size chain when given (``--per-ccd-seconds``, ``--ccd-chain``), else these jobs'
+    chain × ``scale``.
+    """
+    first: dict[int | None, JobCost] = {}
+    for c in sorted(costs, key=lambda c: c.start):
+        first.setdefault(c.rank, c)
+    later = [c for c in sci if c.rank is not None and first[c.rank] is not c]
+    if not later:
+        return None
+    chain, overhead = _mean([c.chain for c in later]), _mean([c.overhead for c in later])
+    prefetch = min(_mean([c.prefetch for c in later]), overhead)
+    chain_4k = chain * scale if chain_4k_s is None else chain_4k_s
+    return {
+        "jobs": len(later), "of_science_jobs": len(sci),
+        "mean_job": {k: _mean([getattr(c, k) for c in later]) for k in ("prefetch", "wait", "transfer", "chain",
+                                                                          "level1", "other")},
+        "chain_4k_s": chain_4k, "projection": asdict(project(FOCAL_PLANE_CCDS, workers, chain_4k, overhead,
+                                                             prefetch, gap)),
     }  # fmt: skip
 
 
@@ -534,6 +567,15 @@ def report(
     lines.append(f"  visit latency = {waves}·({p['chain_s']:.2f} + {p['overhead_s']:.3f}) + {waves - 1}·{p['gap_s']:.3f} − "
                  f"{p['prefetch_s']:.3f} = {p['seconds']:.1f} s; with the overhead scaled by pixels "
                  f"(×{fit['pixel_scale']:.1f}): {ps['seconds']:.1f} s")  # fmt: skip
+    st = fit.get("steady")
+    if st:
+        q, sm = st["projection"], st["mean_job"]
+        lines.append(f"  steady state, each worker's first job of the night left out (its once-per-process costs; "
+                     f"{st['jobs']} of {st['of_science_jobs']} science jobs): prefetch {sm['prefetch']:.3f}, transfer "
+                     f"{sm['transfer']:.3f}, chain {sm['chain']:.3f}, Level 1 {sm['level1']:.3f} → chain per CCD "
+                     f"{st['chain_4k_s']:.2f} s, overhead {q['overhead_s']:.3f} s: {waves}·({q['chain_s']:.2f} + "
+                     f"{q['overhead_s']:.3f}) + {waves - 1}·{q['gap_s']:.3f} − {q['prefetch_s']:.3f} = "
+                     f"{q['seconds']:.1f} s")  # fmt: skip
     lines.append(f"  assumes one rank per core, no queueing behind the string's previous visit (needs the latency "
                  f"≤ {fit['focal_plane_strings']} × the visit cadence), the 4 wavefront sensors left out")  # fmt: skip
     return "\n".join(lines)
@@ -659,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "fraction_within_60s": stats["fraction_within"], "budget_seconds": args.budget,
             "projected_focal_plane_seconds": fit["projection"]["seconds"],
             "projected_focal_plane_seconds_overhead_scaled": fit["projection_overhead_scaled"]["seconds"],
+            "projected_focal_plane_seconds_steady": fit["steady"]["projection"]["seconds"] if fit["steady"] else None,
             "camera": camera, "ranks": ranks, "out": str(out), "night_exit": rc, "not_counted": left_out,
             "rescheduled": again, "stats": stats, "model": fit, "ccds": [asdict(r) for r in rows],
         }  # fmt: skip

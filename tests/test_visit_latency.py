@@ -248,3 +248,20 @@ def test_end_to_end_on_a_tiny_repository(tmp_path):
     assert data["projected_focal_plane_seconds_overhead_scaled"] >= data["projected_focal_plane_seconds"]
     assert (tmp_path / "night" / "visit_latency.png").stat().st_size > 0
     assert "per CCD" in proc.stdout and "projection to the 189-CCD" in proc.stdout
+
+
+def test_the_steady_state_leaves_out_each_workers_first_job():
+    def job(visit, det, rank, start, prefetch, chain):
+        return vl.JobCost(visit, det, True, prefetch, 0.0, 0.0, start, start + 5, rank, 0.5, chain, 0.25, 0.0)
+
+    # rank 1's first job (the cold one) and rank 2's first; rank 1 ran two more, rank 2 one more
+    costs = [job(1, "A", 1, 0.0, 3.0, 6.0), job(1, "B", 2, 1.0, 2.0, 5.0), job(1, "C", 1, 10.0, 1.0, 3.0),
+             job(2, "A", 1, 20.0, 0.5, 2.0), job(2, "B", 2, 21.0, 1.5, 4.0)]  # fmt: skip
+    st = vl.steady_state(costs, costs, 6, 0.01, None, 2.0)
+    assert (st["jobs"], st["of_science_jobs"]) == (3, 5)
+    assert st["mean_job"]["prefetch"] == pytest.approx(1.0) and st["mean_job"]["chain"] == pytest.approx(3.0)
+    assert st["chain_4k_s"] == pytest.approx(6.0)  # the later jobs' chain × the pixel scale
+    # overhead = prefetch 1.0 + transfer 0.5 + Level 1 0.25: 32 waves of (6 + 1.75), 31 gaps, prefetch hidden once
+    assert st["projection"]["seconds"] == pytest.approx(32 * 7.75 + 31 * 0.01 - 1.0)
+    assert vl.steady_state(costs, costs, 6, 0.01, 2.5, 2.0)["chain_4k_s"] == 2.5  # a given full-size chain
+    assert vl.steady_state(costs[:2], costs[:2], 6, 0.0, None, 1.0) is None  # only first jobs: nothing to say
