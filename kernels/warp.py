@@ -268,7 +268,8 @@ def _target_box(gx, gy, step: int, source_shape, target_shape) -> tuple[int, int
         lo_x, hi_x = corners.min(axis=0), corners.max(axis=0)
         corners = np.stack([gy[:-1, :-1], gy[:-1, 1:], gy[1:, :-1], gy[1:, 1:]])
         lo_y, hi_y = corners.min(axis=0), corners.max(axis=0)
-        reach = (hi_x >= 2) & (lo_x < nx_s - 3) & (hi_y >= 2) & (lo_y < ny_s - 3)  # False where NaN
+        e = 1e-6  # the pixels' coordinates are rounded: a hair of margin
+        reach = (hi_x >= 2 - e) & (lo_x < nx_s - 3 + e) & (hi_y >= 2 - e) & (lo_y < ny_s - 3 + e)  # False where NaN
     rows = np.flatnonzero(reach.any(axis=1))
     cols = np.flatnonzero(reach.any(axis=0))
     if rows.size == 0:
