@@ -116,6 +116,10 @@ def test_clean_night_certifies_masters_archives_everything_and_alerts(night):
         assert all(im["tape"] if im["kind"] == "raw" else im["raw_cache"] for im in cal["images"])
     isr = json.loads((out / "ccds" / str(m["calibrations"][2]["seq_num"]) / "R10_S11.json").read_text())
     assert isr["mode"] == "calibration" and isr["imgtype"] == "FLAT" and isr["sdqa"]["median_e"] > 1000
+    # a science CCD's record says where its job's time went, the prefetch in its two parts
+    t = json.loads((out / "ccds" / str(m["visits"][0]["visit"]) / "R10_S11.json").read_text())["timings"]
+    assert min(t[k] for k in ("prefetch", "prefetch_inputs", "prefetch_apdb", "fetch", "process", "isr")) >= 0
+    assert t["prefetch_inputs"] + t["prefetch_apdb"] == pytest.approx(t["prefetch"], abs=1e-3)
     # focal-plane values combined by each visit's string of workers (an MPI collective)
     planes = [v["focal_plane"] for v in m["visits"] if "focal_plane" in v]
     assert planes and all(p["n_ccds"] >= 1 and 0.3 < p["seeing_arcsec"] < 3 for p in planes)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -189,3 +191,26 @@ wait
         for _ in range(50):
             os.kill(rank, 0)
             time.sleep(0.1)
+
+
+def test_a_worker_imports_the_chain_when_it_starts_not_in_its_first_job(tmp_path):
+    """~1.5-3 s of imports belong to the night's start-up, not to the first visit's latency."""
+    from lsstpipe.repo import Repository
+
+    Repository(tmp_path / "repo").create({"camera": "mini", "seed": 1})
+    code = f"""
+import sys
+from pathlib import Path
+from lsstpipe.repo import Repository
+from lsstpipe.runtime.worker import Worker, WorkerSettings
+
+class Post:
+    rank = 1
+before = "lsstpipe.pipelines.ap" in sys.modules
+Worker(Post(), Repository(Path({str(tmp_path / "repo")!r})), Path({str(tmp_path / "out")!r}), WorkerSettings(), dmcs=1)
+print(before, "lsstpipe.pipelines.ap" in sys.modules, "lsstpipe.pipelines.inputs" in sys.modules,
+      "lsstpipe.pipelines.level1" in sys.modules)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["False", "True", "True", "False"]  # Level 1 only where the rank runs it
