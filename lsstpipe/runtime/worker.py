@@ -104,7 +104,7 @@ class Worker:
 
     def _import_the_chain(self) -> None:
         """Import the modules a CCD job runs (the chain, its inputs' readers, Level 1) now, at the start of the
-        night: ~1.5 s of imports that would otherwise be paid inside the first job of the night, on the
+        night: ~1.5–3 s of imports that would otherwise be paid inside the first job of the night, on the
         first visit's latency."""
         import lsstpipe.pipelines.ap  # noqa: F401
         import lsstpipe.pipelines.inputs  # noqa: F401
