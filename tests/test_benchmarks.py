@@ -113,6 +113,26 @@ def test_cutouts_quick_run_compares_with_astropy(tmp_path):
     assert "faster; bytes identical: True" in proc.stdout
 
 
+ISR_KEYS = ("isr_seconds", "isr_gbps", "copy_gbps", "isr_fraction_of_copy_bandwidth", "isr_resident_gbps",
+            "copy_resident_gbps", "stream7_gbps", "arith7_gbps", "arith7_fraction_of_stream7", "numpy_isr_seconds")  # fmt: skip
+
+
+def test_isr_quick_run_writes_its_anchors(tmp_path):
+    """benchmarks/isr.py --quick (one full-size CCD, 2 repeats): ISR against the copy, the bare seven-plane
+    loop and the same loop with ISR's arithmetic, every figure written."""
+    out = tmp_path / "isr.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "isr.py"), "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    for k in ISR_KEYS:
+        assert isinstance(result[k], float) and math.isfinite(result[k]) and result[k] > 0, (k, result.get(k))
+    assert result["arith7_fraction_of_stream7"] == pytest.approx(result["arith7_gbps"] / result["stream7_gbps"])
+    (det,) = result["detectors"]
+    assert det["detector"] == "R22_S11" and det["minimal_bytes"] > 4 * 4004 * 4096 * 6
+    assert "all of ISR's per-pixel arithmetic" in proc.stdout and "run_isr" in proc.stdout
+
+
 def test_timing_helpers_count_runs_and_pick_the_statistic(monkeypatch):
     """benchmarks/timing.py: one untimed warm-up run when asked, then exactly ``repeat`` timed ones."""
     sys.path.insert(0, str(ROOT))
