@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.timing import fastest  # noqa: E402
 from kernels.config import njit  # noqa: E402
 from kernels.crosstalk import remove_crosstalk  # noqa: E402
-from kernels.isr import isr_ccd  # noqa: E402
+from kernels.isr import _isr_row_fwd, isr_ccd  # noqa: E402
 from kernels.overscan import overscan_levels  # noqa: E402
 from lsstpipe.camera import get_camera  # noqa: E402
 from lsstpipe.pipelines.exposure import MaskBit  # noqa: E402
@@ -91,54 +91,45 @@ def _stream7(raw, b, d, f, img, var, msk):
             mr[x] = r[x] >> 16
 
 
-def stream7_gbps(repeat: int) -> float:
-    """The ceiling of a single pass with ISR's traffic on this core: a numba loop reading an int32 and three
-    float32 4k×4k planes and writing two float32 and one int32 plane, with next to no arithmetic."""
-    n = 4096
-    raw = np.ones((n, n), np.int32)
-    b, d, f = (np.ones((n, n), np.float32) for _ in range(3))
-    img, var = np.empty((n, n), np.float32), np.empty((n, n), np.float32)
-    msk = np.empty((n, n), np.int32)
-    t = fastest(lambda: _stream7(raw, b, d, f, img, var, msk), max(repeat, 5))
-    return 7 * 4 * n * n / t / 1e9
+_N7 = 4096
 
 
-@njit(error_model="numpy")
-def _arith7(raw, b, d, f, img, var, msk, lev, g, r2, dt, sa, sat_bit, nodata_bit):
-    nan = np.float32(np.nan)
-    inf = np.float32(np.inf)
-    zero = np.float32(0.0)
-    for y in range(img.shape[0]):
-        r = raw[y]
-        br, dr, fr, ir, vr, mr = b[y], d[y], f[y], img[y], var[y], msk[y]
-        for x in range(ir.shape[0]):
-            e = (np.float32(r[x]) - lev - br[x]) * g
-            ve = max(e, zero) + r2
-            e -= dr[x] * dt
-            inv = np.float32(1.0) / fr[x] if fr[x] > zero else nan
-            e *= inv
-            ve *= inv * inv
-            ok = (abs(e) < inf) & (abs(ve) < inf)
-            ir[x] = e if ok else nan
-            vr[x] = ve if ok else nan
-            mr[x] = (sat_bit if r[x] >= sa else np.int32(0)) | (np.int32(0) if ok else nodata_bit)
-
-
-def arith7_gbps(repeat: int) -> float:
-    """The same seven planes in one pass with all of ISR's per-pixel arithmetic (:func:`kernels.isr.isr_ccd`'s
-    row kernel without crosstalk: overscan level, bias, gain, dark, flat division, variance, NaN/inf checks,
-    saturation and NO_DATA bits) over contiguous planes: how much of ISR's cost the arithmetic itself is."""
-    n = 4096
+def _seven_planes():
+    """ISR's traffic on contiguous 4k×4k planes: raw int32 counts, bias, dark and flat float32 (values as a
+    CCD's: counts 1000–60000, flat 0.5–1.5) to read; image and variance float32 and mask int32 to write."""
+    n = _N7
     rng = np.random.default_rng(0)
     raw = rng.integers(1000, 60000, (n, n), dtype=np.int32)
     b, d = rng.random((n, n), np.float32), rng.random((n, n), np.float32)
-    f = (0.5 + rng.random((n, n), np.float32)).astype(np.float32)
-    img, var = np.empty((n, n), np.float32), np.empty((n, n), np.float32)
-    msk = np.empty((n, n), np.int32)
-    consts = (np.float32(1000.0), np.float32(1.5), np.float32(25.0), np.float32(15.0), np.int32(60000), np.int32(1),
-              np.int32(2))  # fmt: skip
-    t = fastest(lambda: _arith7(raw, b, d, f, img, var, msk, *consts), max(repeat, 5))
-    return 7 * 4 * n * n / t / 1e9
+    f = 0.5 + rng.random((n, n), np.float32)
+    return raw, b, d, f, np.empty((n, n), np.float32), np.empty((n, n), np.float32), np.empty((n, n), np.int32)
+
+
+def stream7_gbps(repeat: int) -> float:
+    """The ceiling of a single pass with ISR's traffic on this core: a numba loop reading an int32 and three
+    float32 4k×4k planes and writing two float32 and one int32 plane, with next to no arithmetic."""
+    planes = _seven_planes()
+    t = fastest(lambda: _stream7(*planes), max(repeat, 5))
+    return 7 * 4 * _N7 * _N7 / t / 1e9
+
+
+@njit
+def _arith7(raw, b, d, f, img, var, msk):
+    zero = np.float32(0.0)
+    for y in range(img.shape[0]):  # the fused pass's own row kernel, without crosstalk, on whole rows
+        r = raw[y]
+        _isr_row_fwd(r, np.float32(1000.0), None, zero, None, zero, zero, None, zero, zero, None, zero, r, b, d, f, y,
+                     0, img[y], var[y], msk[y], np.float32(1.5), np.float32(25.0), np.int32(60000), np.float32(15.0),
+                     np.int32(1), np.int32(2))  # fmt: skip
+
+
+def arith7_gbps(repeat: int) -> float:
+    """The same seven planes in one pass with all of ISR's per-pixel arithmetic — :func:`kernels.isr.isr_ccd`'s
+    own row kernel without crosstalk (overscan level, bias, gain, dark, flat division, variance, NaN/inf
+    checks, saturation and NO_DATA bits) over contiguous planes: how much of ISR's cost the arithmetic is."""
+    planes = _seven_planes()
+    t = fastest(lambda: _arith7(*planes), max(repeat, 5))
+    return 7 * 4 * _N7 * _N7 / t / 1e9
 
 
 def numpy_isr(raw, det, calibs, meta):
