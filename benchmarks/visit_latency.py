@@ -422,29 +422,36 @@ def model(
         vc = sorted((c for c in costs if c.visit == visit), key=lambda c: c.start)  # in the order dispatched
         seconds = schedule_makespan([c.cost for c in vc], [c.head_start for c in vc], workers, gap)
         check.append({"visit": visit, "jobs": len(vc), "model_s": seconds})
-    chain = _mean([c.chain for c in sci])
-    overhead = _mean([c.overhead for c in sci])
-    prefetch = min(_mean([c.prefetch for c in sci]), overhead)
+    chain, overhead, prefetch = _mean_costs(sci)
     for row in check:  # the focal plane's formula on this camera: identical mean jobs
         row["mean_job_model_s"] = project(row["jobs"], workers, chain, overhead, prefetch, gap).seconds
     measured_px, full_px = _pixels(camera, [c.detector for c in sci]), focal_plane_pixels()
     scale = full_px / measured_px
-    chain_given = chain_4k_s is not None
+    fp_workers, fp_strings = workers_per_visit("lsstcam", project_ranks)
+    steady = steady_state(costs, sci, fp_workers, gap, chain_4k_s, scale)  # before chain_4k_s defaults to these jobs'
     if chain_4k_s is None:
         chain_4k_s, chain_source = chain * scale, f"measured {chain:.3f} s × {scale:.1f} (pixels)"
-    fp_workers, fp_strings = workers_per_visit("lsstcam", project_ranks)
     fp = project(FOCAL_PLANE_CCDS, fp_workers, chain_4k_s, overhead, prefetch, gap)
     fp_scaled = project(FOCAL_PLANE_CCDS, fp_workers, chain_4k_s, overhead * scale, prefetch * scale, gap)
-    steady = steady_state(costs, sci, fp_workers, gap, chain_4k_s if chain_given else None, scale)
     return {
         "workers_per_visit": workers, "strings": strings, "check": check, "dispatch_gap_s": gap,
-        "mean_job": {k: _mean([getattr(c, k) for c in sci])
-                       for k in ("prefetch", "wait", "transfer", "chain", "level1", "other")},
-        "measured_ccd_pixels": measured_px, "focal_plane_ccd_pixels": full_px, "pixel_scale": scale,
+        "mean_job": _mean_job(sci), "measured_ccd_pixels": measured_px, "focal_plane_ccd_pixels": full_px, "pixel_scale": scale,
         "chain_4k_s": chain_4k_s, "chain_source": chain_source, "project_ranks": project_ranks,
         "focal_plane_workers": fp_workers, "focal_plane_strings": fp_strings,
         "projection": asdict(fp), "projection_overhead_scaled": asdict(fp_scaled), "steady": steady,
     }  # fmt: skip
+
+
+def _mean_costs(jobs: Sequence[JobCost]) -> tuple[float, float, float]:
+    """The mean job's chain, overhead and prefetch (the prefetch being part of the overhead)."""
+    overhead = _mean([c.overhead for c in jobs])
+    return _mean([c.chain for c in jobs]), overhead, min(_mean([c.prefetch for c in jobs]), overhead)
+
+
+def _mean_job(jobs: Sequence[JobCost]) -> dict[str, float]:
+    return {
+        k: _mean([getattr(c, k) for c in jobs]) for k in ("prefetch", "wait", "transfer", "chain", "level1", "other")
+    }
 
 
 def steady_state(costs: Sequence[JobCost], sci: Sequence[JobCost], workers: int, gap: float,
@@ -463,14 +470,10 @@ def steady_state(costs: Sequence[JobCost], sci: Sequence[JobCost], workers: int,
     later = [c for c in sci if c.rank is not None and first[c.rank] is not c]
     if not later:
         return None
-    chain, overhead = _mean([c.chain for c in later]), _mean([c.overhead for c in later])
-    prefetch = min(_mean([c.prefetch for c in later]), overhead)
+    chain, overhead, prefetch = _mean_costs(later)
     chain_4k = chain * scale if chain_4k_s is None else chain_4k_s
     return {
-        "jobs": len(later), "of_science_jobs": len(sci),
-        "mean_job": {k: _mean([getattr(c, k) for c in later]) for k in ("prefetch", "wait", "transfer", "chain",
-                                                                          "level1", "other")},
-        "chain_4k_s": chain_4k, "projection": asdict(project(FOCAL_PLANE_CCDS, workers, chain_4k, overhead,
+        "jobs": len(later), "of_science_jobs": len(sci), "mean_job": _mean_job(later), "chain_4k_s": chain_4k, "projection": asdict(project(FOCAL_PLANE_CCDS, workers, chain_4k, overhead,
                                                              prefetch, gap)),
     }  # fmt: skip
 
