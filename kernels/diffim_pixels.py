@@ -310,14 +310,12 @@ def pull_quartiles(image, variance, mask, bad_bits: int) -> tuple[float, float, 
         total += int(hist[b])
     vals = np.empty(total, np.float32)
     _pull_collect(image, variance, mask, int(bad_bits), _PULL_LO, _PULL_SCALE, nb, slot, start, vals)
-
-    sorted_bins: dict[int, np.ndarray] = {}
+    for i, b in enumerate(need):
+        vals[start[i] : start[i] + hist[b]].sort()  # each bin's pulls in order, in place
 
     def order_stat(r: int) -> float:
         b = int(np.searchsorted(cum, r, side="right"))
-        if b not in sorted_bins:
-            sorted_bins[b] = np.sort(vals[start[slot[b]] : start[slot[b]] + hist[b]])
-        return float(sorted_bins[b][r - int(cum[b - 1])])
+        return float(vals[start[slot[b]] + r - int(cum[b - 1])])
 
     out = []
     for k0, k1, t in ranks:
