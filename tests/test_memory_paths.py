@@ -81,9 +81,7 @@ def test_return_large_frees_validates_and_applies():
 
     with pytest.raises(ValueError, match="positive"):
         return_large_frees(0)
-    import platform
-
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if _glibc():
         assert return_large_frees(8 << 20)
 
 
