@@ -214,3 +214,70 @@ print(before, "lsstpipe.pipelines.ap" in sys.modules, "lsstpipe.pipelines.inputs
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["False", "True", "True", "False"]  # Level 1 only where the rank runs it
+
+
+class _RecordingPost:
+    """Rank 0's postman, keeping what it was asked to send."""
+
+    rank = 0
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, int]] = []
+
+    def send(self, payload, dest: int) -> None:
+        self.sent.append((payload, dest))
+
+
+def _dispatch_night(tmp_path, detectors):
+    from lsstpipe.camera import get_camera
+    from lsstpipe.runtime.dmcs_night import NightDMCS, SchedulerSettings
+    from lsstpipe.runtime.layout import layout_for_world
+
+    layout = layout_for_world("mini", 10)  # strings (5, 6) and (7, 8), spare 9
+    assert layout.strings == ((5, 6), (7, 8))
+    visits = tuple(_visit(n) for n in (1, 2, 3))
+    plan = NightPlan(repo=None, camera=get_camera("mini"), visits=visits, rafts=("R10",), wavefront_rafts=(),
+                     detectors=detectors, time_scale=0.1, cadence=4.0)  # fmt: skip
+    post = _RecordingPost()
+    return NightDMCS(post, layout, plan, Manifest(tmp_path), SchedulerSettings()), post, visits
+
+
+def _run_visit(dmcs, post, visit, frees):
+    """Announce ``visit``, then free the workers in the order ``frees`` (one at a time, dispatching after each);
+    returns ``[(detector, worker), ...]`` in dispatch order."""
+    dmcs._next_visit(visit)
+    workers = dmcs.strings[dmcs.visit_string[visit.visit]] + dmcs.spares
+    got = []
+    for step, worker in enumerate([*frees, None]):
+        n = len(post.sent)
+        dmcs.dispatch()
+        got += [(dmcs.plan.camera[a.detector].name, w) for a, w in post.sent[n:]]
+        # a free worker (the string's, else the spare) never idles while a job of the visit waits
+        assert not dmcs.queue or all(w in dmcs.busy for w in workers), (step, got)
+        if worker is not None:
+            del dmcs.busy[worker]
+    assert not dmcs.queue
+    dmcs.busy.clear()
+    return got
+
+
+def test_dispatch_gives_a_ccd_back_to_the_worker_that_ran_it_last(tmp_path):
+    """CCD affinity: the worker's per-process caches (master checksums, template headers) serve again; jobs
+    of a visit are reordered for it, never a worker left idle while a job waits."""
+    dets = ("R10_S00", "R10_S01", "R10_S02", "R10_S10", "R10_S11", "R10_S12")
+    dmcs, post, (v1, v2, v3) = _dispatch_night(tmp_path, dets)
+    first = _run_visit(dmcs, post, v1, [6, 9, 5])  # string 0 = (5, 6), the spare 9 when both are busy
+    assert first == [("R10_S00", 5), ("R10_S01", 6), ("R10_S02", 9), ("R10_S10", 6), ("R10_S11", 9),
+                     ("R10_S12", 5)]  # fmt: skip
+    assert {w for _, w in _run_visit(dmcs, post, v2, [7, 8, 9])} == {7, 8, 9}  # string 1 = (7, 8) takes visit 2
+    # visit 3 on string 0 again, its workers freeing in another order: 5 takes its R10_S12 ahead of R10_S10
+    # and R10_S11, whose workers are busy; then 9 its R10_S11, 6 its R10_S10 (in queue order alone: R10_S10 → 5,
+    # R10_S11 → 9, R10_S12 → 6)
+    third = _run_visit(dmcs, post, v3, [5, 9, 6])
+    assert third == [("R10_S00", 5), ("R10_S01", 6), ("R10_S02", 9), ("R10_S12", 5), ("R10_S11", 9),
+                     ("R10_S10", 6)]  # fmt: skip
+    _run_visit(dmcs, post, _visit(4), [7, 8, 9])
+    # a CCD whose worker is busy, while each free one's own CCD waits, waits for the next free worker
+    fourth = _run_visit(dmcs, post, _visit(5), [5, 5, 6])
+    assert fourth == [("R10_S00", 5), ("R10_S01", 6), ("R10_S02", 9), ("R10_S12", 5), ("R10_S10", 5),
+                      ("R10_S11", 6)]  # fmt: skip

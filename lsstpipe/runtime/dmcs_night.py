@@ -163,6 +163,9 @@ class NightDMCS:
         self.visit_string: dict[int, int] = {}
         self.warm: set[int] = set()
         """Workers that returned a result (their kernels are compiled)."""
+        self.last_ran: dict[tuple[int, str], int] = {}
+        """The worker each detector's last job of each string's visits went to (:meth:`dispatch`'s CCD
+        affinity; the strings take turns with the visits)."""
         self.reductions_pending: set[int] = set()
         self.readout_started: set[str] = set()
         # replicators whose distributor is this rank: their heartbeats are the distributor's, not the DMCS's
@@ -486,6 +489,16 @@ class NightDMCS:
             self.queue.clear()
             return
         self.queue.sort(key=lambda j: (j.priority, j.queued_at, j.job_id))
+        # CCD affinity: a worker's per-process caches (its CCDs' master checksums, their templates' headers)
+        # serve again when the CCD comes back to it. Among the jobs of one visit (their order does not change
+        # its latency) a free worker takes the CCD it ran last; a job whose worker is busy takes a free worker
+        # no other waiting job of the visit ran last, else waits for the next one to free up.
+        claims: dict[tuple[int, int, int], int] = {}
+        for job in self.queue:
+            last = self.last_ran.get((job.string, job.detector))
+            if last is not None:
+                key = (job.priority, job.visit.visit, last)
+                claims[key] = claims.get(key, 0) + 1
         for job in list(self.queue):
             free = [w for w in self._all_workers() if w not in self.busy and w not in self.dead]
             string = [w for w in self.strings[job.string] if w in free]
@@ -496,13 +509,23 @@ class NightDMCS:
             pool = (spares or string or free) if job.priority > 0 or string_dead else (string or spares)
             if not pool:
                 continue
-            worker = pool[0]
+            last = self.last_ran.get((job.string, job.detector))
+            if last in pool:
+                worker = last
+            else:
+                unclaimed = [w for w in pool if not claims.get((job.priority, job.visit.visit, w))]
+                if not unclaimed:
+                    continue  # each free worker's own CCD of this visit is still waiting: it goes there
+                worker = unclaimed[0]
             deadline = time.time() + self.settings.ccd_timeout_s
             assignment = JobAssignment(job.job_id, JobKind.CCD, job.visit.visit, detector=job.det_id,
                                        deadline=deadline, priority=job.priority, attempt=job.attempt,
                                        image_ids=tuple(s.image_id for s in job.visit.snaps),
                                        from_raw_cache=job.from_raw_cache, mode=job.mode)  # fmt: skip
             if self._send(assignment, worker):
+                if last is not None:
+                    claims[(job.priority, job.visit.visit, last)] -= 1
+                self.last_ran[(job.string, job.detector)] = worker
                 job.rank, job.started = worker, time.time()
                 job.record.status = "running"
                 self.busy[worker] = job
