@@ -7,21 +7,17 @@ import os
 import sqlite3
 from pathlib import Path
 
+import astropy.time
 import numpy as np
+import pandas as pd
 import pytest
+import sqlalchemy
 import yaml
+from lsst.dax.apdb import Apdb
+from lsst.sdm import schemas
 
 from db_support import BACKENDS, backend_url
-
-pytest.importorskip("lsst.dax.apdb", reason="the APDB needs lsst-dax-apdb")
-
-import astropy.time  # noqa: E402
-import pandas as pd  # noqa: E402
-import sqlalchemy  # noqa: E402
-from lsst.dax.apdb import Apdb  # noqa: E402
-from lsst.sdm import schemas  # noqa: E402
-
-from lsstpipe.db.apdb import (  # noqa: E402
+from lsstpipe.db.apdb import (
     APDB_CONFIG_NAME,
     APDB_FILE_NAME,
     Level1Database,
@@ -29,10 +25,10 @@ from lsstpipe.db.apdb import (  # noqa: E402
     create_apdb,
     write_apdb_config,
 )
-from lsstpipe.db.sql import DatabaseError  # noqa: E402
-from lsstpipe.pipelines import association as A  # noqa: E402
-from lsstpipe.pipelines.ap import FORCED_DTYPE  # noqa: E402
-from lsstpipe.pipelines.diasources import DIA_DTYPE  # noqa: E402
+from lsstpipe.db.sql import DatabaseError
+from lsstpipe.pipelines import association as A
+from lsstpipe.pipelines.ap import FORCED_DTYPE
+from lsstpipe.pipelines.diasources import DIA_DTYPE
 
 MJD = 60400.3
 

@@ -48,7 +48,7 @@ def test_vendors(lsstcam):
 @pytest.mark.parametrize("vendor", [ITL, E2V], ids=["ITL", "E2V"])
 def test_raw_segment_geometry(vendor):
     assert (vendor.raw_height, vendor.raw_width) == (2048, 576)
-    assert vendor.data_width * 8, vendor.data_height * 2 == vendor.ccd_shape[::-1]
+    assert (vendor.data_width * 8, vendor.data_height * 2) == vendor.ccd_shape[::-1]
 
 
 @pytest.mark.parametrize("name,datasec,seg10,seg17", [

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
+from extras import need_extra
 from scipy.spatial import cKDTree
 from scipy.special import erf
 
@@ -199,7 +200,7 @@ def test_golden_vs_sep_and_truth_on_simulated_ccd(sim_calexp, tmp_path):
     < 0.15 px (SEP's isophotal barycentre carries most of it: ours must be closer to the truth than SEP's); aperture flux vs SEP median ratio within 1 % and 90 % of sources within 3 %; flux error vs
     SEP within 2 %; completeness vs truth ≥ 98 % at S/N ≥ 10.
     """
-    sep = pytest.importorskip("sep")
+    sep = need_extra("sep")
     img, var, truth, meta = sim_calexp
     path = tmp_path / "calexp.fits"
     fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(img, name="IMAGE"), fits.ImageHDU(var, name="VARIANCE")]).writeto(path)  # fmt: skip

@@ -17,7 +17,8 @@ def test_spatial_terms_and_powers():
     t = K.spatial_terms(2, 0.5, -2.0)
     np.testing.assert_allclose(t, [1, 0.5, -2, 0.25, -1, 4])
     xn, yn = K.normalised_position([0, 9], [0, 4], (5, 10))
-    np.testing.assert_allclose(xn, [-1, 1]) and np.testing.assert_allclose(yn, [-1, 1])
+    np.testing.assert_allclose(xn, [-1, 1])
+    np.testing.assert_allclose(yn, [-1, 1])
     with pytest.raises(ValueError):
         K.spatial_powers(-1)
 
@@ -178,7 +179,8 @@ def test_decorrelation_filter_against_reference():
     assert A * 100 + B * 30 == pytest.approx(100 + 0.95**2 * 30, rel=1e-4)  # flat spectrum at σx² + κ² σy²
     # a delta kernel needs no decorrelation
     phi, A, B = K.decorrelation_filter(K.kernel_spectrum(K.gaussian_kernel(0.0, 3), fshape), fshape, 5.0, 2.0, 1.0)
-    np.testing.assert_allclose(phi, 1.0, rtol=1e-6) and (A, B) == pytest.approx((1.0, 1.0))
+    np.testing.assert_allclose(phi, 1.0, rtol=1e-6)
+    assert (A, B) == pytest.approx((1.0, 1.0))
 
 
 def test_decorrelated_noise_is_white_with_the_predicted_variance():

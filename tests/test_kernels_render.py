@@ -128,8 +128,11 @@ def test_bleed_loses_only_what_leaves_the_ccd():
 def test_tracks_deposit_their_charge():
     img = np.zeros((50, 50), np.float32)
     add_tracks(img, [10.0, 45.0], [10.0, 45.0], [20.0, 60.0], [15.0, 45.0], [1000.0, 500.0])
-    # the second track leaves the image after 5 of its 15 pixels
-    assert img.sum() == pytest.approx(1000.0 + 500.0 * 5.5 / 15, rel=0.05)
+    # pixel centres at integer coordinates: the second track, (45, 45) → (60, 45), leaves the image at x = 49.5
+    # after 4.5 of its 15 pixels, all of its charge inside on row 45
+    assert img.sum() == pytest.approx(1000.0 + 500.0 * 4.5 / 15, rel=1e-6)
+    assert img[45, 45:].sum() == pytest.approx(500.0 * 4.5 / 15, rel=1e-6) and img[45, 49] > 0
+    assert img[10:21, 10:21].sum() == pytest.approx(1000.0, rel=1e-6)  # the first, (10, 10) → (20, 15), whole
     with pytest.raises(ValueError, match="same length"):
         add_tracks(img, [1.0], [1.0, 2.0], [1.0], [1.0], [1.0])
 

@@ -11,23 +11,21 @@ import dataclasses
 import sqlite3
 from pathlib import Path
 
+import fastavro
+import lsst.dax.apdb  # noqa: F401 — required (install_requires): missing is an error, not a skip
 import numpy as np
 import pytest
 
-pytest.importorskip("lsst.dax.apdb", reason="the APDB needs lsst-dax-apdb")
-
-import fastavro  # noqa: E402
-
-from lsstpipe.alerts import AlertWriter, read_alerts, read_cutout  # noqa: E402
-from lsstpipe.camera import get_camera  # noqa: E402
-from lsstpipe.db.apdb import Level1Database, write_apdb_config  # noqa: E402
-from lsstpipe.pipelines import level1 as L1  # noqa: E402
-from lsstpipe.pipelines.ap import process_ccd  # noqa: E402
-from lsstpipe.pipelines.inputs import load_ccd_inputs  # noqa: E402
-from lsstpipe.pipelines.mops_orbits import nightly_coefficients  # noqa: E402
-from lsstpipe.repo import Repository  # noqa: E402
-from lsstpipe.sim.simulate import SimulationRequest, default_sky, run_simulation  # noqa: E402
-from lsstpipe.sim.sky import SkyConfig  # noqa: E402
+from lsstpipe.alerts import AlertWriter, read_alerts, read_cutout
+from lsstpipe.camera import get_camera
+from lsstpipe.db.apdb import Level1Database, write_apdb_config
+from lsstpipe.pipelines import level1 as L1
+from lsstpipe.pipelines.ap import process_ccd
+from lsstpipe.pipelines.inputs import load_ccd_inputs
+from lsstpipe.pipelines.mops_orbits import nightly_coefficients
+from lsstpipe.repo import Repository
+from lsstpipe.sim.simulate import SimulationRequest, default_sky, run_simulation
+from lsstpipe.sim.sky import SkyConfig
 
 DET = "R11_S12"
 

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import lsst.dax.apdb  # noqa: F401 — required (install_requires): missing is an error, not a skip
 import pytest
+from test_level1 import DET, fixed_pointing_opsim, level1_sky, night_coefficients
 
-pytest.importorskip("lsst.dax.apdb", reason="the APDB needs lsst-dax-apdb")
-
-from test_level1 import DET, fixed_pointing_opsim, level1_sky, night_coefficients  # noqa: E402
-
-from lsstpipe.alerts import AlertWriter  # noqa: E402
-from lsstpipe.db.apdb import Level1Database, write_apdb_config  # noqa: E402
-from lsstpipe.pipelines import level1 as L1  # noqa: E402
-from lsstpipe.pipelines.ap import process_ccd  # noqa: E402
-from lsstpipe.pipelines.inputs import load_ccd_inputs  # noqa: E402
-from lsstpipe.repo import Repository  # noqa: E402
-from lsstpipe.sim.simulate import SimulationRequest, run_simulation  # noqa: E402
+from lsstpipe.alerts import AlertWriter
+from lsstpipe.db.apdb import Level1Database, write_apdb_config
+from lsstpipe.pipelines import level1 as L1
+from lsstpipe.pipelines.ap import process_ccd
+from lsstpipe.pipelines.inputs import load_ccd_inputs
+from lsstpipe.repo import Repository
+from lsstpipe.sim.simulate import SimulationRequest, run_simulation
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from extras import need_extra
 from naive_mops import naive_tracklets
 
 from kernels.mops_link import find_tracklets
@@ -154,7 +155,7 @@ def test_every_asteroid_has_a_tracklet_per_night(day):
 
 
 def test_linking_completeness_and_purity_with_difi(day):
-    pytest.importorskip("difi")
+    need_extra("difi")
     res = day["result"]
     score = score_linkages(np.arange(day["mjd"].size), day["truth"], day["mjd"], res.tracks)
     assert score.n_findable >= 12  # most of the 20 objects stay in the field on all three nights

@@ -165,7 +165,8 @@ def test_night_survives_fault(night, tmp_path, fault, ranks):
         from lsstpipe.archive import OutageBuffer
 
         assert len(OutageBuffer(out / "base" / "outage_buffer")) == 0  # every copy confirmed and released
-    if kind == "slow-link":
+    if kind == "slow-link":  # the replicator reported its link slow: its pair left the fully-operational pool
+        assert "local-only pool: slow link" in run.stderr, run.stderr[-3000:]
         assert len(m["calibrations"]) == 1 and "engineering exposures taken" in run.stdout
         det = m["calibrations"][0]["ccds"][0]["detector"]
         isr = json.loads((out / "ccds" / str(m["calibrations"][0]["seq_num"]) / f"{det}.json").read_text())
@@ -174,6 +175,10 @@ def test_night_survives_fault(night, tmp_path, fault, ranks):
         assert "replicator rank" in run.stderr and any(im["catchup"] for v in m["visits"][1:] for im in v["images"])
     if kind == "restart-dmcs":
         assert "a standby takes over" in run.stdout
+    if kind == "fill-buffer":  # the visit's images could not go into the full outage buffer, and are archived
+        with sqlite3.connect(out / "control.sqlite3") as db:
+            full = db.execute("SELECT count(*) FROM image_transfers WHERE ok = 0 AND error LIKE '%is full (injected%'")
+            assert full.fetchone()[0] >= 1
     if kind == "corrupt":
         with sqlite3.connect(out / "control.sqlite3") as db:
             bad = db.execute("SELECT count(*) FROM image_transfers WHERE ok = 0 AND error LIKE '%damaged%'")

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-import pytest
+from extras import need_extra
 
-nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[test]' brings nbformat and nbclient")
-nbclient = pytest.importorskip("nbclient")
-jupyter_client = pytest.importorskip("jupyter_client")
+nbformat = need_extra("nbformat")
+nbclient = need_extra("nbclient")
+jupyter_client = need_extra("jupyter_client")
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "kernel_development.ipynb"
 

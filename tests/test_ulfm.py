@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from mpi4py import MPI
 
 from lsstpipe.runtime import ulfm
 from lsstpipe.runtime.ulfm import FailureDetector, UlfmUnavailable, is_failure_error, ulfm_available
-
-MPI = pytest.importorskip("mpi4py.MPI")
 
 ULFM_PY = Path(ulfm.__file__).resolve()
 DETECTION_BOUND_S = 1.0  # issue 5: with ULFM a killed worker's CCD is rescheduled within 1 s

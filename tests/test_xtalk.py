@@ -136,7 +136,7 @@ def test_known_matrix_recovered_within_ten_percent(vendor):
     assert np.abs(rel).max() < 0.10, rel
     # The errors are honest: the deviations are of their size.
     pull = (fit.coeff[big] - truth[big]) / fit.error[big]
-    assert 0.3 < np.std(pull) < 3.0
+    assert 0.65 < np.std(pull) < 1.4  # 0.94-0.95 here; ±0.13 is the spread of a width from 28 pulls
 
 
 def _spot_exposures(camera, det, n_exp, seed=SEED):
