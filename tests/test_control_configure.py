@@ -182,11 +182,12 @@ def test_configure_phases_ack_first_then_disable_then_complete(harness, root):
     t0 = time.monotonic()
     seq = harness.send(A, C.CONFIGURE, "quarter")
     harness.wait_acked(seq)
-    t_ack = time.monotonic() - t0
+    # the ACK came while the 0.25 s install ran: nothing else answered yet
+    assert [r.result for r in harness.client.responses[seq]] == [CommandResult.ACK]
     responses = harness.client.wait(seq, 5.0)
     t_done = time.monotonic() - t0
     assert responses[0].configuration == "fast" and responses[0].enabled, "ACK before anything changed"
-    assert t_ack < 0.1 and t_done >= 0.25, (t_ack, t_done)
+    assert t_done >= 0.25, t_done  # COMPLETE only after the install
     assert (responses[-1].result, responses[-1].configuration, responses[-1].enabled) == (
         CommandResult.COMPLETE,
         "quarter",

@@ -128,10 +128,9 @@ def test_configure_interrupted_gets_aborted_and_nothing_more(harness, command):
     reach(harness, e, "idle_enabled")
     seq = harness.send(e, C.CONFIGURE, "slow")
     harness.wait_acked(seq)
-    t0 = time.monotonic()
     harness.cmd(e, command)
     got = harness.client.wait(seq, 1.0)
-    assert time.monotonic() - t0 < 1.0, "stop/abort cut the 5 s install short"
+    # ABORTED within the wait: stop/abort cut the 5 s install short
     assert [r.result for r in got] == [CommandResult.ACK, CommandResult.ABORTED]
     assert command.value in got[-1].reason and "no configuration" in got[-1].reason
     harness.dmcs.entities[e].wait_until_not_configuring(5.0)
