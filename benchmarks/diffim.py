@@ -53,8 +53,8 @@ from astropy.wcs import WCS  # noqa: E402
 
 from kernels.render import add_moffat_sources  # noqa: E402
 from lsstpipe import __version__  # noqa: E402
-from lsstpipe.pipelines.difference import NJY_ZP, DifferenceConfig, TemplatePatch, difference_exposure  # noqa: E402
-from lsstpipe.pipelines.exposure import Exposure  # noqa: E402
+from lsstpipe.pipelines.difference import DifferenceConfig, TemplatePatch, difference_exposure  # noqa: E402
+from lsstpipe.pipelines.exposure import NJY_AB_ZP, Exposure  # noqa: E402
 
 FULL_SHAPE = (4004, 4096)
 QUICK_SHAPE = (800, 900)
@@ -89,7 +89,7 @@ def synthetic_pair(shape, seed=1, n_stars=4000):
     add_moffat_sources(sci, x, y, flux, FWHM_SCI, 3.5, 0.02, 0.0)
     var = (sci + 1100.0).astype(np.float32)
     sci += rng.standard_normal(shape, dtype=np.float32) * np.sqrt(var)
-    njy_per_e = 10 ** (0.4 * (NJY_ZP - ZERO_POINT))
+    njy_per_e = 10 ** (0.4 * (NJY_AB_ZP - ZERO_POINT))
     tmpl = np.zeros((side, side), np.float32)
     add_moffat_sources(tmpl, tx, ty, flux * njy_per_e, FWHM_TMPL, 3.5, 0.0, 0.0)
     sig = np.float32(np.sqrt(66.0) * njy_per_e)

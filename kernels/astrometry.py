@@ -154,10 +154,14 @@ def fit_affine(x, y, u, v, weights=None) -> np.ndarray:
 
 
 def gnomonic(ra, dec, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Standard coordinates (ξ east, η north) in degrees of (ra, dec) about (ra0, dec0)."""
+    """Standard coordinates (ξ east, η north) in degrees of (ra, dec) about (ra0, dec0).
+
+    Raises ValueError for a position 90° or more from the centre (the tangent plane does not reach it)."""
     ra, dec = np.deg2rad(np.asarray(ra, dtype=float)), np.deg2rad(np.asarray(dec, dtype=float))
     a0, d0 = math.radians(ra0), math.radians(dec0)
     cosc = math.sin(d0) * np.sin(dec) + math.cos(d0) * np.cos(dec) * np.cos(ra - a0)
+    if np.any(cosc <= 1e-6):
+        raise ValueError("a position is 90° or more from the projection centre; the tangent plane cannot reach it")
     xi = np.cos(dec) * np.sin(ra - a0) / cosc
     eta = (math.cos(d0) * np.sin(dec) - math.sin(d0) * np.cos(dec) * np.cos(ra - a0)) / cosc
     return np.rad2deg(xi), np.rad2deg(eta)
@@ -175,12 +179,79 @@ def inverse_gnomonic(xi, eta, ra0: float, dec0: float) -> tuple[np.ndarray, np.n
     return np.rad2deg(ra) % 360.0, np.rad2deg(dec)
 
 
-def _terms(lo: int, hi: int) -> list[tuple[int, int]]:
+def poly_terms(lo: int, hi: int) -> list[tuple[int, int]]:
+    """The monomials ``u^p v^q`` of degrees ``lo`` to ``hi`` as ``(p, q)``, by degree, ``p`` descending."""
     return [(p, d - p) for d in range(lo, hi + 1) for p in range(d, -1, -1)]
 
 
-def _design(u, v, terms) -> np.ndarray:
+def poly_design(u, v, terms) -> np.ndarray:
+    """The least-squares design matrix: one column ``u**p * v**q`` per term."""
     return np.column_stack([u**p * v**q for p, q in terms])
+
+
+def tan_sip_header(cx, cy, terms, crpix0: tuple[float, float], crval: tuple[float, float], inverse_order: int,
+                   inverse_grid: tuple[np.ndarray, np.ndarray], scale: float) -> fits.Header:  # fmt: skip
+    """FITS cards of the TAN(-SIP) WCS of a polynomial fit of standard coordinates on pixel offsets.
+
+    Parameters
+    ----------
+    cx, cy : numpy.ndarray
+        ``ξ = Σ cx[k] u^p v^q`` and ``η = Σ cy[k] u^p v^q`` (degrees) over ``terms[k] = (p, q)``, with ``(u,
+        v)`` the 0-based pixel offsets from ``crpix0``; a constant term, if any, is left out (the tangent
+        point is ``crval``). The linear terms give the CD matrix, the terms of degree ≥ 2 the SIP ``A``, ``B``
+        polynomials (none when the highest degree is 1: a plain TAN WCS).
+    crpix0, crval : (float, float)
+        0-based reference pixel and its sky position (deg).
+    inverse_order : int
+        Order of the inverse polynomials ``AP``, ``BP``, fitted by least squares at ``inverse_grid``.
+    inverse_grid : (numpy.ndarray, numpy.ndarray)
+        Pixel offsets ``(u, v)`` spanning the CCD where the inverse is fitted.
+    scale : float
+        Offsets are divided by it in the least-squares designs (conditioning; e.g. half the CCD's size).
+
+    Raises
+    ------
+    ValueError
+        When the CD matrix is singular.
+    """
+    order = max(p + q for p, q in terms)
+    lin = [terms.index((1, 0)), terms.index((0, 1))]
+    cd = np.array([[cx[lin[0]], cx[lin[1]]], [cy[lin[0]], cy[lin[1]]]])
+    if not abs(np.linalg.det(cd)) > 0:
+        raise ValueError("the fitted CD matrix is singular: the points do not span the CCD")
+    sip = np.linalg.solve(cd, np.vstack([cx, cy]))  # rows: A, B coefficients (linear parts = identity)
+    hdr = fits.Header()
+    hdr["WCSAXES"] = 2
+    sipsuf = "-SIP" if order >= 2 else ""
+    hdr["CTYPE1"], hdr["CTYPE2"] = "RA---TAN" + sipsuf, "DEC--TAN" + sipsuf
+    hdr["CUNIT1"], hdr["CUNIT2"] = "deg", "deg"
+    hdr["CRPIX1"], hdr["CRPIX2"] = crpix0[0] + 1.0, crpix0[1] + 1.0
+    hdr["CRVAL1"], hdr["CRVAL2"] = float(crval[0]), float(crval[1])
+    for i in range(2):
+        for j in range(2):
+            hdr[f"CD{i + 1}_{j + 1}"] = float(cd[i, j])
+    hdr["RADESYS"] = "ICRS"
+    if order < 2:
+        return hdr
+    for name, row in (("A", sip[0]), ("B", sip[1])):
+        hdr[f"{name}_ORDER"] = order
+        for (p, q), c in zip(terms, row):
+            if p + q >= 2:
+                hdr[f"{name}_{p}_{q}"] = float(c)
+    # Inverse: u = U + AP(U, V), with U = u + A(u, v)
+    gu, gv = inverse_grid
+    hi = [(p, q) for p, q in terms if p + q >= 2]
+    fu = gu + sum(sip[0][terms.index(t)] * gu ** t[0] * gv ** t[1] for t in hi)
+    fv = gv + sum(sip[1][terms.index(t)] * gu ** t[0] * gv ** t[1] for t in hi)
+    iterms = poly_terms(1, inverse_order)
+    idesign = poly_design(fu / scale, fv / scale, iterms)
+    iscales = np.array([scale ** (p + q) for p, q in iterms])
+    for name, target in (("AP", gu - fu), ("BP", gv - fv)):
+        c = np.linalg.lstsq(idesign, target, rcond=None)[0] / iscales
+        hdr[f"{name}_ORDER"] = inverse_order
+        for (p, q), val in zip(iterms, c):
+            hdr[f"{name}_{p}_{q}"] = float(val)
+    return hdr
 
 
 def fit_tan_sip(x, y, ra, dec, shape: tuple[int, int], order: int = 3, inverse_order: int | None = None,
@@ -226,7 +297,7 @@ def fit_tan_sip(x, y, ra, dec, shape: tuple[int, int], order: int = 3, inverse_o
     inverse_order = order + 1 if inverse_order is None else int(inverse_order)
     w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float)
     used = np.isfinite(x) & np.isfinite(y) & np.isfinite(ra) & np.isfinite(dec) & np.isfinite(w) & (w > 0)
-    terms = _terms(0, order)
+    terms = poly_terms(0, order)
     if used.sum() < 2 * len(terms):
         raise ValueError(f"{int(used.sum())} usable pairs cannot constrain a TAN-SIP fit of order {order} "
                          f"({len(terms)} terms per axis); match more stars or lower the order")  # fmt: skip
@@ -234,7 +305,7 @@ def fit_tan_sip(x, y, ra, dec, shape: tuple[int, int], order: int = 3, inverse_o
     x0, y0 = (nx - 1) / 2.0, (ny - 1) / 2.0
     s = max(nx, ny) / 2.0
     u, v = x - x0, y - y0
-    design = _design(u / s, v / s, terms)
+    design = poly_design(u / s, v / s, terms)
     scales = np.array([s ** (p + q) for p, q in terms])
     k0 = int(np.flatnonzero(used)[0])
     ra0, dec0 = (float(ra[k0]), float(dec[k0])) if crval is None else (float(crval[0]), float(crval[1]))
@@ -255,42 +326,9 @@ def fit_tan_sip(x, y, ra, dec, shape: tuple[int, int], order: int = 3, inverse_o
         if np.array_equal(new, used) or new.sum() < 2 * len(terms) or it == iters:
             break
         used = new
-    cx, cy = cx / scales, cy / scales
-    lin = [terms.index((1, 0)), terms.index((0, 1))]
-    cd = np.array([[cx[lin[0]], cx[lin[1]]], [cy[lin[0]], cy[lin[1]]]])
-    if not abs(np.linalg.det(cd)) > 0:
-        raise ValueError("the fitted CD matrix is singular: the matched pairs do not span the CCD")
-    sip = np.linalg.solve(cd, np.vstack([cx, cy]))
-    hdr = fits.Header()
-    hdr["WCSAXES"] = 2
-    sipsuf = "-SIP" if order >= 2 else ""
-    hdr["CTYPE1"], hdr["CTYPE2"] = "RA---TAN" + sipsuf, "DEC--TAN" + sipsuf
-    hdr["CUNIT1"], hdr["CUNIT2"] = "deg", "deg"
-    hdr["CRPIX1"], hdr["CRPIX2"] = x0 + 1.0, y0 + 1.0
-    hdr["CRVAL1"], hdr["CRVAL2"] = ra0, dec0
-    for i in range(2):
-        for j in range(2):
-            hdr[f"CD{i + 1}_{j + 1}"] = float(cd[i, j])
-    hdr["RADESYS"] = "ICRS"
-    if order >= 2:
-        for name, row in (("A", sip[0]), ("B", sip[1])):
-            hdr[f"{name}_ORDER"] = order
-            for (p, q), c in zip(terms, row):
-                if p + q >= 2:
-                    hdr[f"{name}_{p}_{q}"] = float(c)
-        g = np.linspace(-0.5, nx - 0.5, 25) - x0, np.linspace(-0.5, ny - 0.5, 25) - y0
-        gu, gv = (a.ravel() for a in np.meshgrid(*g))
-        hi = [(p, q) for p, q in terms if p + q >= 2]
-        fu = gu + sum(sip[0][terms.index(t)] * gu ** t[0] * gv ** t[1] for t in hi)
-        fv = gv + sum(sip[1][terms.index(t)] * gu ** t[0] * gv ** t[1] for t in hi)
-        iterms = _terms(1, inverse_order)
-        idesign = _design(fu / s, fv / s, iterms)
-        iscales = np.array([s ** (p + q) for p, q in iterms])
-        for name, target in (("AP", gu - fu), ("BP", gv - fv)):
-            c = np.linalg.lstsq(idesign, target, rcond=None)[0] / iscales
-            hdr[f"{name}_ORDER"] = inverse_order
-            for (p, q), val in zip(iterms, c):
-                hdr[f"{name}_{p}_{q}"] = float(val)
+    g = np.linspace(-0.5, nx - 0.5, 25) - x0, np.linspace(-0.5, ny - 0.5, 25) - y0
+    gu, gv = (a.ravel() for a in np.meshgrid(*g))
+    hdr = tan_sip_header(cx / scales, cy / scales, terms, (x0, y0), (ra0, dec0), inverse_order, (gu, gv), s)
     wcs = WCS(hdr)
     wra, wdec = wcs.all_pix2world(x, y, 0)
     sep = angular_separation_mas(ra, dec, wra, wdec)
@@ -299,10 +337,16 @@ def fit_tan_sip(x, y, ra, dec, shape: tuple[int, int], order: int = 3, inverse_o
                  "residual_mas": sep}  # fmt: skip
 
 
-def angular_separation_mas(ra1, dec1, ra2, dec2) -> np.ndarray:
-    """Angular separation (mas) of two sets of positions in degrees (Vincenty's formula)."""
+def angular_separation_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
+    """Angular separation (degrees) of two sets of positions in degrees, broadcast (Vincenty's formula:
+    accurate from micro-arcseconds to 180°, where the law of cosines loses small separations)."""
     a1, d1, a2, d2 = (np.deg2rad(np.asarray(a, dtype=float)) for a in (ra1, dec1, ra2, dec2))
     da = a2 - a1
     num = np.hypot(np.cos(d2) * np.sin(da), np.cos(d1) * np.sin(d2) - np.sin(d1) * np.cos(d2) * np.cos(da))
     den = np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(da)
-    return np.rad2deg(np.arctan2(num, den)) * MAS_PER_DEG
+    return np.rad2deg(np.arctan2(num, den))
+
+
+def angular_separation_mas(ra1, dec1, ra2, dec2) -> np.ndarray:
+    """Angular separation (mas) of two sets of positions in degrees (:func:`angular_separation_deg`)."""
+    return angular_separation_deg(ra1, dec1, ra2, dec2) * MAS_PER_DEG

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kernels.arrays import float_plane
 from kernels.config import njit
 
 
@@ -248,17 +249,6 @@ class Footprints(NamedTuple):
         return self.npix.shape[0]
 
 
-def _as_float_image(a, name):
-    a = np.asarray(a)
-    if a.ndim != 2 or a.size == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array, got shape {a.shape}")
-    if a.dtype.kind not in "fiu":
-        raise ValueError(f"{name} must be numeric, got {a.dtype}")
-    if a.dtype not in (np.float32, np.float64) or not a.dtype.isnative:
-        a = a.astype(np.float64 if a.dtype.itemsize > 4 else np.float32)
-    return a
-
-
 def _as_mask(mask, shape):
     if mask is None:
         return np.zeros(shape, np.uint8)
@@ -293,10 +283,10 @@ def matched_filter(image, variance, fwhm: float, mask=None, truncate: float = 4.
     numpy.ndarray
         float32 map of the same shape; unit variance on noise; 0 where no usable pixel is in reach.
     """
-    image = _as_float_image(image, "image")
+    image = float_plane(image, "image")
     if np.ndim(variance) == 0:
         variance = np.full(image.shape, variance, image.dtype)
-    variance = _as_float_image(variance, "variance")
+    variance = float_plane(variance, "variance")
     if variance.shape != image.shape:
         raise ValueError(f"variance shape {variance.shape} differs from image shape {image.shape}")
     variance = variance.astype(image.dtype, copy=False)  # one compiled specialisation per image dtype

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kernels.arrays import float_plane
 from kernels.config import njit
 
 #: Mask bit written where the source does not cover a target pixel (``MaskBit.NO_DATA``).
@@ -298,19 +299,6 @@ def grid_nodes(shape: tuple[int, int], step: int) -> tuple[np.ndarray, np.ndarra
     return np.arange(ncx, dtype=float) * step, np.arange(ncy, dtype=float) * step
 
 
-def _plane(a, name, shape=None):
-    a = np.asarray(a)
-    if a.ndim != 2 or a.size == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array, got shape {a.shape}")
-    if shape is not None and a.shape != shape:
-        raise ValueError(f"{name} has shape {a.shape}; the image is {shape}")
-    if a.dtype.kind not in "fiu":
-        raise ValueError(f"{name} must be numeric, got {a.dtype}")
-    if a.dtype not in (np.float32, np.float64) or not a.dtype.isnative:
-        a = a.astype(np.float32)
-    return a
-
-
 def warp_image(image, variance, mask, src_x, src_y, step: int, shape: tuple[int, int], *, conserve_flux: bool = True,
                variance_mode: str = "density", out: WarpResult | None = None) -> WarpResult:  # fmt: skip
     """Resample ``image`` (and ``variance``, ``mask``) onto a target grid with Lanczos-3.
@@ -344,8 +332,8 @@ def warp_image(image, variance, mask, src_x, src_y, step: int, shape: tuple[int,
     WarpResult
         float32 image and variance, NaN where the target is ``NO_DATA``; int32 mask.
     """
-    img = _plane(image, "image")
-    var = _plane(variance, "variance", img.shape)
+    img = float_plane(image, "image")
+    var = float_plane(variance, "variance", img.shape)
     if mask is None:
         msk = np.zeros((1, 1), np.int32)  # never read: no mask bits to check
     else:

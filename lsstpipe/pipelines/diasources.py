@@ -21,13 +21,11 @@ from kernels import measure as M
 from kernels.forced import FAILED as FORCED_FAILED
 from kernels.forced import forced_psf_flux, gaussian_stamps
 from lsstpipe.pipelines.detection import detect_and_measure
-from lsstpipe.pipelines.exposure import Exposure, MaskBit
+from lsstpipe.pipelines.exposure import NJY_AB_ZP, Exposure, MaskBit
 
 __all__ = ["DIA_DTYPE", "DiaSourceConfig", "NJY_AB_ZP", "bbox_size", "dia_sources", "forced_photometry",
            "njy_per_electron"]  # fmt: skip
 
-#: AB magnitude of a 1 nJy source.
-NJY_AB_ZP = 31.4
 
 #: One row per DIASource. Positions 0-based pixels of the CCD; angles radians from +x towards +y; fluxes
 #: in nJy (``*_flux``) with the sign of the difference; ``flags`` are :mod:`kernels.measure` bits plus

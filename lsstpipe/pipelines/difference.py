@@ -24,12 +24,11 @@ import numpy as np
 from astropy.wcs import WCS
 
 from kernels import diffim as K
+from kernels.astrometry import angular_separation_deg
 from kernels.warp import WarpResult, grid_nodes, lanczos_noise_power, warp_image
 from lsstpipe.io.filememo import FileMemo
-from lsstpipe.pipelines.exposure import Exposure, MaskBit
+from lsstpipe.pipelines.exposure import NJY_AB_ZP, Exposure, MaskBit
 
-#: AB magnitude of 1 nJy.
-NJY_ZP = 31.4
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
@@ -267,8 +266,7 @@ def _overlaps(wcs: WCS, shape, ra: float, dec: float, radius_deg: float) -> bool
     ny, nx = shape
     gx, gy = np.meshgrid(np.linspace(-0.5, nx - 0.5, 9), np.linspace(-0.5, ny - 0.5, 9))
     pra, pdec = wcs.all_pix2world(gx.ravel(), gy.ravel(), 0)
-    a1, d1, a2, d2 = map(np.deg2rad, (pra, pdec, ra, dec))
-    sep = np.rad2deg(np.arccos(np.clip(np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(a1 - a2), -1, 1)))
+    sep = angular_separation_deg(pra, pdec, ra, dec)
     step = np.hypot(nx, ny) / 8 * np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))
     if sep.min() <= radius_deg + step:
         return True
@@ -303,7 +301,7 @@ def warp_template(patches, wcs: WCS, shape: tuple[int, int], zero_point: float, 
         if not inside.any():
             continue
         warp_image(p.image, p.variance, p.mask, sx, sy, step, (ny, nx), out=out)
-    scale = np.float32(10.0 ** (-0.4 * (NJY_ZP - zero_point)))
+    scale = np.float32(10.0 ** (-0.4 * (NJY_AB_ZP - zero_point)))
     np.multiply(out.image, scale, out=out.image)
     np.multiply(out.variance, scale * scale, out=out.variance)
     return out.image, out.variance, out.mask

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Exposure", "MaskBit"]
+__all__ = ["NJY_AB_ZP", "Exposure", "MaskBit"]
+
+
+#: AB magnitude of a 1 nJy source: ``m = NJY_AB_ZP - 2.5 log10(flux / nJy)``.
+NJY_AB_ZP = 31.4
 
 
 class MaskBit(enum.IntFlag):

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from astropy.time import Time
 
+from kernels.astrometry import angular_separation_deg
 from lsstpipe.alerts.cutouts import CUTOUT_SIZE_ARCSEC, CcdCutouts
 from lsstpipe.alerts.packet import (
     HISTORY_DAYS,
@@ -202,7 +203,7 @@ def prefetch_region(apdb: Level1Database, inputs: CcdInputs, visit_mjd_tai: floa
     predictions = None
     if ss_coefficients is not None:
         pred = predict_positions(ss_coefficients, visit_mjd_tai, ss_radius_arcsec)
-        predictions = pred[_separation_deg(pred["ra"], pred["dec"], ra, dec) <= radius]
+        predictions = pred[angular_separation_deg(pred["ra"], pred["dec"], ra, dec) <= radius]
     return Level1Prefetch(ra, dec, radius, float(visit_mjd_tai), *_read_region(apdb, ra, dec, radius, visit_mjd_tai),
                           predictions)  # fmt: skip
 
@@ -239,13 +240,6 @@ def refresh_prefetch(apdb: Level1Database, prefetch: Level1Prefetch) -> Level1Pr
 
 def _tai(mjd: float) -> Time:
     return Time(mjd, format="mjd", scale="tai")
-
-
-def _separation_deg(ra, dec, ra0: float, dec0: float) -> np.ndarray:
-    a, d = np.radians(np.asarray(ra, float)), np.radians(np.asarray(dec, float))
-    a0, d0 = np.radians(ra0), np.radians(dec0)
-    c = np.sin(d) * np.sin(d0) + np.cos(d) * np.cos(d0) * np.cos(a - a0)
-    return np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
 
 
 def _records(frame: Any, fields: dict) -> list[dict]:

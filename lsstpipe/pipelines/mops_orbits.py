@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
+from kernels.astrometry import gnomonic, inverse_gnomonic
 from lsstpipe.pipelines.association import SS_PREDICTION_DTYPE
 from lsstpipe.sim.orbits import (
     C_AU_PER_DAY,
@@ -58,26 +59,8 @@ DEFAULT_DISTANCES = (0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 2.7, 3.5)
 _TRIAL_NFEV = 25
 
 
-def to_plane(ra, dec, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gnomonic (tangent-plane) coordinates ``ξ, η`` in degrees of ``(ra, dec)`` about ``(ra0, dec0)``."""
-    a, d = np.deg2rad(np.asarray(ra, float)), np.deg2rad(np.asarray(dec, float))
-    a0, d0 = math.radians(ra0), math.radians(dec0)
-    cosc = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a - a0)
-    if np.any(cosc <= 1e-6):
-        raise ValueError("a position is 90° or more from the projection centre; the arc is too long to project")
-    xi = np.cos(d) * np.sin(a - a0) / cosc
-    eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(a - a0)) / cosc
-    return np.rad2deg(xi), np.rad2deg(eta)
-
-
-def from_plane(xi, eta, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`to_plane`: ``(ra, dec)`` in degrees, RA in [0, 360)."""
-    x, y = np.deg2rad(np.asarray(xi, float)), np.deg2rad(np.asarray(eta, float))
-    a0, d0 = math.radians(ra0), math.radians(dec0)
-    den = np.cos(d0) - y * np.sin(d0)
-    ra = (a0 + np.arctan2(x, den)) % (2.0 * np.pi)
-    dec = np.arctan2(np.sin(d0) + y * np.cos(d0), np.hypot(x, den))
-    return np.rad2deg(ra), np.rad2deg(dec)
+#: Gnomonic (tangent-plane) coordinates ``ξ, η`` in degrees about ``(ra0, dec0)``, and back (RA in [0, 360)).
+to_plane, from_plane = gnomonic, inverse_gnomonic
 
 
 def _unit_ecliptic(ra, dec) -> np.ndarray:

@@ -15,24 +15,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lsstpipe.pipelines.exposure import NJY_AB_ZP
 from lsstpipe.sim.instrument import BANDS, stable_seed
 
 #: Magnitude giving 1 electron per second at airmass 1 (LSST throughputs, SMTN-002).
 ZERO_POINTS = {"u": 26.52, "g": 28.51, "r": 28.36, "i": 28.17, "z": 27.78, "y": 26.82}
 #: Atmospheric extinction, magnitudes per airmass.
 EXTINCTION = {"u": 0.47, "g": 0.21, "r": 0.13, "i": 0.10, "z": 0.07, "y": 0.18}
-#: AB zero point of nJy: m = NJY_ZP - 2.5 log10(flux / nJy).
-NJY_ZP = 31.4
 
 KIND_STAR, KIND_VARIABLE, KIND_TRANSIENT, KIND_SSO = "star", "variable", "transient", "sso"
 
 
 def mag_to_njy(mag):
-    return 10.0 ** (-0.4 * (np.asarray(mag, dtype=float) - NJY_ZP))
+    return 10.0 ** (-0.4 * (np.asarray(mag, dtype=float) - NJY_AB_ZP))
 
 
 def njy_to_mag(flux):
-    return NJY_ZP - 2.5 * np.log10(np.asarray(flux, dtype=float))
+    return NJY_AB_ZP - 2.5 * np.log10(np.asarray(flux, dtype=float))
 
 
 def electrons_per_second(mag, band: str, airmass: float):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels.astrometry import angular_separation_deg
 from lsstpipe.repo import write_csv
 from lsstpipe.sim import orbits
 from lsstpipe.sim.instrument import stable_seed
@@ -110,9 +111,7 @@ def make_ssos(visits, camera, config: SkyConfig, seed: int) -> list[SolarSystemO
 
 
 def _sep_deg(v, ra, dec) -> float:
-    from lsstpipe.sim.templates import _sep
-
-    return _sep(v.ra, v.dec, ra, dec)
+    return float(angular_separation_deg(v.ra, v.dec, ra, dec))
 
 
 def _near(v, ra, dec, radius) -> bool:

@@ -21,8 +21,10 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from kernels.astrometry import angular_separation_deg
 from kernels.render import add_moffat_sources
 from lsstpipe.camera import Camera
+from lsstpipe.pipelines.exposure import NJY_AB_ZP
 from lsstpipe.repo import Repository
 from lsstpipe.sim import sky as skymod
 from lsstpipe.sim.instrument import stable_seed
@@ -80,9 +82,7 @@ def group_fields(visits, radius_deg: float) -> list[tuple[float, float]]:
 
 
 def _sep(ra1, dec1, ra2, dec2) -> float:
-    a1, d1, a2, d2 = map(np.deg2rad, (ra1, dec1, ra2, dec2))
-    c = np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(a1 - a2)
-    return float(np.rad2deg(np.arccos(np.clip(c, -1.0, 1.0))))
+    return float(angular_separation_deg(ra1, dec1, ra2, dec2))
 
 
 def needed_patches(camera, detectors, visits, fields, size, overlap) -> dict:
@@ -155,7 +155,7 @@ def write_template(path, image, variance, wcs: WCS, band, tract, patch, scale_ar
     primary = fits.PrimaryHDU()
     primary.header.update({
         "BAND": band, "TRACT": tract, "PATCH": patch, "BUNIT": "nJy", "PSFFWHM": TEMPLATE_FWHM_ARCSEC,
-        "PSFBETA": TEMPLATE_BETA, "MAGZERO": skymod.NJY_ZP, "PIXSCALE": scale_arcsec,
+        "PSFBETA": TEMPLATE_BETA, "MAGZERO": NJY_AB_ZP, "PIXSCALE": scale_arcsec,
         "ORIGIN": "lsstpipe simulator",
     })  # fmt: skip
     hdus = [primary]

@@ -23,6 +23,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from kernels.astrometry import angular_separation_mas, gnomonic, poly_design, poly_terms, tan_sip_header
 from lsstpipe.camera import Camera, Detector
 from lsstpipe.camera.geometry import FOCAL_LENGTH_MM
 
@@ -256,47 +257,14 @@ class DetectorSkyModel:
         gx, gy = np.meshgrid(np.linspace(-0.5, nx - 0.5, grid), np.linspace(-0.5, ny - 0.5, grid))
         u, v = gx.ravel() - x0, gy.ravel() - y0
         crval = [float(c) for c in self.pixel_to_sky(x0, y0)]
-        xi, eta = _gnomonic(*self.pixel_to_sky(gx.ravel(), gy.ravel()), *crval)
+        xi, eta = gnomonic(*self.pixel_to_sky(gx.ravel(), gy.ravel()), *crval)
         # Forward: (xi, eta) = CD · (u + A(u, v), v + B(u, v)), fitted as full polynomials without a constant.
         s = max(nx, ny) / 2.0
-        terms = _terms(1, order)
-        design = _design(u / s, v / s, terms)
+        terms = poly_terms(1, order)
+        design = poly_design(u / s, v / s, terms)
         cx = np.linalg.lstsq(design, xi, rcond=None)[0] / _scales(s, terms)
         cy = np.linalg.lstsq(design, eta, rcond=None)[0] / _scales(s, terms)
-        cd = np.array([[cx[terms.index((1, 0))], cx[terms.index((0, 1))]],
-                       [cy[terms.index((1, 0))], cy[terms.index((0, 1))]]])  # fmt: skip
-        sip = np.linalg.solve(cd, np.vstack([cx, cy]))  # rows: A, B coefficients (linear parts = identity)
-        hdr = fits.Header()
-        hdr["WCSAXES"] = 2
-        hdr["CTYPE1"], hdr["CTYPE2"] = "RA---TAN-SIP", "DEC--TAN-SIP"
-        hdr["CUNIT1"], hdr["CUNIT2"] = "deg", "deg"
-        hdr["CRPIX1"], hdr["CRPIX2"] = x0 + 1.0, y0 + 1.0
-        hdr["CRVAL1"], hdr["CRVAL2"] = crval
-        for i in range(2):
-            for j in range(2):
-                hdr[f"CD{i + 1}_{j + 1}"] = float(cd[i, j])
-        hdr["RADESYS"] = "ICRS"
-        hdr["A_ORDER"] = order
-        for (p, q), a in zip(terms, sip[0]):
-            if p + q >= 2:
-                hdr[f"A_{p}_{q}"] = float(a)
-        hdr["B_ORDER"] = order
-        for (p, q), b in zip(terms, sip[1]):
-            if p + q >= 2:
-                hdr[f"B_{p}_{q}"] = float(b)
-        # Inverse: u = U + AP(U, V), with U = u + A(u, v), fitted on a denser grid.
-        fu, fv = u + _poly(sip[0], terms, u, v, 2), v + _poly(sip[1], terms, u, v, 2)
-        iterms = _terms(1, inverse_order)
-        idesign = _design(fu / s, fv / s, iterms)
-        ap = np.linalg.lstsq(idesign, u - fu, rcond=None)[0] / _scales(s, iterms)
-        bp = np.linalg.lstsq(idesign, v - fv, rcond=None)[0] / _scales(s, iterms)
-        hdr["AP_ORDER"] = inverse_order
-        for (p, q), a in zip(iterms, ap):
-            hdr[f"AP_{p}_{q}"] = float(a)
-        hdr["BP_ORDER"] = inverse_order
-        for (p, q), b in zip(iterms, bp):
-            hdr[f"BP_{p}_{q}"] = float(b)
-        return hdr
+        return tan_sip_header(cx, cy, terms, (x0, y0), crval, inverse_order, (u, v), s)
 
     def fit_tan_sip(self, order: int = 4, inverse_order: int | None = None, grid: int = 33) -> WCS:
         """The TAN-SIP :class:`astropy.wcs.WCS` of :meth:`wcs_header`; use pixel origin 0 for our pixels."""
@@ -338,33 +306,5 @@ def sip_world2pix(wcs: WCS, ra, dec) -> tuple[np.ndarray, np.ndarray]:
     return u + du + c1, v + dv + c2
 
 
-def angular_separation_mas(ra1, dec1, ra2, dec2) -> np.ndarray:
-    """Angular separation in milliarcseconds between (ra1, dec1) and (ra2, dec2) in degrees (Vincenty)."""
-    ra1, dec1, ra2, dec2 = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (ra1, dec1, ra2, dec2)))
-    v1, v2 = _unit(ra1, dec1), _unit(ra2, dec2)
-    cross = np.linalg.norm(np.cross(v1, v2, axis=0), axis=0)
-    return np.arctan2(cross, np.sum(v1 * v2, axis=0)) * _MAS_PER_RAD
-
-
-def _gnomonic(ra, dec, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Standard coordinates (ξ east, η north) in degrees of (ra, dec) about (ra0, dec0)."""
-    v = _unit(ra, dec)
-    p, e, n = _local_frame(ra0, dec0)
-    d = np.tensordot(p, v, 1)
-    return np.rad2deg(np.tensordot(e, v, 1) / d), np.rad2deg(np.tensordot(n, v, 1) / d)
-
-
-def _terms(lo: int, hi: int) -> list[tuple[int, int]]:
-    return [(p, d - p) for d in range(lo, hi + 1) for p in range(d, -1, -1)]
-
-
-def _design(u: np.ndarray, v: np.ndarray, terms: list[tuple[int, int]]) -> np.ndarray:
-    return np.column_stack([u**p * v**q for p, q in terms])
-
-
 def _scales(s: float, terms: list[tuple[int, int]]) -> np.ndarray:
     return np.array([s ** (p + q) for p, q in terms])
-
-
-def _poly(coeffs: np.ndarray, terms: list[tuple[int, int]], u, v, min_degree: int) -> np.ndarray:
-    return sum(c * u**p * v**q for c, (p, q) in zip(coeffs, terms) if p + q >= min_degree)
