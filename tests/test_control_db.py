@@ -199,6 +199,34 @@ def test_jobs_of_a_visit_with_timing_and_one_result_each(url: str) -> None:
         assert subs[1].jobs == () and [s.visit for s in db.jobs_of_visit(43)] == [43]
 
 
+def test_a_job_started_again_moves_until_it_ends(url: str) -> None:
+    clock = iter(range(100, 200))
+    with ControlDatabase(url, clock=lambda: float(next(clock))) as db:
+        db.jobs_submitted(APC, "nextVisit visit 42 exposure 0", 2)  # t=100
+        db.job_started(APC, "nextVisit visit 42 exposure 0", 1, "worker", 5)  # t=101
+        db.job_started(APC, "nextVisit visit 42 exposure 0", 1, "spare", 9)  # t=102: its node died, rescheduled
+        assert db.write_failures == 0
+        db.job_finished(APC, "nextVisit visit 42 exposure 0", 1, "processed")  # t=103
+        db.job_started(APC, "nextVisit visit 42 exposure 0", 1, "worker", 6)  # t=104: after its end: refused
+        assert db.write_failures == 1
+        ((job,),) = [s.jobs for s in db.jobs_of_visit(42)]
+        assert (job.index, job.node, job.rank, job.started, job.ended, job.result) == (1, "spare", 9, 102.0, 103.0,
+                                                                                       "processed")  # fmt: skip
+
+
+def test_lost_records_of_the_dmcs_name_each_store(url: str, tmp_path: Path) -> None:
+    transport, dmcs, client, database = _dmcs(url, config_root(tmp_path))
+    try:
+        assert dmcs.lost_records() == {"control database": 0}
+        database.close()  # every write from now on fails: logged and counted, the DMCS goes on
+        assert client.wait(client.send(APC, Command.INIT), 5.0)[-1].result is CommandResult.COMPLETE
+        lost = dmcs.lost_records()
+        assert list(lost) == ["control database"] and lost["control database"] == database.write_failures >= 3
+    finally:
+        client.close(), dmcs.close(), transport.close()
+    assert BaseDMCS(transport, Codec(SECRET)).lost_records() == {}, "an in-memory recorder loses nothing"
+
+
 def test_a_failing_database_is_counted_not_raised(url: str) -> None:
     db = ControlDatabase(url)
     db.close()

@@ -211,3 +211,113 @@ def test_state_dir_resolution(tmp_path, monkeypatch):
     assert str(resolve_state_dir(None, {"LSSTPIPE_STATE_DIR": "/env"})) == "/env"
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve_state_dir(None, {}) == tmp_path / ".lsstpipe"
+
+
+# ---- exit status of ocs script, job counts of the cluster, the shutdown line of dmcs serve ---------------
+def test_cli_ocs_script_fails_when_a_step_fails_and_names_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LSSTPIPE_STATE_DIR", str(tmp_path / "state"))
+    script = tmp_path / "bad.yaml"
+    script.write_text(yaml.safe_dump([
+        {"at": 0.0, "entity": "archiver", "command": "init"},
+        {"at": 0.01, "entity": "archiver", "command": "enable"},  # no configuration: FAILED
+        {"at": 0.02, "entity": "efd_replicator", "command": "stop"},  # IGNORED: not a failure
+        {"at": 0.03, "entity": "alert_production_cluster", "command": "reset"},  # OFFLINE: FAILED
+    ]))  # fmt: skip
+    out = tmp_path / "t.jsonl"
+    assert main(["ocs", "script", str(script), "--transcript", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "4 steps played" in captured.out
+    err = captured.err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith("lsstpipe ocs script: step 2 (archiver enable at 0.01 s): FAILED: ")
+    assert "no configuration" in err[0]
+    assert err[1].startswith("lsstpipe ocs script: step 4 (alert_production_cluster reset at 0.03 s): FAILED: ")
+
+
+def test_cli_ocs_script_fails_when_a_step_gets_no_final_result(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LSSTPIPE_STATE_DIR", str(tmp_path / "state"))
+    write_config(tmp_path / "mine", A, "long", install_seconds=1.0)
+    script = tmp_path / "s.yaml"
+    script.write_text(yaml.safe_dump([
+        {"at": 0.0, "entity": "archiver", "command": "init"},
+        {"at": 0.0, "entity": "archiver", "command": "configure", "config": "mine/archiver/long.yaml"},
+    ]))  # fmt: skip
+    out = tmp_path / "t.jsonl"
+    argv = ["ocs", "script", str(script), "--transcript", str(out), "--settle-timeout", "0.05"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no final result for command 2" in err
+    assert f"step 2 (archiver configure {tmp_path / 'mine/archiver/long.yaml'} at 0 s): no final result" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["result"] for r in rows if r["seq"] == 2] == ["ACK"], "the transcript keeps what came back"
+
+
+def test_failed_steps_of_a_transcript():
+    from lsstpipe.control.cli_control import failed_steps
+
+    steps = parse_script([
+        {"at": 0.0, "entity": "archiver", "command": "init"},
+        {"at": 0.0, "entity": "archiver", "command": "init"},
+        {"at": 0.5, "event": "nextVisit", "visit": 1},
+        {"at": 1.0, "entity": "archiver", "command": "stop"},
+    ])  # fmt: skip
+
+    def row(seq, result, command="init", at=0.0, reason=""):
+        return {"seq": seq, "at": at, "entity": "archiver", "command": command, "arg": None, "result": result,
+                "reason": reason}  # fmt: skip
+
+    ok = [row(1, "ACK"), row(1, "COMPLETE"), row(2, "ACK"), row(2, "FAILED", reason="it is IDLE"),
+          row(3, "ACK", "stop", 1.0), row(3, "IGNORED", "stop", 1.0)]  # fmt: skip
+    assert failed_steps(steps, ok) == ["step 2 (archiver init at 0 s): FAILED: it is IDLE"]
+    assert failed_steps(steps, ok[:4]) == ["step 2 (archiver init at 0 s): FAILED: it is IDLE",
+                                           "step 4 (archiver stop at 1 s): no final result"]  # fmt: skip
+    unrelated = {"seq": None, "at": None, "entity": None, "command": None, "arg": None, "result": "FAILED",
+                 "reason": "a forged message"}  # fmt: skip
+    assert failed_steps(steps, [*ok[:2], ok[4], ok[5], unrelated]) == ["step 2 (archiver init at 0 s): no final result"]
+
+
+def test_jobs_per_event_come_from_the_cluster_camera(tmp_path):
+    from lsstpipe.control import SimulatedCluster
+    from lsstpipe.control.cluster import JobCounts
+
+    assert JobCounts.of_camera("lsstcam") == JobCounts(21 + 1, 189 + 4)
+    mini = JobCounts.of_camera("mini")
+    assert mini == JobCounts(2 + 1, 18 + 1)
+    h = make_harness(tmp_path, cluster=SimulatedCluster(jobs=mini))
+    try:
+        for entity in (A, APC):
+            for command, arg in ((Command.INIT, None), (Command.CONFIGURE, "fast"), (Command.ENABLE, None)):
+                h.ok(entity, command, arg)
+        for event in OCSEvent:
+            h.client.publish_event(event, visit=5)
+        h.settle()
+        jobs = {(r["entity"], r["n_jobs"]) for r in h.recorder.of_kind("jobs")}
+        assert jobs == {(APC, 19), (A, 3)} and len(h.cluster.batches) == 2
+        assert {(b.entity, b.n_jobs) for b in h.cluster.batches} == jobs
+    finally:
+        h.close()
+
+
+def test_cluster_description_names_its_camera(tmp_path):
+    from lsstpipe.control import SimulatedCluster
+    from lsstpipe.control.cluster import JobCounts
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("camera: mini\n")
+    assert SimulatedCluster.from_yaml(path).jobs == JobCounts(3, 19)
+    path.write_text("workers: 10\n")
+    assert SimulatedCluster.from_yaml(path).jobs == JobCounts(22, 193)
+    path.write_text("camera: hsc\n")
+    with pytest.raises(ConfigurationError, match="cluster.yaml: unknown camera 'hsc'; choose one of lsstcam, mini"):
+        SimulatedCluster.from_yaml(path)
+    with pytest.raises(ValueError, match="per_visit must be a non-negative int"):
+        JobCounts(3, -1)
+
+
+def test_dmcs_serve_stop_line_says_what_was_lost():
+    from lsstpipe.control.cli_control import stopped_message
+
+    line = stopped_message({"control database": 0, "Summit EFD": 0})
+    assert line == "Base DMCS stopped; no record lost (0 in the control database, 0 in the Summit EFD)"
+    line = stopped_message({"control database": 2, "Summit EFD": 0})
+    assert line.startswith("Base DMCS stopped; records LOST: 2 in the control database, 0 in the Summit EFD")

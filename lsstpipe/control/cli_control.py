@@ -40,7 +40,7 @@ from lsstpipe.control.errors import ControlError
 from lsstpipe.control.ocs import OCSClient
 from lsstpipe.control.protocol import Codec, ErrorEvent, Response, create_secret, load_secret
 from lsstpipe.control.recorder import InMemoryRecorder
-from lsstpipe.control.script import load_script, play, transcript_line
+from lsstpipe.control.script import CommandStep, Step, load_script, play, transcript_line
 from lsstpipe.control.states import Command, EntityName
 from lsstpipe.control.transport import InProcessTransport
 from lsstpipe.db.control import ControlDatabase, resolve_control_db_url
@@ -107,7 +107,8 @@ def add_parsers(subparsers: Any) -> None:
     c = s.add_parser("script", help="play a timed OCS script against an in-process DMCS (or --connect)",
                      description="Send the steps of SCRIPT.yaml at their times (not waiting for results) to an "
                      "in-process Base DMCS (or with --connect a running one over DDS) and write one JSON line "
-                     "per ACK/result to --transcript.")  # fmt: skip
+                     "per ACK/result to --transcript. Exit 0 if every command's final result is COMPLETE or "
+                     "IGNORED, 1 if one is not or got none (those steps are named on stderr).")  # fmt: skip
     c.add_argument("script", metavar="SCRIPT.yaml")
     c.add_argument("--transcript", required=True, metavar="OUT.jsonl")
     c.add_argument("--settle-timeout", type=float, default=60.0,
@@ -129,7 +130,8 @@ def add_parsers(subparsers: Any) -> None:
     c = s.add_parser("serve", help="run a Base DMCS on DDS (loopback only) until SIGINT/SIGTERM",
                      description="Boot a Base DMCS on a Cyclone DDS domain confined to 127.0.0.1 (no multicast) "
                      "and serve OCS commands and events until interrupted (SIGINT or SIGTERM: clean "
-                     "shutdown, exit 0). Rejected messages are logged to stderr.")  # fmt: skip
+                     "shutdown, exit 0). Rejected messages are logged to stderr; the shutdown line says how "
+                     "many records the control database and the Summit EFD lost.")  # fmt: skip
     _common(c)
     _domain(c)
     c.add_argument("--control-db", default=None, metavar="PATH_OR_URL",
@@ -296,14 +298,54 @@ def _send(args: argparse.Namespace) -> int:
 def _script(args: argparse.Namespace) -> int:
     steps = load_script(args.script)
     Path(args.transcript).parent.mkdir(parents=True, exist_ok=True)
+    unsettled = None
     with ocs_session(args) as client, open(args.transcript, "w") as out:
-        rows = play(steps, client, out, settle_timeout=args.settle_timeout)
+        try:
+            play(steps, client, out, settle_timeout=args.settle_timeout)
+        except TimeoutError as exc:  # the transcript holds what came back; the steps without a result fail
+            unsettled = exc
+    with open(args.transcript) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["result"]] = counts.get(r["result"], 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     print(f"{len(steps)} steps played, {len(rows)} responses ({summary}) written to {args.transcript}")
-    return 0
+    failed = failed_steps(steps, rows)
+    if unsettled is not None:
+        print(f"lsstpipe ocs script: {unsettled}", file=sys.stderr)
+    for line in failed:
+        print(f"lsstpipe ocs script: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def failed_steps(steps: list[Step], rows: list[dict[str, Any]]) -> list[str]:
+    """The command steps whose final result is neither COMPLETE nor IGNORED, or that got none, one line each
+    (``rows``: the transcript of playing ``steps``)."""
+    results: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("seq") is not None and r.get("at") is not None:  # a response to a step of this script
+            results.setdefault(r["seq"], []).append(r)
+    answered: dict[tuple[Any, ...], list[list[dict[str, Any]]]] = {}
+    for seq in sorted(results):  # sent in order of their times, equal times in script order (as play sends)
+        first = results[seq][0]
+        answered.setdefault((first["at"], first["entity"], first["command"], first["arg"]), []).append(results[seq])
+    lines = []
+    order = sorted(range(len(steps)), key=lambda k: steps[k].at)
+    for k in order:
+        step = steps[k]
+        if not isinstance(step, CommandStep):
+            continue
+        arg = f" {step.config}" if step.config else ""
+        what = f"step {k + 1} ({step.entity.value} {step.command.value}{arg} at {step.at:g} s)"
+        got = answered.get((step.at, step.entity.value, step.command.value, step.config))
+        responses = got.pop(0) if got else []
+        final = [r for r in responses if r["result"] != "ACK"]
+        if not final:
+            lines.append(f"{what}: no final result")
+        elif final[-1]["result"] not in ("COMPLETE", "IGNORED"):
+            lines.append(f"{what}: {final[-1]['result']}: {final[-1]['reason']}")
+    return lines
 
 
 def cmd_dmcs(args: argparse.Namespace) -> int:
@@ -336,6 +378,7 @@ def serve(args: argparse.Namespace) -> int:
     domain = resolve_domain(args.domain)
     cluster = SimulatedCluster.from_yaml(Path(args.cluster)) if args.cluster else SimulatedCluster()
     control, efd = open_stores(args, os.environ)
+    dmcs: BaseDMCS | None = None
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -363,8 +406,19 @@ def serve(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         efd.close()
         control.close()
-    print("Base DMCS stopped", flush=True)
+    assert dmcs is not None, "a DMCS that failed to start raised above"
+    print(stopped_message(dmcs.lost_records()), flush=True)
     return 0
+
+
+def stopped_message(lost: Mapping[str, int]) -> str:
+    """The shutdown line of ``dmcs serve``: with the records each store lost (failed writes, logged as they
+    happened), so an operator knows the history is incomplete."""
+    counts = ", ".join(f"{n} in the {store}" for store, n in lost.items())
+    if not any(lost.values()):
+        return f"Base DMCS stopped; no record lost ({counts or 'nothing recorded'})"
+    return (f"Base DMCS stopped; records LOST: {counts} (the errors are in the log above; the history in those "
+            "stores is incomplete)")  # fmt: skip
 
 
 #: Subcommand name → handler, to merge into :data:`lsstpipe.cli.COMMANDS`.

@@ -15,7 +15,10 @@ control plane needs them, and the configure prerequisites are checked against it
   that :meth:`SimulatedCluster.commit` turns into the installation atomically, or that
   :meth:`SimulatedCluster.discard` drops. Nothing is ever half-installed.
 - **jobs** — batches submitted on OCS events, which run for a while whatever the entity does next
-  (disable does not terminate running jobs).
+  (disable does not terminate running jobs). How many jobs one event launches comes from the camera the
+  cluster serves (:class:`JobCounts`): one replicator job per science raft plus one for the wavefront
+  sensors on ``startIntegration``, one worker job per CCD and wavefront sensor on ``nextVisit``/
+  ``startExposure`` (22 and 193 on LSSTCam, 3 and 19 on the ``mini`` camera).
 
 A cluster can be described in YAML (:class:`ClusterDescription`, ``--cluster`` on the command line).
 """
@@ -33,6 +36,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from lsstpipe.camera.geometry import Camera, get_camera
 from lsstpipe.control.config import Configuration, Pool, validate_mapping
 from lsstpipe.control.errors import ConfigurationError, NotInstallable, PrerequisiteError
 from lsstpipe.control.states import EntityName
@@ -88,6 +92,50 @@ class Installation:
     token: int
 
 
+def batch_label(event: str, visit: int, exposure: int) -> str:
+    """The label of the job batch one OCS event launches (the control database finds the visit in it)."""
+    return f"{event} visit {visit} exposure {exposure}"
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    """How many jobs one OCS event launches on a cluster.
+
+    Parameters
+    ----------
+    per_exposure
+        Replicator jobs per ``startIntegration`` (the Archiver).
+    per_visit
+        Worker jobs per ``nextVisit`` or ``startExposure`` (the Alert Production Cluster).
+    """
+
+    per_exposure: int
+    per_visit: int
+
+    def __post_init__(self) -> None:
+        for name in ("per_exposure", "per_visit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"JobCounts.{name} must be a non-negative int, not {value!r}")
+
+    @classmethod
+    def of_camera(cls, camera: Camera | str) -> JobCounts:
+        """LDM-230's counts for ``camera``: one replicator job per science raft plus one for the wavefront
+        sensors; one worker job per CCD and wavefront sensor.
+
+        Raises
+        ------
+        ConfigurationError
+            ``camera`` is not a known camera name.
+        """
+        if isinstance(camera, str):
+            try:
+                camera = get_camera(camera)
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from None
+        return cls(len(camera.science_rafts) + (1 if camera.wavefront else 0), len(camera.detectors))
+
+
 @dataclass(frozen=True)
 class JobBatch:
     """Jobs launched for one OCS event; they run for ``seconds`` whatever the entity does meanwhile."""
@@ -120,6 +168,10 @@ class ClusterDescription:
         default=True, metadata={"doc": "whether the US DAC EFD replica 'us_dac' answers", "min": None}
     )
     job_seconds: float = field(default=0.5, metadata={"doc": "how long a batch of simulated jobs runs", "min": 0.0})  # fmt: skip
+    camera: str = field(
+        default="lsstcam",
+        metadata={"doc": "the camera served (lsstcam or mini): how many jobs each OCS event launches", "min": None},
+    )
 
 
 class SimulatedCluster:
@@ -134,6 +186,7 @@ class SimulatedCluster:
         replicas: dict[str, bool] | None = None,
         job_seconds: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        jobs: JobCounts | None = None,
     ) -> None:
         self._lock = threading.RLock()
         self.pairs: dict[Pool, int] = dict(pairs if pairs is not None else {Pool.FULLY_OPERATIONAL: 24, Pool.LOCAL_ONLY: 4, Pool.CATCHUP: 4})  # fmt: skip
@@ -151,6 +204,8 @@ class SimulatedCluster:
         self.batches: list[JobBatch] = []
         self.job_seconds = job_seconds
         self.clock = clock
+        self.jobs = jobs if jobs is not None else JobCounts.of_camera("lsstcam")
+        """How many jobs one OCS event launches (default: LSSTCam's)."""
         self._tokens = 0
         self.efd: ReplicaControl | None = None
 
@@ -180,7 +235,8 @@ class SimulatedCluster:
             software[v] = {**software[v], "lib/lsstpipe/manifest.txt": b"altered on the machines"}
         pairs = {Pool.FULLY_OPERATIONAL: desc.pairs_fully_operational, Pool.LOCAL_ONLY: desc.pairs_local_only,
                  Pool.CATCHUP: desc.pairs_catchup}  # fmt: skip
-        return cls(pairs, desc.workers, software, registered, {"us_dac": desc.us_replica_reachable}, desc.job_seconds)
+        return cls(pairs, desc.workers, software, registered, {"us_dac": desc.us_replica_reachable}, desc.job_seconds,
+                   jobs=JobCounts.of_camera(desc.camera))  # fmt: skip
 
     @classmethod
     def from_yaml(cls, path: Path) -> SimulatedCluster:

@@ -14,7 +14,9 @@ OFFLINE. From then on the DMCS:
   event, response, state change, error and telemetry sample in it, drives its replicas from the EFD
   Replicator, and publishes the replicas' lag as EFD Replicator telemetry (``efd.<replica>.<quantity>``,
   e.g. ``efd.us_dac.rows_behind``) every ``efd_monitor_interval`` seconds. A failed EFD write is logged
-  and counted (:attr:`BaseDMCS.efd_write_failures`), never raised into the command path.
+  and counted (:attr:`BaseDMCS.efd_write_failures`), never raised into the command path;
+  :meth:`BaseDMCS.lost_records` reports it with the recorder's failed writes (``dmcs serve`` prints them
+  when it stops, ``lsstpipe night`` in its manifest).
 
 A restarted DMCS comes up OFFLINE, but reseeds the (sender, sequence number) pairs already answered from
 its recorder's history (:func:`~lsstpipe.control.recorder.seen_commands`), so a replay of an old command
@@ -37,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lsstpipe.control.cluster import Installation, SimulatedCluster
+from lsstpipe.control.cluster import Installation, SimulatedCluster, batch_label
 from lsstpipe.control.config import check_argument_format
 from lsstpipe.control.entity import ENTITY_CLASSES, CommandableEntity, EntityStatus, Reply
 from lsstpipe.control.errors import BootError, ConfigurationError, ControlError, MalformedMessage, MessageError
@@ -218,6 +220,18 @@ class BaseDMCS:
         for entity in self.entities.values():
             entity.wait_until_not_configuring(5.0)
 
+    def lost_records(self) -> dict[str, int]:
+        """Records that could not be written so far, per store: the recorder's (when it counts its
+        ``write_failures``, as the control database does) and the Summit EFD's (when there is one)."""
+        lost: dict[str, int] = {}
+        failures = getattr(self.recorder, "write_failures", None)
+        if isinstance(failures, int):
+            lost["control database"] = failures
+        if self.efd is not None:
+            with self._efd_failures_lock:
+                lost["Summit EFD"] = self.efd_write_failures
+        return lost
+
     # ---- EntityOutput -----------------------------------------------------------------------------------
     def _publish(self, msg: Message) -> None:
         self.ocs.publish(TOPIC_OF[type(msg)], self.codec.encode(msg))
@@ -337,7 +351,7 @@ class BaseDMCS:
             for entity in self.entities.values():
                 if msg.event in entity.subscriptions():
                     n = entity.jobs_for(msg.event)
-                    label = f"{msg.event.value} visit {msg.visit} exposure {msg.exposure}"
+                    label = batch_label(msg.event.value, msg.visit, msg.exposure)
                     self.cluster.submit(entity.name, label, n, event=msg)
                     self.recorder.jobs_submitted(entity.name, label, n)
                     self.telemetry(entity.name, "jobs_launched", float(n))

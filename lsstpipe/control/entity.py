@@ -407,12 +407,13 @@ class CommandableEntity:
         """Side effects of enabling/disabling beyond the subscriptions (under the lock)."""
 
     def jobs_for(self, event: OCSEvent) -> int:
-        """How many jobs one ``event`` launches."""
+        """How many jobs one ``event`` launches on :attr:`cluster` (0 for an event the entity does not handle)."""
         return 0
 
 
 class Archiver(CommandableEntity):
-    """Enabled: subscribed to startIntegration; each one launches 21 raft jobs + 1 wavefront job."""
+    """Enabled: subscribed to startIntegration; each one launches the cluster's replicator jobs per exposure
+    (one per science raft plus one for the wavefront sensors: 21 + 1 on LSSTCam)."""
 
     name = EntityName.ARCHIVER
 
@@ -424,7 +425,7 @@ class Archiver(CommandableEntity):
         return frozenset({OCSEvent.START_INTEGRATION})
 
     def jobs_for(self, event: OCSEvent) -> int:
-        return 21 + 1
+        return self.cluster.jobs.per_exposure if event is OCSEvent.START_INTEGRATION else 0
 
 
 class CatchupArchiver(CommandableEntity):
@@ -461,7 +462,9 @@ class EFDReplicator(CommandableEntity):
 
 
 class AlertProductionCluster(CommandableEntity):
-    """Enabled: subscribed to nextVisit (science) or startExposure (calibration, engineering); none in daytime."""
+    """Enabled: subscribed to nextVisit (science) or startExposure (calibration, engineering); none in daytime.
+    Each event launches the cluster's worker jobs per visit (one per CCD and wavefront sensor: 189 + 4 on
+    LSSTCam)."""
 
     name = EntityName.ALERT_PRODUCTION_CLUSTER
 
@@ -477,7 +480,9 @@ class AlertProductionCluster(CommandableEntity):
         return frozenset()
 
     def jobs_for(self, event: OCSEvent) -> int:
-        return 189 + 4
+        if event in (OCSEvent.NEXT_VISIT, OCSEvent.START_EXPOSURE):
+            return self.cluster.jobs.per_visit
+        return 0
 
 
 ENTITY_CLASSES: dict[EntityName, type[CommandableEntity]] = {

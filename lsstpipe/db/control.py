@@ -24,7 +24,9 @@ Tables (schema version 1; times are POSIX seconds, UTC; ``id`` columns give the 
 ``ocs_events``      id, t, event, visit, exposure, handled_by — OCS events and the entities that took them.
 ``job_submissions`` id, t, entity, label, visit, exposure, n_jobs — batches sent to the Orchestration Manager.
 ``jobs``            submission_id, job_index, node, rank, started, ended, result, reason — one row per job
-                    that reported; its result is written once and never overwritten.
+                    that reported. A job started again before it ended (rescheduled after its node died,
+                    rerun) moves to its new node, rank and start time; its result is written once and never
+                    overwritten, and a start after it is refused.
 ``image_transfers`` id, t, image_id, raft, kind, source, destination, checksum, nbytes, ok, error — every
                     transfer attempt, good or bad (a failed one must say why).
 
@@ -279,13 +281,17 @@ class ControlDatabase(Store):
                        "VALUES (?, ?, ?, ?, ?, ?)", (self.clock(), _name(entity), label, visit, exposure, n_jobs))  # fmt: skip
 
     def job_started(self, entity: Enum | str, label: str, index: int, node: str, rank: int) -> None:
-        """Job ``index`` of the latest batch ``label`` of ``entity`` started on ``node``, MPI rank ``rank``."""
+        """Job ``index`` of the latest batch ``label`` of ``entity`` started on ``node``, MPI rank ``rank``
+        (again, elsewhere, if it had started and not ended; refused once it ended)."""
         with self._recording(f"start of job {index} of {label}"), self.db.write() as tx:
             tx.execute("INSERT INTO jobs (submission_id, job_index, node, rank, started) "
                        "SELECT id, ?, ?, ?, ? FROM job_submissions WHERE entity = ? AND label = ? AND ? < n_jobs "
-                       "ORDER BY id DESC LIMIT 1", (index, node, rank, self.clock(), _name(entity), label, index))  # fmt: skip
+                       "ORDER BY id DESC LIMIT 1 "
+                       "ON CONFLICT (submission_id, job_index) DO UPDATE SET node = excluded.node, "
+                       "rank = excluded.rank, started = excluded.started WHERE jobs.ended IS NULL",
+                       (index, node, rank, self.clock(), _name(entity), label, index))  # fmt: skip
             if tx.rowcount != 1:
-                raise DatabaseError(f"job {index} of {label!r} ({_name(entity)}): no such submitted job")
+                raise DatabaseError(f"job {index} of {label!r} ({_name(entity)}): not submitted, or already ended")
 
     def job_finished(self, entity: Enum | str, label: str, index: int, result: str, reason: str = "") -> None:
         """Job ``index`` of the latest batch ``label`` ended with ``result``; a second report is refused."""

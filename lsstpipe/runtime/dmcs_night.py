@@ -9,7 +9,12 @@ through :class:`NightCluster`, and this module runs them on MPI ranks:
 - ``nextVisit`` → one worker job per CCD and wavefront sensor on the next worker string, dispatched as
   workers free up (a worker prefetches while the snaps integrate);
 - the Archive DMCS side answers workers' "which distributor holds this raft";
-- every transfer is recorded in the control database; the manifest says where every image is.
+- every transfer is recorded in the control database, and so is every job of the batches the entities
+  submitted (job ``k`` of a ``nextVisit`` batch is the plan's ``k``-th detector, of a ``startIntegration``
+  batch its ``k``-th raft): its start when it is sent to a rank (again, on its new rank, when it is
+  rescheduled or reprocessed), its end with the CCD's final status (``processed``, ``failed``, ``late``,
+  ``skipped``) or the replicator job's (``completed``, ``failed``) and the reason; the manifest says where
+  every image is and counts the records the control database lost.
 
 Failure handling: a worker without heartbeats for ``heartbeat_timeout_s`` is dead and its job runs again
 on a spare at a lower priority, reading the Archive's raw image cache; an application failure is
@@ -29,11 +34,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lsstpipe.control.cluster import SimulatedCluster
+from lsstpipe.camera.geometry import get_camera
+from lsstpipe.control.cluster import JobCounts, SimulatedCluster, batch_label
 from lsstpipe.control.config import Pool
-from lsstpipe.control.states import EntityName
+from lsstpipe.control.states import EntityName, OCSEvent
 from lsstpipe.runtime.layout import NightLayout, Role
-from lsstpipe.runtime.manifest import CcdRecord, Manifest
+from lsstpipe.runtime.manifest import TERMINAL, CcdRecord, Manifest
 from lsstpipe.runtime.messages import (
     Archived,
     FaultOrder,
@@ -60,15 +66,33 @@ log = logging.getLogger(__name__)
 __all__ = ["NightCluster", "NightDMCS", "SchedulerSettings"]
 
 
-class NightCluster(SimulatedCluster):
-    """The cluster the control plane sees: the night's layout; submitted batches go to the scheduler."""
+def night_job_counts(layout: NightLayout, plan: NightPlan | None = None) -> JobCounts:
+    """The jobs :class:`NightDMCS` runs per event: one replicator job per raft of the plan (each wavefront
+    sensor raft too) per ``startIntegration``, one worker job per detector of the plan per ``nextVisit`` or
+    ``startExposure``; without a plan, those of every raft and detector of the layout's camera."""
+    if plan is not None:
+        return JobCounts(len(plan.rafts), len(plan.detectors))
+    camera = get_camera(layout.camera)
+    return JobCounts(len(camera.rafts), len(camera.detectors))
 
-    def __init__(self, layout: NightLayout) -> None:
+
+class NightCluster(SimulatedCluster):
+    """The cluster the control plane sees: the night's layout; submitted batches go to the scheduler.
+
+    Parameters
+    ----------
+    layout
+        The night's ranks: the pools' pairs and the workers the configurations are checked against.
+    plan
+        The night's plan: how many jobs each event launches (:func:`night_job_counts`).
+    """
+
+    def __init__(self, layout: NightLayout, plan: NightPlan | None = None) -> None:
         pools = {Pool.FULLY_OPERATIONAL: sum(p.pool is Pool.FULLY_OPERATIONAL for p in layout.pairs),
                  Pool.LOCAL_ONLY: sum(p.pool is Pool.LOCAL_ONLY for p in layout.pairs),
                  Pool.CATCHUP: len(layout.catchup_pairs)}  # fmt: skip
         workers = len(layout.ranks_of(Role.WORKER)) + len(layout.spare_workers)
-        super().__init__(pools, workers=workers, job_seconds=0.0)
+        super().__init__(pools, workers=workers, job_seconds=0.0, jobs=night_job_counts(layout, plan))
         self.events: queue.Queue = queue.Queue()
 
     def submit(self, entity: EntityName, label: str, n_jobs: int, event: Any = None):  # type: ignore[override]
@@ -119,6 +143,12 @@ class _Ccd:
     from_raw_cache: bool = False
     queued_at: float = field(default_factory=time.time)
     mode: str = "science"
+    label: str = ""
+    """The batch the job belongs to (:func:`~lsstpipe.control.cluster.batch_label`); empty: none."""
+    index: int = -1
+    """The job's index in its batch: the detector's in the plan."""
+    reported: bool = False
+    """Its end is recorded in the control database already (or was, before a DMCS crash)."""
 
 
 @dataclass
@@ -175,11 +205,65 @@ class NightDMCS:
         self._next_id = 1
         self._next_string = 0
         self.killed_visits: set[int] = set()
+        self.raft_batches: dict[int, tuple[str, int]] = {}
+        """Replicator job id → (its batch's label, its index in the batch)."""
+        self._open: dict[tuple[str, int], _Ccd] = {}
+        """CCD jobs started whose end is not recorded yet."""
+        if isinstance(getattr(recorder, "write_failures", None), int):
+            manifest.count_lost_records(lambda: {"control database": recorder.write_failures})
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _id(self) -> int:
         self._next_id += 1
         return self._next_id - 1
+
+    def _node(self, rank: int) -> str:
+        return self.layout.roles_of(rank)[0].name.lower()
+
+    def _job_started(self, entity: EntityName, label: str, index: int, rank: int) -> None:
+        if self.recorder is not None and label:
+            self.recorder.job_started(entity, label, index, self._node(rank), rank)
+
+    def _job_finished(self, entity: EntityName, label: str, index: int, result: str, reason: str) -> None:
+        if self.recorder is not None and label:
+            self.recorder.job_finished(entity, label, index, result, reason)
+
+    def _ccd_started(self, job: _Ccd, rank: int) -> None:
+        if job.label and not job.reported:
+            self._open[(job.label, job.index)] = job
+            self._job_started(EntityName.ALERT_PRODUCTION_CLUSTER, job.label, job.index, rank)
+
+    def _ccd_ended(self, job: _Ccd) -> None:
+        """The job's result is final (not run again tonight): record it, with the CCD's status and reason."""
+        self._open.pop((job.label, job.index), None)
+        if job.label and not job.reported:
+            job.reported = True
+            self._job_finished(EntityName.ALERT_PRODUCTION_CLUSTER, job.label, job.index, job.record.status,
+                               job.record.reason)  # fmt: skip
+
+    def finish_open_jobs(self) -> int:
+        """End of night: record the end of every CCD job not reported yet, started or still waiting (its
+        record's status, else failed); returns how many."""
+        jobs = list({(j.label, j.index): j for j in [*self._open.values(), *self.queue, *self.reprocess]
+                     if j.label and not j.reported}.values())  # fmt: skip
+        for job in jobs:
+            if job.record.status not in TERMINAL:
+                job.record.set("failed", job.record.reason or "not processed by the end of the night")
+            self._ccd_ended(job)
+        return len(jobs)
+
+    def _ended_in_database(self, visit: int, label: str) -> set[int]:
+        """The indexes of the jobs of batch ``label`` whose end the control database holds (none if the
+        recorder cannot tell)."""
+        jobs_of_visit = getattr(self.recorder, "jobs_of_visit", None)
+        if jobs_of_visit is None:
+            return set()
+        try:
+            batches = [b for b in jobs_of_visit(visit) if b.label == label]
+        except Exception as exc:  # noqa: BLE001 — the database down: the jobs are recorded again (and refused)
+            log.error("control database: cannot read the jobs of visit %d: %s", visit, exc)
+            return set()
+        return {j.index for j in batches[-1].jobs if j.ended is not None} if batches else set()
 
     def _send(self, payload, dest: int) -> bool:
         if dest in self.dead:
@@ -194,10 +278,11 @@ class NightDMCS:
     # ---- events from the control plane --------------------------------------------------------------------
     def on_event(self, entity: EntityName, event: PlannedEvent) -> None:
         visit = event.visit
+        label = batch_label(event.kind.value, visit.visit, event.exposure)
         if entity is EntityName.ALERT_PRODUCTION_CLUSTER and event.kind is EventKind.NEXT_VISIT:
-            self._next_visit(visit)
+            self._next_visit(visit, label=label)
         elif entity is EntityName.ALERT_PRODUCTION_CLUSTER and event.kind is EventKind.START_EXPOSURE:
-            self._next_visit(visit, mode=self.mode)  # calibration/engineering: ISR only
+            self._next_visit(visit, mode=self.mode, label=label)  # calibration/engineering: ISR only
         elif entity is EntityName.ARCHIVER and event.kind is EventKind.START_INTEGRATION:
             self._start_integration(visit, event.exposure)
 
@@ -229,26 +314,34 @@ class NightDMCS:
                 if rec.status != "processed":  # a CCD carried over from an earlier run keeps its record
                     rec.readout_end = now
 
-    def _next_visit(self, visit: Visit, mode: str = "science") -> None:
+    def _next_visit(self, visit: Visit, mode: str = "science", label: str | None = None) -> None:
+        """Queue the visit's CCD jobs: batch ``label`` (default: that of the visit's nextVisit in science
+        mode, of its startExposure otherwise)."""
+        if label is None:
+            event = OCSEvent.NEXT_VISIT if mode == "science" else OCSEvent.START_EXPOSURE
+            label = batch_label(event.value, visit.visit, 0)
         sampled = visit.number < 0 or (visit.number - 1) % self.settings.sample_every == 0
         string = self._next_string
         self._next_string = (self._next_string + 1) % len(self.strings)
         self.visit_string[visit.visit] = string
-        for det_name in self.plan.detectors:
+        for index, det_name in enumerate(self.plan.detectors):
             rec = self.manifest.ccd(visit, det_name)
-            if rec.status == "processed":
-                continue  # done in an earlier run of this night (idempotent restart)
-            if not sampled:
-                rec.set("skipped", f"visit not sampled (every {self.settings.sample_every}th visit is processed)")
+            if rec.status == "processed" or not sampled:  # processed: in an earlier run (idempotent restart)
+                if rec.status != "processed":
+                    rec.set("skipped", f"visit not sampled (every {self.settings.sample_every}th visit is processed)")
+                why = "processed in an earlier run of this night" if rec.status == "processed" else rec.reason
+                self._job_finished(EntityName.ALERT_PRODUCTION_CLUSTER, label, index, "skipped", why)
                 continue
             det = self.plan.camera[det_name]
-            self.queue.append(_Ccd(self._id(), visit, det_name, det.id, string, rec, mode=mode))
+            self.queue.append(_Ccd(self._id(), visit, det_name, det.id, string, rec, mode=mode, label=label,
+                                   index=index))  # fmt: skip
         over = len(self.queue) - self.settings.queue_limit
         if over > 0:
             self.queue.sort(key=lambda j: (j.queued_at, j.job_id))
             for job in self.queue[:over]:
                 job.record.set("skipped", f"dropped: more than {self.settings.queue_limit} jobs waited "
                                           "(the oldest unexecuted jobs go first)")  # fmt: skip
+                self._ccd_ended(job)
             del self.queue[:over]
         for fault in self.faults:
             if fault.kind == "kill-worker" and fault.covers(visit.number):
@@ -272,11 +365,14 @@ class NightDMCS:
         """Queue again every CCD of an announced visit that has no result (a standby DMCS taking over)."""
         string = self._next_string
         self._next_string = (self._next_string + 1) % len(self.strings)
-        for det_name in self.plan.detectors:
+        label = batch_label(OCSEvent.NEXT_VISIT.value, visit.visit, 0)
+        ended = self._ended_in_database(visit.visit, label)  # its rerun only rebuilds the manifest's record
+        for index, det_name in enumerate(self.plan.detectors):
             rec = self.manifest.ccd(visit, det_name)
             if rec.status != "processed":
                 rec.reason = "requeued by the standby DMCS after a DMCS crash"
-                self.queue.append(_Ccd(self._id(), visit, det_name, self.plan.camera[det_name].id, string, rec))
+                self.queue.append(_Ccd(self._id(), visit, det_name, self.plan.camera[det_name].id, string, rec,
+                                       label=label, index=index, reported=index in ended))  # fmt: skip
 
     def presume_busy_until_heard(self) -> None:
         """A standby does not know which worker runs what: a worker is busy until it reports a result."""
@@ -301,14 +397,17 @@ class NightDMCS:
                     self._send(FaultOrder("kill-replicator", True, visit.visit), victim.replicator)
             if fault.kind in ("link-cut", "slow-link", "fill-buffer", "corrupt"):
                 on = fault.covers(visit.number)
-                for pair in self.pairs:
+                for target in self.pairs:
                     if fault.kind != "corrupt" or (on and exposure == 0):
-                        self._send(FaultOrder(fault.kind, on, visit.visit), pair.replicator)
-        for raft in self.plan.rafts:
+                        self._send(FaultOrder(fault.kind, on, visit.visit), target.replicator)
+        label = batch_label(OCSEvent.START_INTEGRATION.value, visit.visit, exposure)
+        for index, raft in enumerate(self.plan.rafts):
             pair = self._choose_pair()
             if pair is None:  # no pair left: the images wait in the CDS buffer for the Catch-Up Archiver
                 for kind in ("crosstalk_corrected", "raw"):
                     self.manifest.image(visit, image_id, raft, kind).replicator_done = time.time()
+                self._job_finished(EntityName.ARCHIVER, label, index, "failed", "no live replicator/distributor "
+                                   "pair: left to the Catch-Up Archiver")  # fmt: skip
                 continue
             job = JobAssignment(self._id(), JobKind.WAVEFRONT if raft in self.plan.wavefront_rafts else
                                 JobKind.SCIENCE_RAFT, visit.visit, exposure, raft, image_ids=(image_id,),
@@ -316,7 +415,9 @@ class NightDMCS:
             pair.jobs += 1
             self.raft_jobs[job.job_id] = (pair, raft, (image_id,), visit.number, None)
             self.raft_started[job.job_id] = time.monotonic()
-            self._send(job, pair.replicator)
+            self.raft_batches[job.job_id] = (label, index)
+            if self._send(job, pair.replicator):
+                self._job_started(EntityName.ARCHIVER, label, index, pair.replicator)
             if image_id in self.readout_started:  # the event came late: the readout has begun already
                 self._send(ReadoutStarted(visit.visit, exposure, image_id), pair.replicator)
 
@@ -438,6 +539,9 @@ class NightDMCS:
                 return
             pair.jobs = max(0, pair.jobs - 1)
             self.raft_jobs[r.job_id] = (pair, raft, images, number, time.time())
+            if r.job_id in self.raft_batches:
+                self._job_finished(EntityName.ARCHIVER, *self.raft_batches[r.job_id], "completed" if r.ok else "failed",
+                                   "" if r.ok else f"{r.error_type}: {r.message}")  # fmt: skip
             catchup = pair.catchup or number == 0
             for image_id in images:
                 for kind in ("crosstalk_corrected", "raw"):
@@ -475,6 +579,8 @@ class NightDMCS:
                 self.reprocess.append(job)
         else:
             rec.set("failed", f"{r.error_type}: {r.message}")
+        if r.ok or not (r.retriable and self.settings.reprocess):  # final: not run again tonight
+            self._ccd_ended(job)
 
     # ---- dispatch, liveness -------------------------------------------------------------------------------
     def dispatch(self) -> None:
@@ -486,6 +592,7 @@ class NightDMCS:
         if all(w in self.dead for w in self._all_workers()):
             for job in self.queue:  # nothing can run them: recorded, and the night can end
                 job.record.set("failed", job.record.reason or "no live worker left to run it")
+                self._ccd_ended(job)
             self.queue.clear()
             return
         self.queue.sort(key=lambda j: (j.priority, j.queued_at, j.job_id))
@@ -531,6 +638,7 @@ class NightDMCS:
                 self.busy[worker] = job
                 self.last_seen[worker] = time.monotonic()
                 self.queue.remove(job)
+                self._ccd_started(job, worker)
 
     def _all_workers(self) -> list[int]:
         return [w for s in self.strings for w in s] + list(self.spares)
@@ -557,6 +665,8 @@ class NightDMCS:
                                        "queued for later reprocessing")  # fmt: skip
                 if self.settings.reprocess:
                     self.reprocess.append(job)
+                else:
+                    self._ccd_ended(job)
         for pair in self.pairs + self.catchup_pairs:
             rep = pair.replicator
             if rep != self.post.rank and rep not in self.dead and rep in self.last_seen and \

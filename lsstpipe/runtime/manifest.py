@@ -15,7 +15,9 @@
 queue) or ``late`` (past its deadline and not reprocessed). ``tape`` and ``raw_cache`` are true only once
 the stored copy at the Archive was read back and its checksum verified (:meth:`Manifest.verify_archive`):
 raw images belong on tape, crosstalk-corrected ones in the raw image cache. ``outage_buffer`` says the
-Base kept a copy in the network outage buffer until the Archive confirmed it.
+Base kept a copy in the network outage buffer until the Archive confirmed it. ``lost_records`` counts, per
+store (``control database``, ``Summit EFD``), the records whose write failed during the night
+(:meth:`Manifest.count_lost_records`).
 
 The manifest is rewritten atomically as the night goes on; a night started again on the same ``OUT``
 reads it and skips every CCD already processed; the others run again (the restart is idempotent: the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +96,7 @@ class Manifest:
         self._images: dict[tuple[str, str, str], ImageRecord] = {}
         self.complete = False
         self.previous: dict[tuple[int, str], dict] = {}
+        self._lost_sources: list[Callable[[], Mapping[str, int]]] = []
         path = self.path
         if path.is_file():
             old = json.loads(path.read_text())
@@ -146,7 +150,11 @@ class Manifest:
     def verify_archive(self) -> list[str]:
         """Read every image back from the Archive and set ``tape``/``raw_cache`` from what verifies.
 
-        Returns the problems found (an image missing or damaged at the Archive).
+        An image whose checksum is known (the distributor confirmed it) verifies only if the copy read back
+        has that checksum; the known checksum is never replaced, so a mismatch is found on every call. An
+        image whose checksum is unknown takes the checksum of the copy that verified.
+
+        Returns the problems found (an image missing, damaged or different at the Archive).
         """
         from lsstpipe.archive.storage import ImageKey, RawImageCache
         from lsstpipe.archive.tape import TapeLibrary
@@ -160,19 +168,41 @@ class Manifest:
             key = ImageKey(im.image_id, im.raft, im.kind)
             try:
                 checksum = tape.verify(key) if im.kind == "raw" else cache.verify(key)
-                ok = im.checksum is None or checksum == im.checksum
-                im.checksum = checksum
             except Exception as exc:  # noqa: BLE001 — missing or damaged: reported, flag stays false
                 ok = False
                 problems.append(f"{key}: {exc}")
+            else:
+                if im.checksum is None:  # unknown until now: the copy read back defines it
+                    im.checksum = checksum
+                ok = checksum == im.checksum  # a mismatch stays one, however often this runs
+                if not ok:
+                    problems.append(f"{key}: the Archive's copy has checksum {checksum}, not the {im.checksum} "
+                                    "the distributor confirmed; archive the image again")  # fmt: skip
             if im.kind == "raw":
                 im.tape = ok
             else:
                 im.raw_cache = ok
         return problems
 
+    def count_lost_records(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Report the records ``source`` says its stores lost (store name → failed writes, e.g. the Base
+        DMCS's :meth:`~lsstpipe.control.dmcs.BaseDMCS.lost_records`) in :meth:`summary` and the manifest.
+        A store named by several sources counts once, as the last one registered says."""
+        self._lost_sources.append(source)
+
+    def lost_records(self) -> dict[str, int]:
+        """Records lost so far per store (failed writes to the control database, the Summit EFD, …)."""
+        lost: dict[str, int] = {}
+        for source in self._lost_sources:
+            for store, n in source().items():
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise ValueError(f"lost records of {store!r}: expected a count >= 0, got {n!r}")
+                lost[store] = n
+        return lost
+
     def to_json(self) -> dict[str, Any]:
-        visits, calibrations = [], []
+        visits: list[dict[str, Any]] = []
+        calibrations: list[dict[str, Any]] = []
         for vid, v in self.visits.items():
             ccds = [asdict(c) for c in self._ccds[vid].values()]
             images = [{k: val for k, val in asdict(im).items()
@@ -185,6 +215,7 @@ class Manifest:
             "written": time.time(),
             "visits": visits,
             "calibrations": calibrations,
+            "lost_records": self.lost_records(),
         }
 
     def write(self) -> Path:
@@ -192,6 +223,8 @@ class Manifest:
         return self.path
 
     def summary(self) -> dict[str, int]:
+        """CCDs per status, ``images``, ``archived``, ``alerts``, and ``lost_records``: the records the
+        stores lost in all (:meth:`lost_records`; 0 when none, or nothing counted)."""
         counts: dict[str, int] = {}
         for recs in self._ccds.values():
             for c in recs.values():
@@ -199,4 +232,5 @@ class Manifest:
         counts["images"] = len(self._images)
         counts["archived"] = sum(im.archived for im in self._images.values())
         counts["alerts"] = sum(c.alerts for recs in self._ccds.values() for c in recs.values())
+        counts["lost_records"] = sum(self.lost_records().values())
         return counts
