@@ -24,9 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from lsstpipe.runtime.faults import FAULT_KINDS
+from lsstpipe.runtime.faults import FAULT_KINDS, FaultError, parse_faults
+from lsstpipe.runtime.night import NightError, check_max_visits, read_config, visit_count
 
-__all__ = ["add_parser", "launcher_command", "run", "wait_night"]
+__all__ = ["add_parser", "check_args", "launcher_command", "run", "wait_night"]
 
 JOB = Path(__file__).resolve().parent / "runtime" / "night.py"
 
@@ -41,7 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="night configuration YAML (default: the embedded demo configuration)")
     p.add_argument("--inject", action="append", default=[], metavar="FAULT@VISITS",
                    help="inject a fault over visits (from 1), e.g. kill-worker@2 or link-cut@2-3; repeatable")  # fmt: skip
-    p.add_argument("--max-visits", type=int, help="play only the first N visits")
+    p.add_argument("--max-visits", type=visit_count, help="play only the first N visits (N ≥ 1)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--mpiexec", default=None, help="the mpiexec to use (default: the one on PATH)")
     p.add_argument("--exit-grace", type=float, default=60.0, metavar="SECONDS",
@@ -80,15 +81,37 @@ def launcher_command(ranks: int, job_args: list[str], mpiexec: str | None = None
     return [exe, *flags, "-n", str(ranks), sys.executable, "-m", "mpi4py", str(JOB), *job_args], flavour
 
 
-def run(args) -> int:
+def check_args(args) -> None:
+    """What can be checked before ``mpiexec`` starts: the command line and the night's configuration.
+
+    The repository (its visits, calibrations, CDS buffer) and the layout for the world size are checked by
+    the ranks as they start (:func:`lsstpipe.runtime.night.main`), which report a bad one the same way.
+
+    Raises
+    ------
+    ValueError
+        A bad value, with what to do.
+    """
     if args.ranks < 2:
         raise ValueError(f"-n must be at least 2 (rank 0 runs the DMCS, the others process CCDs), not {args.ranks}")
+    if not args.exit_grace > 0:
+        raise ValueError(f"--exit-grace must be a positive number of seconds, not {args.exit_grace}")
+    try:
+        check_max_visits(args.max_visits)
+        parse_faults(args.inject)
+        read_config(args.config)
+    except (NightError, FaultError) as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def run(args) -> int:
+    check_args(args)
     job_args = ["--repo", args.repo, "--out", args.out]
     if args.config:
         job_args += ["--config", args.config]
     for fault in args.inject:
         job_args += ["--inject", fault]
-    if args.max_visits:
+    if args.max_visits is not None:
         job_args += ["--max-visits", str(args.max_visits)]
     if args.quiet:
         job_args.append("--quiet")
@@ -100,8 +123,6 @@ def run(args) -> int:
     env.setdefault("OMP_NUM_THREADS", "1")
     manifest = Path(args.out) / "manifest.json"
     before = manifest.stat().st_mtime if manifest.is_file() else None
-    if not args.exit_grace > 0:
-        raise ValueError(f"--exit-grace must be a positive number of seconds, not {args.exit_grace}")
     rc = _launch(cmd, env, manifest, before, args.exit_grace)
     if rc == 2 or not manifest.is_file() or manifest.stat().st_mtime == before:
         return rc or 1

@@ -122,6 +122,19 @@ class ArchiveSettings:
     keep_rafts: int = 24
     """Crosstalk-corrected rafts a distributor keeps in memory for CCD requests (older ones: raw cache)."""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.compress, bool):
+            raise ValueError(f"compress must be true or false, not {self.compress!r}")
+        for name, least in (("max_retries", 0), ("outage_capacity_bytes", 1), ("keep_rafts", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer ≥ {least}, not {value!r}")
+        for name in ("readout_timeout_s", "heartbeat_s", "link_timeout_s", "slow_link_delay_s", "slow_transfer_s"):
+            value, zero = getattr(self, name), name == "slow_link_delay_s"  # 0: a slow link adds nothing
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and abs(value) < float("inf")
+            if not number or value < 0 or (value == 0 and not zero):
+                raise ValueError(f"{name} must be a number of seconds {'≥' if zero else '>'} 0, not {value!r}")
+
 
 def _sha(data: np.ndarray | bytes) -> str:
     return hashlib.sha256(memoryview(data).cast("B")).hexdigest()

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from lsstpipe.control.states import Command, EntityName, OCSEvent
-from lsstpipe.runtime.dmcs_night import NightCluster, NightDMCS, SchedulerSettings
+from lsstpipe.runtime.dmcs_night import NightCluster, NightDMCS
 from lsstpipe.runtime.manifest import TERMINAL, Manifest
-from lsstpipe.runtime.night import ENTITY_CONFIGS, control_plane, progress, script
+from lsstpipe.runtime.night import ENTITY_CONFIGS, NightConfig, control_plane, progress, script
 from lsstpipe.runtime.plan import EventKind, PlannedEvent
 
 log = logging.getLogger("lsstpipe.night")
@@ -46,7 +46,7 @@ class _Control:
     """The DMCS of the night as one replaceable unit: the Base DMCS of the control plane, its OCS link, the
     scheduler and the manifest. :meth:`boot` is what a standby does when it takes over."""
 
-    def __init__(self, post, args, config, repo, plan, layout, faults) -> None:
+    def __init__(self, post, args, config: NightConfig, repo, plan, layout, faults) -> None:
         self.post, self.args, self.config, self.repo, self.plan, self.layout = post, args, config, repo, plan, layout
         self.faults = faults
         self.out = Path(args.out)
@@ -66,12 +66,13 @@ class _Control:
                 for raft in plan.rafts:
                     for kind in ("crosstalk_corrected", "raw"):
                         manifest.image(visit, snap.image_id, raft, kind)
-        self.cluster = NightCluster(layout)
+        self.cluster = NightCluster(layout, plan)  # the job counts of this night's rafts and detectors
         self.base, self.ocs, recorder = control_plane(self.out, layout, self.cluster)
         base = self.base
         publish = lambda name, value: base.telemetry(EntityName.ALERT_PRODUCTION_CLUSTER, name, value)  # noqa: E731
-        self.dmcs = NightDMCS(self.post, layout, plan, manifest, SchedulerSettings(**self.config["scheduler"]),
+        self.dmcs = NightDMCS(self.post, layout, plan, manifest, self.config.scheduler,
                               self.faults, recorder, publish)  # fmt: skip
+        manifest.count_lost_records(base.lost_records)  # the control database's and the Summit EFD's
         self.manifest = manifest
         self.dmcs.mode = mode
         script(self.ocs, [(e, c, self._mode_of(e, mode) if c is Command.CONFIGURE else None)
@@ -128,12 +129,11 @@ class _Control:
         self.base = self.ocs = self.dmcs = None
 
 
-def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
+def conduct(post, args, config: NightConfig, repo, plan, layout, faults, handlers) -> int:
+    """Rank 0's night (``config`` validated by :func:`lsstpipe.runtime.night.validate_config`): its exit status."""
     t0 = time.monotonic()
     control = _Control(post, args, config, repo, plan, layout, faults)
-    before = str(config.get("calibration_mode") or "calibration")
-    if before not in ("calibration", "engineering"):
-        raise ValueError(f"calibration_mode must be calibration or engineering, not {before!r}")
+    before = config.calibration_mode
     control.boot(mode=before if plan.calibrations else "science")
     progress(args.quiet, f"{plan.camera.name}: {len(plan.visits)} visits × {len(plan.detectors)} detectors on "
                          f"{layout.size} ranks ({', '.join(f'{r.name.lower()} {n}' for r, n in layout.counts().items())})",
@@ -205,7 +205,7 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
                 phase = "catchup"
                 n = dmcs.catchup_jobs(final=True)
                 progress(args.quiet, f"end of the last visit: {n} image(s) to the Catch-Up Archiver", t0)
-                final_deadline = time.monotonic() + float(config["scheduler"].get("catchup_timeout_s", 120))
+                final_deadline = time.monotonic() + config.scheduler.catchup_timeout_s
             elif phase == "catchup" and (all(im.archived for im in manifest.images())
                                          or time.monotonic() > final_deadline) and not _raft_jobs_open(dmcs):  # fmt: skip
                 phase = "reprocess"
@@ -221,10 +221,11 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
             for rec in manifest.ccds_of(rec_visit.visit):
                 if rec.status not in TERMINAL:
                     rec.set("failed", rec.reason or "not processed by the end of the night")
+        dmcs.finish_open_jobs()  # the control database's jobs table: an end for every job of the night
         problems = manifest.verify_archive()
         for p in problems:
             log.error("archive check: %s", p)
-        if config.get("daytime", True):
+        if config.daytime:
             _daytime(control, plan, args, t0)
         script(ocs, [(e, c, None) for c in (Command.DISABLE, Command.RELEASE) for e in control.entities])
         manifest.complete = True
@@ -232,7 +233,8 @@ def conduct(post, args, config, repo, plan, layout, faults, handlers) -> int:
         s = manifest.summary()
         progress(args.quiet, f"night done: {s.get('processed', 0)} CCDs processed, {s.get('failed', 0)} failed, "
                              f"{s.get('late', 0)} late, {s.get('skipped', 0)} skipped; {s['alerts']} alerts; "
-                             f"{s['archived']}/{s['images']} images archived and verified → {manifest.path}", t0)  # fmt: skip
+                             f"{s['archived']}/{s['images']} images archived and verified; "
+                             f"{s['lost_records']} control database/EFD record(s) lost → {manifest.path}", t0)  # fmt: skip
         return 0 if s["archived"] == s["images"] else 1
     finally:
         if control.dmcs is not None:

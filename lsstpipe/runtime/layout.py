@@ -40,7 +40,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lsstpipe.camera.geometry import Camera, get_camera
 from lsstpipe.control.config import Pool
@@ -48,6 +48,9 @@ from lsstpipe.control.config import Pool
 
 class LayoutError(ValueError):
     """A layout configuration that cannot be built, or a world that does not fit the layout."""
+
+
+_S = TypeVar("_S")
 
 
 class Role(enum.IntEnum):
@@ -115,19 +118,32 @@ class LayoutConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> LayoutConfig:
-        """A configuration from a YAML/JSON mapping; unknown keys are errors."""
-        if not isinstance(data, Mapping):
-            raise LayoutError(f"a layout configuration is a mapping of keys to values, not {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LayoutError(
-                f"unknown layout setting(s) {', '.join(unknown)}; settings are {', '.join(sorted(known))}"
-            )
-        values = dict(data)
-        if "local_only" in values and isinstance(values["local_only"], list):
-            values["local_only"] = tuple(values["local_only"])
+        """A configuration from a YAML/JSON mapping (:func:`settings_from_mapping`); unknown keys are errors."""
+        return settings_from_mapping(cls, data, "layout")
+
+
+def settings_from_mapping(cls: type[_S], data: object, section: str, error: type[Exception] = LayoutError) -> _S:
+    """A settings dataclass ``cls`` from a YAML/JSON mapping of its fields; unknown keys are errors.
+
+    The one validator of the night's configuration sections (``layout`` here; ``archive``, ``worker`` and
+    ``scheduler`` in :func:`lsstpipe.runtime.night.validate_config`). Lists become tuples (YAML has none);
+    ``cls.__post_init__`` range-checks the values. An error of ``cls`` other than ``error`` is raised again
+    as ``error``, prefixed by ``section``: every message names the setting, the value and what is allowed.
+    """
+    if not isinstance(data, Mapping):
+        raise error(f"{section} must be a mapping of settings to values (write {{}} for the defaults), "
+                    f"not {type(data).__name__} {data!r}")  # fmt: skip
+    known = {f.name for f in fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(str(k) for k in set(data) - known)
+    if unknown:
+        raise error(f"unknown {section} setting(s) {', '.join(unknown)}; settings are {', '.join(sorted(known))}")
+    values = {str(k): tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
         return cls(**values)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, error):
+            raise
+        raise error(f"{section}: {exc}") from exc
 
 
 def _check_int(name: str, value: object, least: int, optional: bool = False) -> None:

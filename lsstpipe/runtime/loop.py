@@ -12,12 +12,15 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lsstpipe.runtime.archiving import ArchiveSettings, Distributor, Replicator, StoragePaths
+from lsstpipe.runtime.archiving import Distributor, Replicator, StoragePaths
 from lsstpipe.runtime.layout import Role
 from lsstpipe.runtime.messages import Stop
 from lsstpipe.runtime.postman import Postman
+
+if TYPE_CHECKING:
+    from lsstpipe.runtime.night import NightConfig
 
 log = logging.getLogger("lsstpipe.night")
 
@@ -31,13 +34,13 @@ class Level1Handles:
     ss_coefficients: Any = None
 
 
-def _handlers(post: Postman, layout, config: dict, repo, out: Path, level1: Level1Handles | None,
+def _handlers(post: Postman, layout, config: NightConfig, repo, out: Path, level1: Level1Handles | None,
               string: Any = None) -> list:  # fmt: skip
-    from lsstpipe.runtime.worker import Worker, WorkerSettings
+    from lsstpipe.runtime.worker import Worker
 
     rank = post.rank
     paths = StoragePaths(out)
-    archive = ArchiveSettings(**config["archive"])
+    archive = config.archive
     handlers: list = []
     pairs = list(layout.pairs) + list(layout.catchup_pairs)
     rep = next((p for p in pairs if p.replicator == rank), None)
@@ -47,12 +50,12 @@ def _handlers(post: Postman, layout, config: dict, repo, out: Path, level1: Leve
         handlers.append(Distributor(post, paths, archive))
     roles = layout.roles_of(rank)
     if (Role.WORKER in roles or Role.SPARE in roles) and rank != 0:
-        handlers.append(Worker(post, repo, out, WorkerSettings(**config["worker"]), level1=level1, string=string))
+        handlers.append(Worker(post, repo, out, config.worker, level1=level1, string=string))
     return handlers
 
 
-def _level1(out: Path, config: dict, plan) -> Level1Handles | None:
-    if not config["worker"].get("level1", True):
+def _level1(out: Path, config: NightConfig, plan) -> Level1Handles | None:
+    if not config.worker.level1:
         return None
     from lsstpipe.alerts import AlertWriter
     from lsstpipe.db.apdb import Level1Database
@@ -62,22 +65,17 @@ def _level1(out: Path, config: dict, plan) -> Level1Handles | None:
     mjds = [s.mjd for v in plan.visits for s in v.snaps]
     # the orbits of the daytime MOPS of an earlier day on this output folder, if any
     coefficients = night_coefficients(out, min(mjds) - 0.01, max(mjds) + 0.01)
-    return Level1Handles(apdb, AlertWriter(out / "alerts", batch_size=int(config["alerts"]["batch_size"])),
+    return Level1Handles(apdb, AlertWriter(out / "alerts", batch_size=config.alert_batch_size),
                          coefficients)  # fmt: skip
 
 
-def run_rank(comm, args: argparse.Namespace, config: dict, repo, plan, layout, faults) -> int:
+def run_rank(comm, args: argparse.Namespace, config: NightConfig, repo, plan, layout, faults) -> int:
+    """This rank's part of the night, once :func:`lsstpipe.runtime.night.main` validated everything (and made
+    the masters the workers need); rank 0's return value is the night's exit status."""
     out = Path(args.out)
-    if not (repo.root / "calib.sqlite3").is_file():  # masters missing: the Calibration Products Production first
-        from lsstpipe.calib.cpp import CppRequest, run_cpp
-
-        if comm.Get_rank() == 0:
-            print(f"night: {repo.root} has no certified calibrations; running the Calibration Products "
-                  "Production first", flush=True)  # fmt: skip
-        run_cpp(CppRequest(str(repo.root)), comm)
     if comm.Get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _prepare_out(out, repo, config)
+        _prepare_out(out)
     comm.Barrier()
     from mpi4py import MPI
 
@@ -130,8 +128,8 @@ def _exit_now(rc: int) -> None:
     os._exit(rc)
 
 
-def _prepare_out(out: Path, repo, config: dict) -> None:
-    """The APDB and its client configuration, and the calibration products when the repository has none."""
+def _prepare_out(out: Path) -> None:
+    """The APDB and its client configuration."""
     from lsstpipe.db.apdb import create_apdb
 
     if not (out / "apdb-config.yaml").is_file():

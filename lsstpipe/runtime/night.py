@@ -12,52 +12,102 @@ ranks run their roles' loops — replicator, distributor (:mod:`lsstpipe.runtime
 the Base's and the Archive's stores under ``OUT/base`` and ``OUT/archive``.
 
 The night's settings come from a YAML file (``--config``; default: the embedded demo configuration,
-``lsstpipe/data/night-demo.yaml``, which documents every key).
+``lsstpipe/data/night-demo.yaml``, which documents every key). :func:`validate_config` checks every one
+(types, ranges, choices) into a :class:`NightConfig` — in ``lsstpipe night`` before it launches ``mpiexec``
+and again on every rank — and every rank checks the repository (its visits, the masters the workers need)
+before the first role starts: a bad input is one message and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import secrets
 import sys
 import time
-from dataclasses import fields
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lsstpipe.runtime.faults import FAULT_KINDS, FaultError, parse_faults
 
+if TYPE_CHECKING:
+    from lsstpipe.runtime.archiving import ArchiveSettings
+    from lsstpipe.runtime.dmcs_night import SchedulerSettings
+    from lsstpipe.runtime.layout import LayoutConfig
+    from lsstpipe.runtime.worker import WorkerSettings
+
 log = logging.getLogger("lsstpipe.night")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "data" / "night-demo.yaml"
 ENTITY_CONFIGS = ("archiver", "catchup_archiver", "alert_production_cluster", "efd_replicator")
+CALIBRATION_MODES = ("calibration", "engineering")
 
 
 class NightError(RuntimeError):
     """The night cannot start (bad repository, configuration or world size): the message says what to do."""
 
 
+@dataclass(frozen=True)
+class NightConfig:
+    """The night's configuration, validated (:func:`validate_config`); ``night-demo.yaml`` documents each key."""
+
+    max_visits: int | None
+    calibration_exposures: int
+    calibration_mode: str
+    time_scale: float
+    cadence: float | None
+    daytime: bool
+    layout: LayoutConfig
+    archive: ArchiveSettings
+    worker: WorkerSettings
+    scheduler: SchedulerSettings
+    alert_batch_size: int
+
+    @property
+    def needs_masters(self) -> bool:
+        """Whether workers read certified master calibrations (``worker.calibs`` is not ``truth``)."""
+        return self.worker.calibs != "truth"
+
+
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
-    """The night's configuration: the embedded demo defaults, overridden by ``path``; unknown keys are errors."""
+    """The night's configuration: the embedded demo defaults, overridden by ``path``; unknown keys are errors.
+
+    Raises
+    ------
+    NightError
+        ``path`` cannot be read, is not YAML (the message gives the line), or is not a mapping of known keys.
+    """
     base = yaml.safe_load(DEFAULT_CONFIG.read_text())
     if path is None:
         return base
     p = Path(path)
     if not p.is_file():
         raise NightError(f"--config {p}: no such file (the embedded default is {DEFAULT_CONFIG})")
-    extra = yaml.safe_load(p.read_text()) or {}
+    try:
+        extra = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x)
+        raise NightError(f"--config {p}: not valid YAML{where}: {what or exc}; fix the file (the embedded "
+                         f"default, {DEFAULT_CONFIG}, shows every key)") from exc  # fmt: skip
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NightError(f"--config {p}: cannot be read ({exc})") from exc
     if not isinstance(extra, dict):
-        raise NightError(f"--config {p}: a night configuration is a mapping of keys to values")
-    unknown = sorted(set(extra) - set(base))
+        raise NightError(f"--config {p}: a night configuration is a mapping of keys to values, not "
+                         f"{type(extra).__name__} {extra!r}")  # fmt: skip
+    unknown = sorted(str(k) for k in set(extra) - set(base))
     if unknown:
         raise NightError(f"--config {p}: unknown key(s) {', '.join(unknown)}; keys are {', '.join(sorted(base))}")
     for key, value in extra.items():
         if isinstance(base[key], dict) and isinstance(value, dict):
-            bad = sorted(set(value) - set(base[key]))
+            bad = sorted(str(k) for k in set(value) - set(base[key]))
             if bad and key != "layout":
                 raise NightError(f"--config {p}: unknown {key} key(s) {', '.join(bad)}; they are "
                                  f"{', '.join(sorted(base[key]))}")  # fmt: skip
@@ -67,12 +117,142 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
     return base
 
 
-def _settings(cls, values: dict[str, Any], what: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise NightError(f"unknown {what} setting(s) {', '.join(unknown)}; settings are {', '.join(sorted(known))}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+def read_config(path: str | os.PathLike | None) -> NightConfig:
+    """:func:`load_config` then :func:`validate_config`: the night's settings, every one checked."""
+    return validate_config(load_config(path), f"--config {path}" if path is not None else "the embedded configuration")
+
+
+def _number(key: str, value: object, *, integer: bool = False, least: float = -math.inf, above: bool = False,
+            optional: bool = False) -> Any:  # fmt: skip
+    """``value`` of setting ``key`` if it is a finite number (an integer) ≥ ``least`` (> with ``above``)."""
+    if optional and value is None:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    ok = ok and not (isinstance(value, float) and not math.isfinite(value))  # nan, inf
+    if not ok or value < least or (above and value == least):  # type: ignore[operator]
+        bound = f" {'>' if above else '≥'} {least:g}" if least > -math.inf else ""
+        raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}{bound}"
+                         f"{' or null' if optional else ''}, not {value!r}")  # fmt: skip
+    return value
+
+
+def _choice(key: str, value: object, allowed: tuple, why: str = "") -> Any:
+    if not any(type(value) is type(a) and value == a for a in allowed):  # not 1 for true, nor 1.0 for 1
+        shown = ", ".join("true" if a is True else "false" if a is False else str(a) for a in allowed)
+        raise ValueError(f"{key} must be one of {shown}{why}, not {value!r}")
+    return value
+
+
+# SchedulerSettings (lsstpipe.runtime.dmcs_night) has no checks of its own: its ranges, here
+_SCHEDULER: dict[str, dict[str, Any]] = {"ccd_timeout_s": {"above": True}, "heartbeat_timeout_s": {"above": True}, "warmup_grace_s": {},
+              "queue_limit": {"integer": True, "least": 1}, "sample_every": {"integer": True, "least": 1},
+              "catchup_after_s": {}, "raft_job_timeout_s": {"above": True}, "catchup_timeout_s": {"above": True},
+              "seed": {"integer": True, "least": -math.inf}}  # fmt: skip
+
+
+def _check_scheduler(settings: SchedulerSettings) -> None:
+    for f in fields(settings):
+        value, default = getattr(settings, f.name), f.default
+        if default is MISSING:  # a field added since, with a default factory: the scheduler checks it
+            continue
+        if f.name in _SCHEDULER:
+            _number(f.name, value, **{"least": 0.0, **_SCHEDULER[f.name]})
+        elif f.name == "link_back_s":
+            if not (isinstance(value, tuple) and len(value) == 2 and all(
+                    not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v < math.inf for v in value)
+                    and value[0] <= value[1]):  # fmt: skip
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ValueError(f"link_back_s must be [LOW, HIGH] seconds with 0 ≤ LOW ≤ HIGH, not {shown!r}")
+        elif isinstance(default, bool):
+            _choice(f.name, value, (True, False))
+        elif isinstance(default, (int, float)) and not isinstance(value, bool):
+            _number(f.name, value, integer=isinstance(default, int))
+        elif default is not None and type(value) is not type(default):
+            raise ValueError(f"{f.name} must be a {type(default).__name__} (default {default!r}), not {value!r}")
+
+
+def validate_config(config: Mapping[str, Any], source: str = "the night configuration") -> NightConfig:
+    """Every setting of a night configuration (:func:`load_config`) built and range-checked.
+
+    Parameters
+    ----------
+    config : mapping
+        The merged configuration (every key of ``night-demo.yaml``).
+    source : str
+        Where it came from (``--config night.yaml``), at the start of every message.
+
+    Raises
+    ------
+    NightError
+        A setting of the wrong type or out of range: the message names the key, the value and what is
+        allowed.
+    """
+    from lsstpipe.runtime.archiving import ArchiveSettings
+    from lsstpipe.runtime.dmcs_night import SchedulerSettings
+    from lsstpipe.runtime.layout import LayoutConfig, settings_from_mapping
+    from lsstpipe.runtime.worker import WorkerSettings
+
+    def section(key: str, cls: type, check: Any = None) -> Any:
+        built: Any = settings_from_mapping(cls, config[key], key, NightError)
+        try:
+            if check is not None:
+                check(built)
+        except ValueError as exc:
+            raise NightError(f"{key}: {exc}") from exc
+        return built
+
+    try:
+        clock, alerts = config["clock"], config["alerts"]
+        for key, value in (("clock", clock), ("alerts", alerts)):
+            if not isinstance(value, Mapping):
+                raise NightError(f"{key} must be a mapping of settings to values, not {type(value).__name__} "
+                                 f"{value!r}")  # fmt: skip
+        checks = (("max_visits", "max_visits", config["max_visits"], dict(integer=True, least=1, optional=True)),
+                  ("calibration_exposures", "calibration_exposures", config["calibration_exposures"],
+                   dict(integer=True, least=0)),
+                  ("time_scale", "clock.time_scale", clock["time_scale"], dict(least=0.0, above=True)),
+                  ("cadence", "clock.cadence", clock["cadence"], dict(least=0.0, above=True, optional=True)),
+                  ("alert_batch_size", "alerts.batch_size", alerts["batch_size"], dict(integer=True, least=1)))  # fmt: skip
+        try:
+            scalars = {name: _number(key, value, **how) for name, key, value, how in checks}
+            scalars["calibration_mode"] = _choice("calibration_mode", config["calibration_mode"], CALIBRATION_MODES,
+                                                  " (the entities' mode for the calibration exposures)")  # fmt: skip
+            scalars["daytime"] = _choice("daytime", config["daytime"], (True, False))
+        except ValueError as exc:
+            raise NightError(str(exc)) from exc
+        return NightConfig(**scalars, layout=section("layout", LayoutConfig),  # type: ignore[arg-type]
+                           archive=section("archive", ArchiveSettings), worker=section("worker", WorkerSettings),
+                           scheduler=section("scheduler", SchedulerSettings, _check_scheduler))  # fmt: skip
+    except NightError as exc:
+        raise NightError(f"{source}: {exc}") from exc
+    except KeyError as exc:
+        raise NightError(f"{source}: the key {exc} is missing (the embedded configuration has every one)") from exc
+
+
+def check_max_visits(value: object) -> int | None:
+    """``--max-visits``: None (every visit) or an integer ≥ 1.
+
+    Raises
+    ------
+    NightError
+        Any other value, with what to write instead.
+    """
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise NightError(f"--max-visits must be a whole number of visits ≥ 1 (leave it out to play every visit), "
+                         f"not {value!r}")  # fmt: skip
+    return value
+
+
+def visit_count(text: str) -> int:
+    """The ``argparse`` type of ``--max-visits`` (:func:`check_max_visits`)."""
+    try:
+        value: object = int(text)
+    except ValueError:
+        value = text
+    try:
+        return check_max_visits(value)  # type: ignore[return-value]
+    except NightError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--max-visits ")) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,7 +268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--inject", action="append", default=[], metavar="FAULT@VISITS",
                     help=f"inject a fault over visits (from 1; e.g. kill-worker@2, link-cut@2-3): "
                          f"{', '.join(FAULT_KINDS)}; repeatable")  # fmt: skip
-    ap.add_argument("--max-visits", type=int, help="play only the first N visits")
+    ap.add_argument("--max-visits", type=visit_count, help="play only the first N visits (N ≥ 1)")
     ap.add_argument("--role", help="roles of this rank from an srun --multi-prog line (checked against the layout)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     return ap.parse_args(argv)
@@ -101,47 +281,105 @@ def _fault_help() -> list[str]:
     return [ln.replace("``", "") for ln in lines]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from mpi4py import MPI
+def _agreed(comm, error: str | None, prefix: str = "") -> bool:
+    """Whether no rank had an error (collective); rank 0 prints the first one."""
+    errors = comm.allgather(error)
+    if any(errors) and comm.Get_rank() == 0:
+        print(f"night: error: {prefix}{next(e for e in errors if e)}", file=sys.stderr, flush=True)
+    return not any(errors)
 
-    comm = MPI.COMM_WORLD
+
+def main(argv: list[str] | None = None, comm: Any = None) -> int:
+    """A rank of the night (``comm``: default ``MPI.COMM_WORLD``); every check comes before the first role starts
+    and a bad input is one message from rank 0 and exit status 2 on every rank."""
+    args = parse_args(argv)
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
     logging.basicConfig(level=logging.WARNING, format=f"[rank {comm.Get_rank()}] %(levelname)s %(name)s: %(message)s")
-    error = None
+    error, setup = None, None
     try:
         setup = _prepare(args, comm)
     except (NightError, FaultError, ValueError, FileNotFoundError) as exc:
-        error, setup = str(exc), None
-    errors = comm.allgather(error)
-    if any(errors):
-        if comm.Get_rank() == 0:
-            print(f"night: error: {next(e for e in errors if e)}", file=sys.stderr)
+        error = str(exc)
+    if not _agreed(comm, error) or setup is None:
         return 2
+    config, repo, plan, layout, faults = setup
+    if config.calibration_exposures > len(plan.calibrations) and comm.Get_rank() == 0 and not args.quiet:
+        print(f"night: {repo.root} has {len(plan.calibrations)} calibration exposure(s) in its CDS buffer; the night "
+              f"plays those, not the {config.calibration_exposures} of calibration_exposures", flush=True)  # fmt: skip
+    if _masters_missing(config, repo):
+        try:
+            _certify(repo, plan, comm)
+        except (NightError, ValueError) as exc:  # raised on every rank alike (decided on rank 0, broadcast)
+            error = str(exc).removeprefix("ValueError: ")
+        if not _agreed(comm, error, "the Calibration Products Production failed: "):
+            return 2
     from lsstpipe.runtime.loop import run_rank
 
-    return run_rank(comm, args, *setup)
+    return run_rank(comm, args, config, repo, plan, layout, faults)
+
+
+def _masters_missing(config: NightConfig, repo) -> bool:
+    """The night's workers read certified masters and the repository has none yet (:func:`_certify` makes them)."""
+    return config.needs_masters and not (repo.root / "calib.sqlite3").is_file()
+
+
+def _certify(repo, plan, comm) -> None:
+    """The Calibration Products Production on every rank, before the night (the repository has no masters).
+
+    Raises
+    ------
+    ValueError
+        On every rank: the CPP rejected the repository (:func:`~lsstpipe.calib.cpp.run_cpp`).
+    NightError
+        On every rank: it made no masters for any detector of the night (every CCD would fail).
+    """
+    from lsstpipe.calib.cpp import CppRequest, run_cpp
+
+    if comm.Get_rank() == 0:
+        print(f"night: {repo.root} has no certified calibrations; running the Calibration Products "
+              "Production first", flush=True)  # fmt: skip
+    summary = run_cpp(CppRequest(str(repo.root)), comm)
+    verdict = None
+    if comm.Get_rank() == 0 and not summary.get("ok", True):
+        failed = [d for d in plan.detectors if d in summary["failed"]]
+        errors = [e for d in failed for e in summary["detectors"][d]["errors"]]
+        why = (f"no masters for {', '.join(failed)} ({errors[0] if errors else 'see the run'}; every error in "
+               f"{repo.root}/calib/runs/{summary['run']}.json)")  # fmt: skip
+        if failed and len(failed) == len(plan.detectors):
+            verdict = (f"{why}: simulate the repository with enough "
+                       "calibration exposures (lsstpipe simulate … --calibs) and remove its calib.sqlite3 and calib/, "
+                       "or set worker.calibs: truth in --config")  # fmt: skip
+        elif failed:
+            print(f"night: warning: {why}; their CCDs will fail", file=sys.stderr, flush=True)
+    verdict = comm.bcast(verdict, root=0)
+    if verdict is not None:
+        raise NightError(verdict)
 
 
 def _prepare(args: argparse.Namespace, comm) -> tuple:
     """Everything every rank must agree on before the night starts (same on every rank)."""
     from lsstpipe.repo import Repository
-    from lsstpipe.runtime.layout import LayoutConfig, Role, layout_for_world
-    from lsstpipe.runtime.plan import plan_night
+    from lsstpipe.runtime.layout import Role, layout_for_world
+    from lsstpipe.runtime.plan import check_masters, plan_night
 
-    config = load_config(args.config)
-    repo = Repository(args.repo)
+    config = read_config(args.config)
+    max_visits = check_max_visits(args.max_visits)
     if not (Path(args.repo) / "repo.yaml").is_file():
         raise NightError(f"--repo {args.repo} is not a data repository; make one with "
                          f"'lsstpipe simulate --repo {args.repo} --calibs'")  # fmt: skip
-    clock = config["clock"]
-    plan = plan_night(repo, time_scale=float(clock["time_scale"]), cadence=clock.get("cadence"),
-                      max_visits=args.max_visits or config.get("max_visits"),
-                      calibration_exposures=int(config.get("calibration_exposures") or 0))  # fmt: skip
+    repo = Repository(args.repo)
+    plan = plan_night(repo, time_scale=config.time_scale, cadence=config.cadence,
+                      max_visits=max_visits if max_visits is not None else config.max_visits,
+                      calibration_exposures=config.calibration_exposures)  # fmt: skip
+    check_masters(repo, plan, config.worker.calibs)
     faults = parse_faults(args.inject, len(plan.visits))
     if comm.Get_size() < 2:
         raise NightError("the night needs at least 2 ranks (rank 0 runs the DMCS and the archiving, the others "
                          "process CCDs): run it with mpiexec -n 2 or more")  # fmt: skip
-    layout = layout_for_world(plan.camera, comm.Get_size(), LayoutConfig.from_mapping(config.get("layout") or {}))
+    layout = layout_for_world(plan.camera, comm.Get_size(), config.layout)
     if args.role is not None:
         mine = "+".join(r.name.lower() for r in layout.roles_of(comm.Get_rank()))
         if args.role != mine:

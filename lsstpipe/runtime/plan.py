@@ -17,7 +17,7 @@ from pathlib import Path
 from lsstpipe.camera.geometry import Camera, DetectorType, get_camera
 from lsstpipe.repo import Repository
 
-__all__ = ["EventKind", "NightPlan", "PlannedEvent", "Snap", "Visit", "plan_night"]
+__all__ = ["EventKind", "NightPlan", "PlannedEvent", "Snap", "Visit", "check_masters", "plan_night"]
 
 READOUT_S = 2.0
 """LSSTCam's readout time (seconds of the real clock)."""
@@ -148,11 +148,15 @@ def plan_night(repo: str | Path | Repository, *, time_scale: float = 0.1, cadenc
     ------
     ValueError
         The repository has no science visits, or a visit lacks its CDS images, or the clock settings are
-        not positive — with what to do.
+        not positive, or ``max_visits`` is below 1, or ``calibration_exposures`` below 0 — with what to do.
     """
     repo = repo if isinstance(repo, Repository) else Repository(repo)
     if not time_scale > 0:
         raise ValueError(f"time_scale must be > 0 (1 plays the night in real time), not {time_scale!r}")
+    for name, value, least in (("max_visits", max_visits, 1), ("calibration_exposures", calibration_exposures, 0)):
+        if (value is not None or least == 0) and (type(value) is not int or value < least):
+            raise ValueError(f"{name} must be an integer ≥ {least}{' (None: every visit)' if least else ''}, "
+                             f"not {value!r}")  # fmt: skip
     camera = get_camera(repo.read_config()["camera"])
     rows = sorted(repo.exposures("OBJECT"), key=lambda r: (r["mjd_obs"], r["visit"], r["snap"]))
     by_visit: dict[int, list[dict]] = {}
@@ -194,3 +198,47 @@ def plan_night(repo: str | Path | Repository, *, time_scale: float = 0.1, cadenc
                          "CDS buffer; simulate with --calibs, or set calibration_exposures: 0")  # fmt: skip
     return NightPlan(repo.root, camera, tuple(visits), sci_rafts + wfs_rafts, wfs_rafts,
                      tuple(d.name for d in science + wfs), time_scale, float(cadence), calibrations)  # fmt: skip
+
+
+def check_masters(repo: Repository, plan: NightPlan, calibs: str) -> None:
+    """Whether the master calibrations the night's workers read (``worker.calibs``) can be had.
+
+    ``db`` and ``auto`` need certified masters, or calibration exposures to make them from first (the night
+    runs the Calibration Products Production when ``calib.sqlite3`` is missing); ``truth`` needs the
+    simulator's instrument truth of every detector.
+
+    Raises
+    ------
+    ValueError
+        What is missing, and what to do.
+    """
+    root, db_path = repo.root, repo.root / "calib.sqlite3"
+    if calibs != "truth" and not db_path.is_file():
+        if any(e["imgtype"] in ("BIAS", "DARK", "FLAT") for e in repo.exposures()):
+            return
+        raise ValueError(f"--repo {root} has no certified master calibrations (calib.sqlite3) and no bias, dark or "
+                         f"flat exposures to make them from, which worker.calibs: {calibs} needs: simulate the "
+                         f"repository with its calibration exposures ('lsstpipe simulate --repo {root} … --calibs'; "
+                         "the night then makes the masters first), or set worker.calibs: truth in --config to use "
+                         "the simulator's instrument truth")  # fmt: skip
+    if calibs != "truth":
+        from lsstpipe.db.calib import CalibrationDatabase
+        from lsstpipe.db.sql import DatabaseError
+
+        try:
+            with CalibrationDatabase(db_path) as db:
+                certified = [d for d in plan.detectors if db.history("bias", d)]
+        except DatabaseError as exc:
+            raise ValueError(f"--repo {root}: calib.sqlite3 cannot be read ({exc})") from exc
+        if not certified:
+            raise ValueError(f"--repo {root}: its calibration database (calib.sqlite3) certifies no masters for the "
+                             f"night's detectors ({', '.join(plan.detectors)}), which worker.calibs: {calibs} needs "
+                             f"(an earlier Calibration Products Production failed? its runs are in {root}/calib/"
+                             "runs): remove calib.sqlite3 and calib/ to make them again with this night, or set "
+                             "worker.calibs: truth in --config")  # fmt: skip
+        return
+    missing = [d for d in plan.detectors if not Path(repo.instrument_truth_path(d)).is_file()]
+    if missing:
+        raise ValueError(f"worker.calibs: truth needs the simulator's instrument truth, which --repo {root} lacks "
+                         f"for {len(missing)} detector(s) (first: {missing[0]}); set worker.calibs: db (masters "
+                         "from the repository's calibration exposures)")  # fmt: skip

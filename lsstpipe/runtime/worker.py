@@ -49,7 +49,10 @@ from lsstpipe.runtime.postman import Envelope, Postman
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataUnavailable", "JobLate", "Worker", "WorkerSettings"]
+__all__ = ["CALIB_SOURCES", "DataUnavailable", "JobLate", "Worker", "WorkerSettings"]
+
+CALIB_SOURCES = ("auto", "db", "truth")
+"""Where a worker's master calibrations come from (:func:`lsstpipe.pipelines.inputs.load_ccd_inputs`)."""
 
 
 class JobLate(RuntimeError):
@@ -69,8 +72,21 @@ class WorkerSettings:
     fetch_timeout_s: float = 30.0
     heartbeat_s: float = 0.5
     calibs: str = "auto"
+    """Master calibrations: ``db`` (certified by the Calibration Products Production), ``truth`` (the
+    simulator's instrument truth) or ``auto`` (``db`` when the repository has a calibration database)."""
     level1: bool = True
     """Associate, store in the APDB and send alerts (False: the science chain only)."""
+
+    def __post_init__(self) -> None:
+        for name in ("locate_timeout_s", "fetch_timeout_s", "heartbeat_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+        if self.calibs not in CALIB_SOURCES:
+            raise ValueError(f"calibs must be one of {', '.join(CALIB_SOURCES)} (db: certified masters, truth: "
+                             f"the simulator's instrument truth, auto: db when there are some), not {self.calibs!r}")  # fmt: skip
+        if not isinstance(self.level1, bool):
+            raise ValueError(f"level1 must be true or false, not {self.level1!r}")
 
 
 def _metadata(header: dict, detector: str) -> dict:
