@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from lsstpipe import __version__, detect_cli, night_cli, subtract_cli
+from lsstpipe.cli_support import USER_ERRORS, report_error
 from lsstpipe.control import cli_control
 
 
@@ -29,9 +30,13 @@ def _add_simulate(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--visits", type=int, default=None, help="number of visits from the built-in generator")
     src.add_argument("--opsim", default=None, help="Rubin simulated-survey SQLite database to take visits from")
-    p.add_argument("--night", type=int, default=1, help="night number in the --opsim database (1 = first)")
-    p.add_argument("--max-visits", type=int, default=None, help="use at most this many visits of the night")
-    p.add_argument("--snaps", type=int, choices=(1, 2), default=2, help="2 × 15 s snaps (default) or 1 × 30 s")
+    p.add_argument("--night", type=int, default=None,
+                   help="night number in the --opsim database (default 1 = the first); only with --opsim")  # fmt: skip
+    p.add_argument("--max-visits", type=int, default=None,
+                   help="use at most this many visits of the --opsim night; only with --opsim")  # fmt: skip
+    p.add_argument("--snaps", type=int, choices=(1, 2), default=None,
+                   help="2 × 15 s snaps (default) or 1 × 30 s per visit of the built-in generator (with --opsim "
+                        "the database sets them)")  # fmt: skip
     p.add_argument(
         "--calibs", action="store_true", help="also simulate bias, dark, flat and crosstalk spot-projector exposures"
     )
@@ -40,7 +45,14 @@ def _add_simulate(sub) -> None:
     p.add_argument("--no-compress", action="store_true",
                    help="write plain FITS raws instead of RICE tile-compressed ones (lossless, ~4x smaller)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    p.add_argument("--bands", default=None, help="bands to cycle through in the built-in generator, e.g. 'riz'")
+    p.add_argument("--bands", default=None,
+                   help="bands to cycle through in the built-in generator, e.g. 'riz' (with --opsim the database "
+                        "sets them)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the simulation of an existing REPO: its raws, truth, templates, CDS buffer and "
+                        "calibration products are deleted first. Without it, simulating into an existing "
+                        "repository must use the same camera, seed and visits (e.g. to add --calibs, templates or "
+                        "detectors)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     par = p.add_mutually_exclusive_group()
     par.add_argument(
@@ -109,10 +121,7 @@ def _cmd_camera(args) -> int:
 
 
 def _cmd_simulate(args) -> int:
-    from lsstpipe.sim.simulate import SimulationRequest, run_simulation
-
-    if args.ranks is not None:
-        return _relaunch_under_mpiexec(args.ranks, "simulate")
+    from lsstpipe.sim.simulate import SimulationRequest, check_request, run_simulation
 
     request = SimulationRequest(
         repo=args.repo, camera=args.camera,
@@ -120,7 +129,11 @@ def _cmd_simulate(args) -> int:
         n_visits=args.visits, opsim=args.opsim, night=args.night, max_visits=args.max_visits,
         n_snaps=args.snaps, calibs=args.calibs, templates=not args.no_templates, cds=not args.no_cds,
         seed=args.seed, progress=not args.quiet, bands=args.bands, compress=not args.no_compress,
+        overwrite=args.overwrite,
     )  # fmt: skip
+    check_request(request)  # before launching ranks: one clear message, not one per rank
+    if args.ranks is not None:
+        return _relaunch_under_mpiexec(args.ranks, "simulate")
     comm = None
     if args.mpi:
         from mpi4py import MPI
@@ -162,7 +175,7 @@ def _relaunch_under_mpiexec(ranks: int, command: str) -> int:
 def _cmd_slurm(args) -> int:
     from pathlib import Path
 
-    from lsstpipe.slurm import render
+    from lsstpipe.slurm import render, write_script
 
     values = {}
     for item in args.set:
@@ -172,8 +185,7 @@ def _cmd_slurm(args) -> int:
         values[key.strip()] = value
     script = render(args.template, values)
     if args.out:
-        Path(args.out).write_text(script)
-        Path(args.out).chmod(0o755)
+        write_script(Path(args.out), script)
     else:
         print(script, end="")
     return 0
@@ -196,10 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"lsstpipe {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:  # a bad input or an unusable file; anything else is a bug: keep its traceback
+        return report_error(args.command, exc)
 
 
 if __name__ == "__main__":

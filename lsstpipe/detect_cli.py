@@ -73,9 +73,18 @@ def _image_of(hdul, key, path: str, what: str) -> tuple[np.ndarray, object]:
             names = ", ".join(f"{i}:{h.name}" for i, h in enumerate(hdul))
             raise ValueError(f"{path} has no {what} HDU {key!r} (HDUs: {names})") from None
     hdu = key
-    if not hdu.is_image or hdu.data is None:
+    if not hdu.is_image:
         raise ValueError(f"{what} HDU {hdu.name!r} of {path} has no image data; choose another with --hdu")
-    data = np.asarray(hdu.data)
+    try:
+        data = hdu.data
+    except (ValueError, TypeError, IndexError, OSError, EOFError) as exc:  # astropy's errors on short/bad data
+        raise ValueError(
+            f"{path}: cannot read the pixels of {what} HDU {hdu.name!r} ({exc}): the file looks truncated or "
+            "corrupt; check its size against the original, or copy or download it again"
+        ) from None
+    if data is None:
+        raise ValueError(f"{what} HDU {hdu.name!r} of {path} has no image data; choose another with --hdu")
+    data = np.asarray(data)
     while data.ndim > 2 and data.shape[0] == 1:
         data = data[0]
     if data.ndim != 2:
@@ -83,23 +92,45 @@ def _image_of(hdul, key, path: str, what: str) -> tuple[np.ndarray, object]:
     return data, hdu.header
 
 
+def check_output(out: Path, overwrite: bool, suffixes: tuple[str, ...], must: str) -> None:
+    """Check, before any work, that ``out`` can be written: its suffix (else "--out must ``must``"), not a
+    directory, in an existing directory, and not an existing file unless ``overwrite``."""
+    if not out.name.lower().endswith(suffixes):
+        raise ValueError(f"--out must {must}, not {out.name!r}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name, e.g. {out / ('x' + suffixes[0])}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the directory {out.parent} does not exist; create it first")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; use --overwrite to replace it")
+
+
+def replace_atomically(out: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``out`` (with the same suffix), then move it onto
+    ``out``: a failed write leaves an existing ``out`` as it was."""
+    import os
+
+    tmp = out.with_name(f".tmp{os.getpid()}.{out.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write(cat: np.ndarray, out: Path, overwrite: bool) -> None:
     from astropy.table import Table
 
-    name = out.name.lower()
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; use --overwrite to replace it")
+    check_output(out, overwrite, (".csv", *FITS_SUFFIXES), "end in .csv or .fits")
     table = Table(cat)
-    if name.endswith(".csv"):
-        table.write(out, format="ascii.csv", overwrite=True)
-    elif name.endswith(FITS_SUFFIXES):
-        table.write(out, format="fits", overwrite=True)
-    else:
-        raise ValueError(f"--out must end in .csv or .fits, not {out.name!r}")
+    fmt = "ascii.csv" if out.name.lower().endswith(".csv") else "fits"
+    replace_atomically(out, lambda tmp: table.write(tmp, format=fmt, overwrite=True))
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``lsstpipe detect``; returns the exit status (errors are raised as ValueError/FileNotFoundError)."""
+    """Run ``lsstpipe detect``; returns the exit status (bad inputs are raised as ValueError or OSError)."""
     from astropy.io import fits
 
     from lsstpipe.pipelines.detection import detect_and_measure
@@ -108,8 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     out = Path(args.out)
-    if not out.name.lower().endswith((".csv", *FITS_SUFFIXES)):
-        raise ValueError(f"--out must end in .csv or .fits, not {out.name!r}")
+    check_output(out, args.overwrite, (".csv", *FITS_SUFFIXES), "end in .csv or .fits")  # before the work
     try:
         hdul = fits.open(path, memmap=False)
     except OSError as exc:

@@ -7,6 +7,7 @@ to paste into a shell line (no quotes, backquotes, ``$`` or newlines), then writ
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from importlib import resources
@@ -110,3 +111,29 @@ def render(name: str, values: dict[str, str]) -> str:
     if merged["partition_line"] and not merged["partition_line"].startswith("#SBATCH --partition="):
         merged["partition_line"] = f"#SBATCH --partition={merged['partition_line']}"
     return tmpl.substitute(merged)
+
+
+def write_script(path: Path, script: str) -> None:
+    """Write a rendered script to ``path`` (replacing a file there), executable.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is a directory or its directory does not exist.
+    OSError
+        If the file cannot be written (permissions, disk full); an existing file is then left as it was.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give a file name, e.g. {path / 'job.sbatch'}")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {path}: the directory {path.parent} does not exist; create it first")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(script)
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lsstpipe.detect_cli import _hdu_key, _image_of
+from lsstpipe.detect_cli import _hdu_key, _image_of, check_output, replace_atomically
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz")
 #: Header cards that describe the stored data rather than the image (not copied to the outputs).
@@ -126,17 +126,14 @@ def _clean_header(header):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``lsstpipe subtract``; returns the exit status (errors are raised as ValueError/FileNotFoundError)."""
+    """Run ``lsstpipe subtract``; returns the exit status (bad inputs are raised as ValueError or OSError)."""
     from astropy.io import fits
 
     from lsstpipe.pipelines.difference import DifferenceConfig, subtract
     from lsstpipe.pipelines.exposure import Exposure, MaskBit
 
     out = Path(args.out)
-    if not out.name.lower().endswith(FITS_SUFFIXES):
-        raise ValueError(f"--out must be a FITS file (.fits, .fit, .fits.gz), not {out.name!r}")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} exists; use --overwrite to replace it")
+    check_output(out, args.overwrite, FITS_SUFFIXES, "be a FITS file (.fits, .fit, .fits.gz)")
     config = DifferenceConfig(mode=args.mode, spatial_order=args.spatial_order, decorrelate=not args.no_decorrelate)
     s_img, s_var, s_mask, s_hdr = _read(Path(args.science), args.hdu, args.variance_hdu, args.mask_hdu, "science")
     t_img, t_var, t_mask, _ = _read(Path(args.template), args.template_hdu, args.template_variance_hdu,
@@ -171,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     for name, data in (("IMAGE", diff.image), ("VARIANCE", diff.variance), ("MASK", diff.mask),
                        ("TEMPLATE", diff.template)):  # fmt: skip
         hdus.append(fits.ImageHDU(data, header=hdr, name=name))
-    fits.HDUList(hdus).writeto(out, overwrite=True)
+    replace_atomically(out, lambda tmp: fits.HDUList(hdus).writeto(tmp, overwrite=True))
     if not args.quiet:
         m = diff.metrics
         print(

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,58 @@ def test_clear_errors(tmp_path):
     text.write_text("not a FITS file")
     with pytest.raises(ValueError, match="not a readable FITS"):
         detect_cli.run(parse([str(text), "--out", str(tmp_path / "c.csv")]))
+
+
+def test_output_is_checked_before_the_work(tmp_path, capsys):
+    """An existing --out (without --overwrite) or a directory as --out is refused before detection runs: the
+    all-NaN image would otherwise fail first with another message."""
+    nan = tmp_path / "nan.fits"
+    fits.PrimaryHDU(np.full((50, 60), np.nan, np.float32)).writeto(nan)
+    out = tmp_path / "c.csv"
+    out.write_text("an earlier catalogue")
+    with pytest.raises(ValueError, match="exists; use --overwrite"):
+        detect_cli.run(parse([str(nan), "--out", str(out)]))
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(ValueError, match="is a directory; give a file name"):
+        detect_cli.run(parse([str(nan), "--out", str(tmp_path / "dir.csv"), "--overwrite"]))
+    with pytest.raises(ValueError, match="does not exist"):
+        detect_cli.run(parse([str(nan), "--out", str(tmp_path / "no" / "c.csv")]))
+    assert detect_cli.main(["detect", str(nan), "--out", str(tmp_path / "dir.csv"), "--overwrite"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert out.read_text() == "an earlier catalogue"
+
+
+def test_failed_write_keeps_the_previous_catalogue(tmp_path, monkeypatch, capsys):
+    img, *_ = star_field()
+    path = tmp_path / "img.fits"
+    fits.PrimaryHDU(img).writeto(path)
+    out = tmp_path / "c.csv"
+    out.write_text("an earlier catalogue")
+
+    def disk_full(self, target, **kw):
+        Path(target).write_text("half a cata")
+        raise OSError(28, "No space left on device", str(target))
+
+    monkeypatch.setattr(Table, "write", disk_full)
+    assert detect_cli.main(["detect", str(path), "--out", str(out), "--overwrite", "--fwhm", "3.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out}: No space left on device; the disk is full" in err
+    assert out.read_text() == "an earlier catalogue"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "img.fits"]  # no temporary file left
+
+
+@pytest.mark.filterwarnings("ignore:File may have been truncated")
+@pytest.mark.parametrize("compressed", [False, True])
+def test_truncated_file_is_named_and_called_truncated(tmp_path, compressed):
+    img, *_ = star_field(shape=(200, 200))
+    full = tmp_path / "full.fits"
+    hdu = fits.CompImageHDU(np.round(img).astype(np.int32)) if compressed else fits.ImageHDU(img)
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(full)
+    cut = tmp_path / "cut.fits"
+    cut.write_bytes(full.read_bytes()[: 2880 * 3 + 4000])  # headers complete, pixels cut short
+    with pytest.raises(ValueError) as info:
+        detect_cli.run(parse([str(cut), "--hdu", "1", "--out", str(tmp_path / "c.csv")]))
+    assert str(cut) in str(info.value) and "truncated or corrupt" in str(info.value)
 
 
 def test_standalone_main_reports_errors(tmp_path, capsys):

@@ -19,7 +19,7 @@ from lsstpipe.isr import assemble_ccd, disassemble_ccd
 from lsstpipe.repo import Repository, read_csv
 from lsstpipe.sim.exposure import SKY_GRID_STEP, ExposureSpec, sky_grid
 from lsstpipe.sim.scene import Sources, render_sources
-from lsstpipe.sim.simulate import SimulationRequest, run_simulation
+from lsstpipe.sim.simulate import SimulationRequest, check_request, run_simulation
 from repo_digest import digest_files
 
 DETS = ("R10_S11", "R11_S12")  # one ITL, one e2v
@@ -258,3 +258,99 @@ def test_templates_show_the_stars_where_the_wcs_puts_them(noisy):
         cut = img[int(round(yi)) - 3 : int(round(yi)) + 4, int(round(xi)) - 3 : int(round(xi)) + 4]
         py, px = np.unravel_index(np.argmax(cut), cut.shape)
         assert abs(py - 3) <= 1 and abs(px - 3) <= 1
+
+
+# ----------------------------------------------------------------------- simulating into a repository again
+def _small(path, **kw):
+    """One mini CCD, no templates nor CDS: a few seconds."""
+    req = dict(detectors=DETS[:1], n_visits=2, bands="i", templates=False, cds=False, calibs=False)
+    req.update(kw)
+    return _simulate(path, **req)
+
+
+def _state(repo):
+    """Everything a refused simulation must leave alone: every file's bytes and the registry's rows."""
+    return digest_files(repo.root), repo.exposures(), repo.raws()
+
+
+def _visit_bands(repo):
+    return {int(e["visit"]): e["band"] for e in repo.exposures("OBJECT")}
+
+
+def test_options_that_do_not_apply_to_the_visit_source_are_refused(tmp_path):
+    for kw, option in ((dict(opsim="x.db", n_snaps=1), "--snaps"), (dict(opsim="x.db", bands="r"), "--bands"),
+                       (dict(n_visits=2, max_visits=1), "--max-visits"), (dict(night=2), "--night"),
+                       (dict(opsim="x.db", n_visits=3), "--visits"), (dict(max_visits=0, opsim="x.db"), "at least 1")):  # fmt: skip
+        request = SimulationRequest(repo=str(tmp_path / "r"), progress=False, **kw)
+        with pytest.raises(ValueError, match=option):
+            check_request(request)
+        with pytest.raises(ValueError, match=option):
+            run_simulation(request)
+    assert not (tmp_path / "r").exists()
+    check_request(SimulationRequest(repo="r", opsim="x.db", night=2, max_visits=3))
+    check_request(SimulationRequest(repo="r", n_visits=3, n_snaps=1, bands="ri"))
+
+
+def test_simulating_again_with_the_same_visits_adds_calibrations_and_detectors(tmp_path):
+    repo = Repository(tmp_path / "r")
+    _small(repo.root)
+    visits_csv = (repo.root / "visits.csv").read_bytes()
+    first = _hashes(repo)
+    _small(repo.root, calibs=True)
+    assert {e["imgtype"] for e in repo.exposures()} == {"OBJECT", "BIAS", "DARK", "FLAT", "SPOT"}
+    _small(repo.root, detectors=DETS[1:])
+    again = _hashes(repo)
+    assert {k: again[k] for k in first} == first  # the science raws of the first run, the same bytes
+    assert {d for _, d in again} == set(DETS)
+    assert (repo.root / "visits.csv").read_bytes() == visits_csv
+
+
+@pytest.mark.parametrize("change", [dict(n_visits=1), dict(bands="g"), dict(n_snaps=1), dict(seed=8),
+                                    dict(noise=False)])  # fmt: skip
+def test_simulating_other_visits_into_a_repository_is_refused_and_changes_nothing(tmp_path, change):
+    repo = Repository(tmp_path / "r")
+    _small(repo.root)
+    before = _state(repo)
+    with pytest.raises(ValueError, match="--overwrite") as info:
+        _small(repo.root, **change)
+    assert str(repo.root) in str(info.value) and "--repo" in str(info.value)
+    if "n_visits" in change:
+        assert "it has 2 visits (band i, 2 snaps each" in str(info.value)
+        assert "this run makes 1 visit (band i" in str(info.value)
+    assert _state(repo) == before
+
+
+def test_overwrite_replaces_the_simulation_and_leaves_nothing_of_the_old_one(tmp_path):
+    """The review's case: 3 i-band visits, then 1 g-band visit with --overwrite: only the new visit remains,
+    on disk and in the registry, and the calibration products made from the old raws are gone."""
+    repo = Repository(tmp_path / "r")
+    _small(repo.root, n_visits=3, calibs=True)
+    (repo.root / "calib" / "bias").mkdir(parents=True)
+    (repo.root / "calib" / "bias" / "master.fits").write_bytes(b"old master")
+    (repo.root / "calib.sqlite3").write_bytes(b"old certifications")
+    (repo.root / "notes.txt").write_text("mine")  # not the simulation's: kept
+    summary = _small(repo.root, n_visits=1, bands="g", overwrite=True)
+    assert {"raw", "truth", "registry.sqlite3", "visits.csv", "calib", "calib.sqlite3"} <= set(summary["replaced"])
+    assert _visit_bands(repo) == {v: "g" for v in _visit_bands(repo)} and len(_visit_bands(repo)) == 1
+    assert len(read_csv(repo.root / "visits.csv")) == 1
+    assert {e["imgtype"] for e in repo.exposures()} == {"OBJECT"}
+    on_disk = sorted(str(p.relative_to(repo.root)) for p in (repo.root / "raw").rglob("*.fits"))
+    assert on_disk == sorted(r["path"] for r in repo.raws()) and len(on_disk) == 2  # 1 visit x 2 snaps
+    obsids = {e["obsid"] for e in repo.exposures()}
+    assert {p.name for p in (repo.root / "truth" / "exposures").glob("*/*")} == obsids
+    assert not (repo.root / "calib").exists() and not (repo.root / "calib.sqlite3").exists()
+    assert (repo.root / "notes.txt").read_text() == "mine"
+    # the repository now records the new simulation: simulating it again is accepted, other visits are not
+    _small(repo.root, n_visits=1, bands="g", calibs=True)
+    with pytest.raises(ValueError, match="other settings"):
+        _small(repo.root, n_visits=3)
+
+
+def test_overwrite_deletes_nothing_in_a_directory_that_is_not_an_lsstpipe_repository(tmp_path):
+    root = tmp_path / "project"
+    (root / "raw").mkdir(parents=True)
+    (root / "raw" / "data.bin").write_bytes(b"precious")
+    (root / "repo.yaml").write_text("name: something else\n")
+    with pytest.raises(ValueError, match="not describe an lsstpipe data repository"):
+        _small(root, overwrite=True)
+    assert (root / "raw" / "data.bin").read_bytes() == b"precious"

@@ -150,3 +150,20 @@ def test_clear_errors(tmp_path, images, capsys):
         subtract_cli.run(parse([s, s, "--template-variance-hdu", "7", "--out", str(tmp_path / "d.fits")]))
     assert cli.main(["subtract", s, t, "--out", str(tmp_path / "d.fits")]) == 2
     assert "same pixel grid" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:File may have been truncated")
+def test_truncated_image_and_unusable_output_are_clear_errors(tmp_path, images, capsys):
+    sci, _, tmp, _, _ = images
+    s = write(tmp_path / "s.fits", [fits.ImageHDU(sci.astype(np.float32))])
+    t = write(tmp_path / "t.fits", [fits.ImageHDU(tmp.astype(np.float32))])
+    cut = tmp_path / "cut.fits"
+    cut.write_bytes((tmp_path / "t.fits").read_bytes()[:20000])
+    with pytest.raises(ValueError) as info:
+        subtract_cli.run(parse([s, str(cut), "--out", str(tmp_path / "d.fits")]))
+    assert str(cut) in str(info.value) and "template" in str(info.value) and "truncated or corrupt" in str(info.value)
+    (tmp_path / "dir.fits").mkdir()
+    assert cli.main(["subtract", s, t, "--out", str(tmp_path / "dir.fits"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory; give a file name" in err and "Traceback" not in err
+    assert not (tmp_path / "d.fits").exists()

@@ -43,11 +43,14 @@ class SimulationRequest:
     repo: str
     camera: str = "mini"
     detectors: tuple[str, ...] = ()
+    #: Visits of the built-in generator (default 4); with ``n_snaps`` and ``bands``, only without ``opsim``.
     n_visits: int | None = None
+    #: A Rubin survey-simulation database to take the visits from; with ``night`` (default 1) and ``max_visits``.
     opsim: str | None = None
-    night: int = 1
+    night: int | None = None
     max_visits: int | None = None
-    n_snaps: int = 2
+    #: Snaps per visit of the built-in generator (default 2).
+    n_snaps: int | None = None
     calibs: bool = False
     #: Crosstalk spot exposures per CCD made with ``calibs`` (0 or a multiple of 4; see lsstpipe.sim.spots).
     n_spot: int = spots.N_SPOT_EXPOSURES
@@ -59,6 +62,8 @@ class SimulationRequest:
     sky: skymod.SkyConfig | None = None
     bands: str | None = None
     compress: bool = True
+    #: Replace an existing repository's simulation (its products are deleted first; see Repository.create).
+    overwrite: bool = False
 
 
 def default_sky(camera: Camera) -> skymod.SkyConfig:
@@ -69,11 +74,49 @@ def default_sky(camera: Camera) -> skymod.SkyConfig:
     return skymod.SkyConfig()
 
 
-def visits_for(request: SimulationRequest) -> list[opsim.VisitSpec]:
+def check_request(request: SimulationRequest) -> None:
+    """Refuse options that do not apply to the request's source of visits, and impossible counts.
+
+    Raises
+    ------
+    ValueError
+        ``n_visits``, ``n_snaps`` or ``bands`` with ``opsim`` (the database sets them), ``night`` or
+        ``max_visits`` without it (they select visits of the database), or a count below 1.
+    """
     if request.opsim:
-        return opsim.read_opsim(request.opsim, night=request.night, visits=request.max_visits)
+        given = [opt for opt, value in (("--visits", request.n_visits), ("--snaps", request.n_snaps),
+                                        ("--bands", request.bands)) if value is not None]  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the built-in visit generator, "
+                "not to --opsim, whose database sets each visit's band and snaps; with --opsim choose visits "
+                "with --night and --max-visits"
+            )
+    else:
+        given = [opt for opt, value in (("--night", request.night), ("--max-visits", request.max_visits))
+                 if value is not None]  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} select{'' if len(given) > 1 else 's'} visits of an --opsim database; "
+                "without --opsim the built-in generator makes --visits N visits (default 4) in --bands with --snaps"
+            )
+    for opt, value in (("--visits", request.n_visits), ("--night", request.night),
+                       ("--max-visits", request.max_visits)):  # fmt: skip
+        if value is not None and value < 1:
+            raise ValueError(f"{opt} must be at least 1, not {value}")
+    if request.n_snaps is not None and request.n_snaps not in (1, 2):
+        raise ValueError(f"--snaps must be 1 or 2, not {request.n_snaps}")
+
+
+def visits_for(request: SimulationRequest) -> list[opsim.VisitSpec]:
+    """The visits a request simulates: from its opsim database, or from the built-in generator."""
+    check_request(request)
+    if request.opsim:
+        night = request.night if request.night is not None else 1
+        return opsim.read_opsim(request.opsim, night=night, visits=request.max_visits)
     n = request.n_visits if request.n_visits is not None else 4
-    return opsim.synthetic_visits(n, seed=request.seed, n_snaps=request.n_snaps, bands=request.bands or None)
+    n_snaps = request.n_snaps if request.n_snaps is not None else 2
+    return opsim.synthetic_visits(n, seed=request.seed, n_snaps=n_snaps, bands=request.bands or None)
 
 
 class _Progress:
@@ -170,25 +213,31 @@ def run_simulation(request: SimulationRequest, comm=None) -> dict:
     log = _Progress(request.progress and rank == 0)
     spots.check_spot_count(request.n_spot)
     camera = get_camera(request.camera)
-    detectors = camera.select(list(request.detectors))
+    try:
+        detectors = camera.select(list(request.detectors))
+    except KeyError as exc:  # an unknown detector name or id: the camera's message says which are valid
+        raise ValueError(exc.args[0]) from None
     sky_cfg = request.sky or default_sky(camera)
     visits = visits_for(request)
     if not visits:
         raise ValueError("no visits to simulate; ask for --visits N ≥ 1 or a night with visits")
     repo = Repository(request.repo)
-    error = None
+    error, removed = None, []
     if rank == 0:
         try:
-            repo.create({
+            visit_rows = [asdict(v) for v in visits]
+            removed = repo.create({
                 "camera": camera.name, "seed": request.seed, "software": f"lsstpipe {__version__}",
                 "sky": asdict(sky_cfg), "noise": request.noise,
-            })  # fmt: skip
-            write_csv(repo.root / "visits.csv", (asdict(v) for v in visits), list(asdict(visits[0])))
+            }, visits=visit_rows, overwrite=request.overwrite)  # fmt: skip
+            write_csv(repo.visits_path, visit_rows, list(visit_rows[0]))
         except (ValueError, OSError) as exc:
             error = exc
     error = comm.bcast(error, root=0)
     if error is not None:
         raise error
+    if removed:
+        log(f"--overwrite: removed the previous simulation ({', '.join(removed)})")
     log(f"{len(visits)} visits, {len(detectors)} detectors of {camera.name}, seed {request.seed}, {size} rank(s)")
 
     # The sky over the footprint.
@@ -245,6 +294,8 @@ def run_simulation(request: SimulationRequest, comm=None) -> dict:
     if rank == 0:
         write_json(repo.root / "simulation.json", {k: v for k, v in summary.items() if k != "seconds"})
     summary["repo"] = str(repo.root)
+    if removed:
+        summary["replaced"] = removed
     log("done")
     return summary
 
