@@ -35,6 +35,8 @@ from lsstpipe.alerts import (
     ss_source_record,
     write_alert_file,
 )
+from lsstpipe.alerts.packet import alert_dia_source
+from lsstpipe.pipelines import association as A
 from lsstpipe.pipelines.ap import FORCED_DTYPE
 from lsstpipe.pipelines.diasources import DIA_DTYPE, FORCED_FAILED_FLAG, njy_per_electron
 from lsstpipe.pipelines.difference import Difference
@@ -166,11 +168,18 @@ def test_dia_source_mapping(schema, wcs):
     assert src["pixelFlags_edge"] and src["apFlux_flag_apertureTruncated"] and src["pixelFlags_saturated"]
     assert src["forced_PsfFlux_flag"] and not src["pixelFlags_bad"] and not src["centroid_flag"]
     assert src["isDipole"] and src["isNegative"] is False
-    assert src["psfNdata"] == 225 and src["bboxSize"] == 9 and src["trailNdata"] == 0  # 40 px in a 9-px box
+    assert src["psfFlux_flag_edge"] and not src["psfFlux_flag"] and src["exposureTime"] == 30.0
+    # 15×15 PSF stamp; 40 px footprint in a 9-px box, whose moments give trailLength; no dipole model fitted
+    assert src["psfNdata"] == 225 and src["bboxSize"] == 9 and src["trailNdata"] == 40 and src["trailAlgorithm"] == 1
+    assert src["dipoleNdata"] == 0 and src["dipoleFitAttempted"] is False and src["trail_flag"] is False
     named = schema.definition["__named_schemas"]
     assert fastavro.validate(src, named[schema.definition["name"].replace(".alert", ".diaSource")])
     no_wcs = dia_source_record(_dia_row(wcs, 150.3, 120.6), _context(None), schema)
     assert no_wcs["trailAngle"] is None
+    with pytest.raises(ValueError, match="psf_stamp_size"):
+        _context(psf_stamp_size=0)
+    with pytest.raises(ValueError, match="pixel_scale_arcsec"):
+        _context(pixel_scale_arcsec=np.nan)
 
 
 def test_dia_forced_source_mapping(schema):
@@ -180,6 +189,22 @@ def test_dia_forced_source_mapping(schema):
     rec = dia_forced_source_record(row, _context(), schema, dia_forced_source_id=77)
     assert rec["diaForcedSourceId"] == 77 and rec["diaObjectId"] == 9 and rec["psfFlux"] == 5.0
     assert rec["scienceFlux"] is None and rec["visit"] == 2026112500042 and rec["midpointMjdTai"] == MJD
+
+
+def test_alert_dia_source_converts_only_avro_types(schema):
+    row = np.zeros(1, A.DIA_SOURCE_ROW)[0]
+    row["diaSourceId"], row["visit"], row["detector"], row["band"] = 11, 3, 7, "g"
+    row["midpointMjdTai"], row["timeProcessedMjdTai"], row["ra"], row["dec"] = MJD, MJD, 10.0, -5.0
+    row["ixx"], row["exposureTime"], row["trailAngle"], row["psfNdata"] = 0.1, np.nan, 33.3, 225
+    rec = alert_dia_source(schema, row)
+    assert rec["diaObjectId"] is None and rec["ssObjectId"] is None  # the row arrays' 0 = no id (NULL)
+    assert rec["exposureTime"] is None and rec["trailAngle"] == float(np.float32(33.3))  # NaN = NULL
+    assert rec["ixx"] == float(np.float32(0.1)) and rec["psfNdata"] == 225 and isinstance(rec["detector"], int)
+    assert rec["templateFlux"] is None  # a field the row does not fill
+    assert alert_dia_source(schema, {**rec, "diaObjectId": 0}) == rec
+    with pytest.raises(AlertSchemaError, match="NaN"):
+        row["ra"] = np.nan
+        alert_dia_source(schema, row)
 
 
 def test_missing_or_unknown_fields_name_the_field(schema, wcs):
@@ -446,7 +471,8 @@ def test_alerts_from_a_processed_mini_ccd(tmp_path, schema):
     assert len(result.dia_sources), result.flags
     char = result.characterization
     ctx = SourceContext(visit=int(visit), detector=inputs.detector.id, midpoint_mjd_tai=61000.0,
-                        time_processed_mjd_tai=61000.001, band=inputs.band, wcs=char.wcs, psf_stamp_size=15)  # fmt: skip
+                        time_processed_mjd_tai=61000.001, band=inputs.band, wcs=char.wcs, psf_stamp_size=15,
+                        pixel_scale_arcsec=char.metrics["pixel_scale_arcsec"])  # fmt: skip
     with AlertWriter(tmp_path / "out", batch_size=4) as writer:
         for i, row in enumerate(result.dia_sources):
             src = dia_source_record(row, ctx, schema, dia_source_id=i + 1)

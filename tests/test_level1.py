@@ -16,6 +16,7 @@ import lsst.dax.apdb  # noqa: F401 — required (install_requires): missing is a
 import numpy as np
 import pytest
 
+from kernels.astrometry import angular_separation_deg
 from lsstpipe.alerts import AlertWriter, read_alerts, read_cutout
 from lsstpipe.camera import get_camera
 from lsstpipe.db.apdb import Level1Database, write_apdb_config
@@ -60,8 +61,8 @@ def night_coefficients(repo: Repository, margin_days: float = 0.05) -> np.ndarra
     exps = repo.exposures("OBJECT")
     mjds = [float(e["mjd_obs"]) for e in exps]
     ss = L1.ssobjects_from_truth(repo)
-    near = [bool(L1._separation_deg(*_orbit_of(r).radec(np.array([min(mjds)]))[:2], exps[0]["ra"],
-                                    exps[0]["dec"])[0] < 0.5) for r in ss]  # fmt: skip
+    near = [bool(angular_separation_deg(*_orbit_of(r).radec(np.array([min(mjds)]))[:2], exps[0]["ra"],
+                                        exps[0]["dec"])[0] < 0.5) for r in ss]  # fmt: skip
     return nightly_coefficients(ss[np.array(near, bool)], min(mjds) - margin_days, max(mjds) + margin_days)
 
 

@@ -18,42 +18,17 @@ Wire format (:func:`serialize_alert`): Confluent's — magic byte 0, the 4-byte 
 (:meth:`lsst.alert.packet.Schema.get_schema_id`, 1101 for v11.1, what Rubin registers), then the schemaless
 Avro body. Container files are written by :mod:`lsstpipe.alerts.writer`.
 
-DiaSource mapping from :data:`lsstpipe.pipelines.diasources.DIA_DTYPE` (:func:`dia_source_record`)::
-
-    ours (DIA_DTYPE / SourceContext)       Rubin diaSource            conversion
-    -------------------------------------  -------------------------  ------------------------------------
-    id (or dia_source_id=)                 diaSourceId                globally unique id, caller's duty
-    context.visit / context.detector       visit / detector
-    dia_object_id=, ss_object_id=          diaObjectId / ssObjectId   from association (null if none)
-    context.midpoint_mjd_tai               midpointMjdTai             exposure midpoint, MJD TAI
-    context.exposure_time                  exposureTime               seconds (null if not given)
-    context.time_processed_mjd_tai         timeProcessedMjdTai
-    context.band                           band
-    ra, dec                                ra, dec                    degrees; NaN is an error
-    x, y                                   x, y                       0-based pixels
-    ap_flux, ap_flux_err                   apFlux, apFluxErr          nJy
-    psf_flux, psf_flux_err                 psfFlux, psfFluxErr        nJy
-    science_flux, science_flux_err         scienceFlux(Err)           nJy (forced PSF flux on the calexp)
-    snr                                    snr
-    ixx, iyy, ixy                          ixx, iyy, ixy              px² × scale² → arcsec²
-    trail_length                           trailLength                px × scale → arcsec
-    trail_angle                            trailAngle                 rad from +x → deg E of N (needs WCS)
-    (moments-based trail)                  trailAlgorithm             1 (SDSSShape, moments) when measured
-    is_negative, is_dipole                 isNegative, isDipole
-    flags EDGE                             pixelFlags_edge
-    flags APERTURE_TRUNCATED               apFlux_flag_apertureTruncated
-    flags BAD_PIXELS                       pixelFlags_bad
-    flags SATURATED                        pixelFlags_saturated
-    flags CENTROID_FAILED                  centroid_flag
-    flags PSF_FLUX_FAILED                  psfFlux_flag, psfFlux_flag_noGoodPixels
-    flags FORCED_FAILED_FLAG               forced_PsfFlux_flag
-    context.psf_stamp_size                 psfNdata                   stamp_size² pixels in the PSF fit
-    bbox_size (or npix)                    bboxSize                   the side of the square holding the
-                                                                      footprint's bounding box; ceil(sqrt(npix))
-                                                                      for rows without bbox_size
-    —                                      trailNdata, dipoleNdata    0: no trailed/dipole model is fitted
-    —                                      dipoleFitAttempted         False
-    —                                      every other field          null (not measured)
+The alert's ``diaSource`` is the APDB's DiaSource row: :func:`lsstpipe.pipelines.association.dia_source_rows`
+is the one mapping from our measurement to Rubin's DiaSource (names, units, flags; documented there), and
+:func:`alert_dia_source` only converts that row to the Avro record, where Avro itself differs from the row
+array: numpy scalars → Python values, ``float`` fields rounded to float32, NaN → null in nullable fields
+(as the APDB stores NULL), ``0`` → null in ``diaObjectId``/``ssObjectId`` (the row arrays' "no id", stored as
+NULL), the APDB's ``short`` ``detector`` → Avro ``int``. No value changes unit: for every field both have,
+``apdb.yaml`` and the alert schema give the same unit (moments in arcsec², ``trailLength`` in arcsec,
+``trailAngle`` in degrees, ``psfNdata``/``trailNdata``/``dipoleNdata`` in pixels), so the alert's current
+``diaSource`` and the same source read back from the APDB into a later alert's ``prvDiaSources`` are equal.
+:func:`dia_source_record` is the same path for a caller holding the measurement
+(:data:`lsstpipe.pipelines.diasources.DIA_DTYPE` rows) and the CCD's :class:`SourceContext`.
 
 DiaForcedSource mapping from :data:`lsstpipe.pipelines.ap.FORCED_DTYPE` (:func:`dia_forced_source_record`):
 ``dia_object_id`` → ``diaObjectId``, ``ra``/``dec``, ``psf_flux(_err)`` → ``psfFlux(Err)``,
@@ -76,9 +51,10 @@ import fastavro
 import numpy as np
 from fastavro.validation import ValidationError
 
-__all__ = ["AlertSchemaError", "HISTORY_DAYS", "SourceContext", "complete_record", "deserialize_alert",
-           "dia_forced_source_record", "dia_source_record", "load_schema", "make_alert", "record_fields",
-           "schema_id", "select_history", "serialize_alert", "ss_source_record", "validate_alert", "wire_header"]  # fmt: skip
+__all__ = ["AlertSchemaError", "HISTORY_DAYS", "SourceContext", "alert_dia_source", "complete_record",
+           "deserialize_alert", "dia_forced_source_record", "dia_source_record", "load_schema", "make_alert",
+           "record_fields", "schema_id", "select_history", "serialize_alert", "ss_source_record", "validate_alert",
+           "wire_header"]  # fmt: skip
 
 #: "12 months" of history, in days: the APDB's month is 365/12 days (lsst.dax.apdb's convention).
 HISTORY_DAYS = 365.0
@@ -230,9 +206,10 @@ class SourceContext:
     band : str
         Filter band (``u``, ``g``, ``r``, ``i``, ``z``, ``y``).
     pixel_scale_arcsec : float
-        Pixel scale used to turn moments and trail lengths into arcseconds.
+        The CCD's pixel scale (arcsec per pixel; from the camera or the calexp's WCS), to turn moments and
+        trail lengths into arcseconds.
     psf_stamp_size : int
-        Side of the PSF stamp of the PSF flux fit (``psfNdata`` = its square).
+        Side of the PSF stamp of the PSF flux fit (odd; ``psfNdata`` = its square).
     exposure_time : float, optional
         Seconds.
     wcs : astropy.wcs.WCS, optional
@@ -244,8 +221,8 @@ class SourceContext:
     midpoint_mjd_tai: float
     time_processed_mjd_tai: float
     band: str
-    pixel_scale_arcsec: float = 0.2
-    psf_stamp_size: int = 0
+    pixel_scale_arcsec: float
+    psf_stamp_size: int
     exposure_time: float | None = None
     wcs: Any = None
 
@@ -255,59 +232,63 @@ class SourceContext:
         for name in ("midpoint_mjd_tai", "time_processed_mjd_tai"):
             if not np.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite MJD, got {getattr(self, name)}")
-        if not self.pixel_scale_arcsec > 0:
-            raise ValueError(f"pixel_scale_arcsec must be positive, got {self.pixel_scale_arcsec}")
-        if self.psf_stamp_size < 0:
-            raise ValueError(f"psf_stamp_size must be ≥ 0, got {self.psf_stamp_size}")
+        if not (np.isfinite(self.pixel_scale_arcsec) and self.pixel_scale_arcsec > 0):
+            raise ValueError(f"pixel_scale_arcsec must be finite and > 0, got {self.pixel_scale_arcsec}")
+        if not (self.psf_stamp_size > 0 and self.psf_stamp_size % 2 == 1):
+            raise ValueError(f"psf_stamp_size must be a positive odd number of pixels, got {self.psf_stamp_size}")
 
 
-def _trail_angle_deg(row, wcs) -> float | None:
-    """Position angle (deg, east of north) of the trail direction ``trail_angle`` at the source."""
-    if wcs is None or not np.isfinite(row["trail_angle"]) or not np.isfinite(row["trail_length"]):
-        return None
-    dx, dy = math.cos(row["trail_angle"]), math.sin(row["trail_angle"])
-    (ra0, ra1), (de0, de1) = wcs.all_pix2world([row["x"], row["x"] + dx], [row["y"], row["y"] + dy], 0)
-    dra = ((ra1 - ra0 + 180.0) % 360.0 - 180.0) * math.cos(math.radians(de0))
-    return math.degrees(math.atan2(dra, de1 - de0)) % 180.0
+_ID_FIELDS = ("diaObjectId", "ssObjectId")
+
+
+def alert_dia_source(schema, row: Mapping[str, Any] | np.void) -> dict:
+    """The alert's ``diaSource`` record of one APDB DiaSource row.
+
+    Parameters
+    ----------
+    schema : lsst.alert.packet.Schema
+        :func:`load_schema`.
+    row : numpy.void or mapping
+        A :data:`lsstpipe.pipelines.association.DIA_SOURCE_ROW` row (what the APDB stores), or a DiaSource
+        read back from the APDB as a mapping of Rubin's columns.
+
+    Returns
+    -------
+    dict
+        The row's values as the schema's types (see the module docstring); ``0``, NaN or None in
+        ``diaObjectId``/``ssObjectId`` become null.
+
+    Raises
+    ------
+    AlertSchemaError
+        A column the alert schema lacks, a missing required one, or NaN in a required one (``ra``, ``dec``).
+    """
+    values = {n: row[n] for n in row.dtype.names or ()} if isinstance(row, np.void) else dict(row)
+    for name in _ID_FIELDS:
+        v = values.get(name)
+        if v is not None and (v == 0 or (isinstance(v, (float, np.floating)) and math.isnan(v))):
+            values[name] = None
+    return complete_record(schema, "diaSource", values)
 
 
 def dia_source_record(row: np.void, context: SourceContext, schema, *, dia_source_id: int | None = None,
                       dia_object_id: int | None = None, ss_object_id: int | None = None) -> dict:  # fmt: skip
-    """Rubin's ``diaSource`` record of one :data:`~lsstpipe.pipelines.diasources.DIA_DTYPE` row (table above)."""
-    from kernels import measure as M
-    from lsstpipe.pipelines.diasources import FORCED_FAILED_FLAG
+    """The alert's ``diaSource`` of one :data:`~lsstpipe.pipelines.diasources.DIA_DTYPE` row: its APDB row
+    (:func:`lsstpipe.pipelines.association.dia_source_rows` with the ``context``'s CCD facts, id
+    ``dia_source_id`` or the row's ``id``, and the association's ids) through :func:`alert_dia_source`."""
+    from lsstpipe.pipelines.association import dia_source_rows  # the one DiaSource mapping (a pipeline stage)
 
     if not (np.isfinite(row["ra"]) and np.isfinite(row["dec"])):
         raise AlertSchemaError(f"DIASource {row['id']} has no sky position (ra={row['ra']}, dec={row['dec']}); "
                                "alerts need the calexp's WCS")  # fmt: skip
-    s = context.pixel_scale_arcsec
-    flags = int(row["flags"])
-    from lsstpipe.pipelines.diasources import bbox_size  # here: the alert readers need not import the kernels
-
-    bbox = int(bbox_size(row))
-    trail = float(row["trail_length"]) * s
-    values = {
-        "diaSourceId": int(row["id"]) if dia_source_id is None else dia_source_id,
-        "visit": context.visit, "detector": context.detector,
-        "diaObjectId": dia_object_id, "ssObjectId": ss_object_id,
-        "midpointMjdTai": context.midpoint_mjd_tai, "exposureTime": context.exposure_time,
-        "timeProcessedMjdTai": context.time_processed_mjd_tai, "band": context.band,
-        "ra": row["ra"], "dec": row["dec"], "x": row["x"], "y": row["y"],
-        "apFlux": row["ap_flux"], "apFluxErr": row["ap_flux_err"],
-        "psfFlux": row["psf_flux"], "psfFluxErr": row["psf_flux_err"],
-        "scienceFlux": row["science_flux"], "scienceFluxErr": row["science_flux_err"], "snr": row["snr"],
-        "ixx": row["ixx"] * s * s, "iyy": row["iyy"] * s * s, "ixy": row["ixy"] * s * s,
-        "trailLength": trail, "trailAngle": _trail_angle_deg(row, context.wcs),
-        "trailAlgorithm": 1 if np.isfinite(trail) else None,
-        "isNegative": bool(row["is_negative"]), "isDipole": bool(row["is_dipole"]), "dipoleFitAttempted": False,
-        "pixelFlags_edge": bool(flags & M.EDGE), "apFlux_flag_apertureTruncated": bool(flags & M.APERTURE_TRUNCATED),
-        "pixelFlags_bad": bool(flags & M.BAD_PIXELS), "pixelFlags_saturated": bool(flags & M.SATURATED),
-        "centroid_flag": bool(flags & M.CENTROID_FAILED), "psfFlux_flag": bool(flags & M.PSF_FLUX_FAILED),
-        "psfFlux_flag_noGoodPixels": bool(flags & M.PSF_FLUX_FAILED),
-        "forced_PsfFlux_flag": bool(flags & FORCED_FAILED_FLAG),
-        "psfNdata": context.psf_stamp_size**2, "trailNdata": 0, "dipoleNdata": 0, "bboxSize": bbox,
-    }  # fmt: skip
-    return complete_record(schema, "diaSource", values)
+    c = context
+    sid = int(row["id"]) if dia_source_id is None else int(dia_source_id)
+    rows = dia_source_rows(np.array([row], row.dtype), c.visit, c.detector, c.band, c.midpoint_mjd_tai,
+                           c.time_processed_mjd_tai, c.pixel_scale_arcsec, psf_stamp_size=c.psf_stamp_size,
+                           exposure_time=c.exposure_time, wcs=c.wcs, ids=[sid])  # fmt: skip
+    rows["diaObjectId"] = dia_object_id or 0
+    rows["ssObjectId"] = ss_object_id or 0
+    return alert_dia_source(schema, rows[0])
 
 
 def dia_forced_source_record(row: np.void, context: SourceContext, schema, dia_forced_source_id: int) -> dict:

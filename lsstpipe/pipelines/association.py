@@ -42,11 +42,12 @@ import numpy as np
 
 from kernels import measure as M
 from kernels.associate import associate
+from lsstpipe.camera import PIXEL_SCALE_ARCSEC
 from lsstpipe.pipelines.diasources import FORCED_FAILED_FLAG, bbox_size
 
 __all__ = ["AssociationConfig", "AssociationResult", "BANDS", "DIA_OBJECT_ROW", "DIA_SOURCE_ROW",
-           "FORCED_SOURCE_ROW", "SS_PREDICTION_DTYPE", "associate_ccd", "dia_source_id", "dia_source_rows",
-           "forced_source_rows", "summarize_objects"]  # fmt: skip
+           "FORCED_SOURCE_ROW", "SS_PREDICTION_DTYPE", "TRAIL_ALGORITHM_SDSS_SHAPE", "associate_ccd",
+           "dia_source_id", "dia_source_rows", "forced_source_rows", "summarize_objects"]  # fmt: skip
 
 BANDS = "ugrizy"
 
@@ -56,17 +57,22 @@ INDEX_BITS, DETECTOR_BITS = 20, 8
 #: Predicted Solar System positions at the exposure midpoint (degrees; radius in arcsec).
 SS_PREDICTION_DTYPE = np.dtype([("ssObjectId", "i8"), ("ra", "f8"), ("dec", "f8"), ("radius_arcsec", "f8")])
 
-#: DiaSource columns we fill (Rubin's names and units).
+#: DiaSource columns we fill (Rubin's names and units; :func:`dia_source_rows` documents the mapping).
 DIA_SOURCE_ROW = np.dtype(
     [("diaSourceId", "i8"), ("visit", "i8"), ("detector", "i2"), ("diaObjectId", "i8"), ("ssObjectId", "i8"),
-     ("midpointMjdTai", "f8"), ("ra", "f8"), ("dec", "f8"), ("x", "f4"), ("y", "f4"), ("centroid_flag", "?"),
-     ("apFlux", "f4"), ("apFluxErr", "f4"), ("apFlux_flag_apertureTruncated", "?"), ("isNegative", "?"),
-     ("snr", "f4"), ("psfFlux", "f4"), ("psfFluxErr", "f4"), ("psfNdata", "i4"), ("psfFlux_flag", "?"),
-     ("psfFlux_flag_edge", "?"), ("trailLength", "f4"), ("trailNdata", "i4"), ("dipoleNdata", "i4"),
-     ("scienceFlux", "f4"), ("scienceFluxErr", "f4"), ("forced_PsfFlux_flag", "?"), ("ixx", "f4"),
-     ("iyy", "f4"), ("ixy", "f4"), ("band", "U1"), ("isDipole", "?"), ("timeProcessedMjdTai", "f8"),
-     ("bboxSize", "i4"), ("pixelFlags_bad", "?"), ("pixelFlags_edge", "?"), ("pixelFlags_saturated", "?")]
+     ("midpointMjdTai", "f8"), ("exposureTime", "f4"), ("ra", "f8"), ("dec", "f8"), ("x", "f4"), ("y", "f4"),
+     ("centroid_flag", "?"), ("apFlux", "f4"), ("apFluxErr", "f4"), ("apFlux_flag_apertureTruncated", "?"),
+     ("isNegative", "?"), ("snr", "f4"), ("psfFlux", "f4"), ("psfFluxErr", "f4"), ("psfNdata", "i4"),
+     ("psfFlux_flag", "?"), ("psfFlux_flag_edge", "?"), ("psfFlux_flag_noGoodPixels", "?"), ("trailLength", "f4"),
+     ("trailAngle", "f4"), ("trailNdata", "i4"), ("trailAlgorithm", "i4"), ("trail_flag", "?"),
+     ("dipoleNdata", "i4"), ("scienceFlux", "f4"), ("scienceFluxErr", "f4"), ("forced_PsfFlux_flag", "?"),
+     ("ixx", "f4"), ("iyy", "f4"), ("ixy", "f4"), ("band", "U1"), ("isDipole", "?"), ("dipoleFitAttempted", "?"),
+     ("timeProcessedMjdTai", "f8"), ("bboxSize", "i4"), ("pixelFlags_bad", "?"), ("pixelFlags_edge", "?"),
+     ("pixelFlags_saturated", "?")]
 )  # fmt: skip
+
+#: Rubin's ``trailAlgorithm`` key of a trail measured from the second moments (1 = SDSSShape).
+TRAIL_ALGORITHM_SDSS_SHAPE = 1
 
 _BAND_STATS = ("psfFluxMean", "psfFluxMeanErr", "psfFluxSigma", "psfFluxMin", "psfFluxMax", "psfFluxErrMean",
                "scienceFluxMean", "scienceFluxMeanErr")  # fmt: skip
@@ -93,8 +99,10 @@ class AssociationConfig:
 
     radius_arcsec: float = 1.0
     """DIASource–DIAObject match radius (arcsec)."""
-    pixel_scale_arcsec: float = 0.2
-    """Pixel scale, to convert trail lengths to arcsec."""
+    pixel_scale_arcsec: float = PIXEL_SCALE_ARCSEC
+    """The CCD's pixel scale (arcsec), for :func:`dia_source_rows` (moments, trail lengths); not used by the
+    matching itself. The default is LSSTCam's nominal scale (that of every camera in :mod:`lsstpipe.camera`);
+    callers with a fitted WCS should pass the CCD's."""
 
     def __post_init__(self) -> None:
         for name in ("radius_arcsec", "pixel_scale_arcsec"):
@@ -155,42 +163,132 @@ def _check_band(band: str) -> None:
 
 
 def dia_source_rows(sources: np.ndarray, visit: int, detector: int, band: str, midpoint_mjd_tai: float,
-                    processed_mjd_tai: float, pixel_scale_arcsec: float = 0.2) -> np.ndarray:  # fmt: skip
+                    processed_mjd_tai: float, pixel_scale_arcsec: float = PIXEL_SCALE_ARCSEC, *,
+                    psf_stamp_size: int | None = None, exposure_time: float | None = None, wcs: Any = None,
+                    ids: Any = None) -> np.ndarray:  # fmt: skip
     """Rubin DiaSource rows (:data:`DIA_SOURCE_ROW`) of ``DIA_DTYPE`` sources, not yet associated.
 
-    ``psfNdata`` is the footprint's pixel count, ``bboxSize`` the side of the square holding its bounding box
-    (``bbox_size``; from sources without that column, the square of the footprint's area); flags map from
-    :mod:`kernels.measure` bits. Trail angles are in pixel axes in our
-    measurement and are not stored (Rubin's ``trailAngle`` is on the sky).
+    The one mapping from our measurement to Rubin's DiaSource: the APDB stores these rows and the alert's
+    ``diaSource`` is made from them (:func:`lsstpipe.alerts.packet.alert_dia_source`). Units are those of
+    ``apdb.yaml`` and of the alert schema, which agree field by field:
+
+    ====================================  =======================  ==============================================
+    ours (``DIA_DTYPE``)                  Rubin                    conversion
+    ====================================  =======================  ==============================================
+    ixx, iyy, ixy (px², CCD axes)         ixx, iyy, ixy            × ``pixel_scale_arcsec``² → arcsec² (CCD axes)
+    trail_length (px, moments)            trailLength              × ``pixel_scale_arcsec`` → arcsec; NaN where
+                                                                   the moments failed (then ``trail_flag``)
+    trail_angle (rad from +x)             trailAngle               deg east of north through ``wcs`` (mod 180);
+                                                                   NaN without a WCS
+    —                                     trailAlgorithm           1 (SDSSShape: from the second moments)
+    npix (footprint pixels)               trailNdata               pixels of the moments behind ``trailLength``
+                                                                   (0 where it is NaN)
+    —                                     psfNdata                 ``psf_stamp_size``²: the pixels of the PSF fit
+    bbox_size (or npix)                   bboxSize                 pixels (:func:`bbox_size`)
+    —                                     dipoleNdata              0: no dipole model is fitted
+    —                                     dipoleFitAttempted       False (``isDipole`` is the neighbour test)
+    flags PSF_FLUX_FAILED, psf_flux NaN   psfFlux_flag             either
+    flags PSF_FLUX_FAILED                 psfFlux_flag_noGoodPixels
+    flags APERTURE_TRUNCATED              psfFlux_flag_edge,       the aperture or the PSF stamp leaves the image
+                                          apFlux_flag_apertureTruncated
+    ====================================  =======================  ==============================================
+
+    Fluxes are nJy, positions degrees and 0-based pixels, as measured; the other flags map one to one from
+    :mod:`kernels.measure` bits (``EDGE``, ``BAD_PIXELS``, ``SATURATED``, ``CENTROID_FAILED``) and
+    :data:`~lsstpipe.pipelines.diasources.FORCED_FAILED_FLAG`.
+
+    Parameters
+    ----------
+    sources : numpy.ndarray
+        ``DIA_DTYPE`` rows of one CCD.
+    visit, detector : int
+        The CCD; ``visit`` is stored as given.
+    band : str
+        One of ``ugrizy``.
+    midpoint_mjd_tai, processed_mjd_tai : float
+        Exposure midpoint and processing time (MJD TAI).
+    pixel_scale_arcsec : float
+        The CCD's pixel scale (from its WCS). The default is LSSTCam's nominal 0.2″
+        (:data:`lsstpipe.camera.PIXEL_SCALE_ARCSEC`, which every camera of :mod:`lsstpipe.camera` has).
+    psf_stamp_size : int
+        Side of the PSF stamp of the ``psf_flux`` fit (``DiaSourceConfig.stamp_size`` or its FWHM-based
+        default): ``psfNdata`` is its area. Required (a keyword for the call's readability).
+    exposure_time : float, optional
+        Seconds (``exposureTime``; NaN → NULL if not given).
+    wcs : astropy.wcs.WCS, optional
+        The calexp's WCS, for ``trailAngle`` (NaN without it).
+    ids : array_like of int, optional
+        The ``diaSourceId`` of each source; by default :func:`dia_source_id` of ``visit``, ``detector`` and
+        the source's index.
     """
     _check_band(band)
     _check_time("midpoint_mjd_tai", midpoint_mjd_tai)
     _check_time("processed_mjd_tai", processed_mjd_tai)
+    if not (np.isfinite(pixel_scale_arcsec) and pixel_scale_arcsec > 0):
+        raise ValueError(f"pixel_scale_arcsec must be finite and > 0, got {pixel_scale_arcsec}")
+    if psf_stamp_size is None:
+        raise ValueError("dia_source_rows needs psf_stamp_size, the PSF stamp side of the psf_flux fit (psfNdata)")
+    if not (psf_stamp_size > 0 and psf_stamp_size % 2 == 1):
+        raise ValueError(f"psf_stamp_size must be a positive odd number of pixels, got {psf_stamp_size}")
     n = len(sources)
     out = np.zeros(n, DIA_SOURCE_ROW)
-    out["diaSourceId"] = dia_source_id(visit, detector, np.arange(n))
+    if ids is None:
+        out["diaSourceId"] = dia_source_id(visit, detector, np.arange(n))
+    else:
+        ids = np.asarray(ids, np.int64)
+        if ids.shape != (n,):
+            raise ValueError(f"ids must hold one id per source ({n}), got shape {ids.shape}")
+        out["diaSourceId"] = ids
     out["visit"], out["detector"], out["band"] = visit, detector, band
     out["midpointMjdTai"], out["timeProcessedMjdTai"] = midpoint_mjd_tai, processed_mjd_tai
+    out["exposureTime"] = np.nan if exposure_time is None else exposure_time
     for ours, rubin in (("ra", "ra"), ("dec", "dec"), ("x", "x"), ("y", "y"), ("ap_flux", "apFlux"),
                         ("ap_flux_err", "apFluxErr"), ("snr", "snr"), ("psf_flux", "psfFlux"),
                         ("psf_flux_err", "psfFluxErr"), ("science_flux", "scienceFlux"),
-                        ("science_flux_err", "scienceFluxErr"), ("ixx", "ixx"), ("iyy", "iyy"), ("ixy", "ixy"),
-                        ("is_negative", "isNegative"), ("is_dipole", "isDipole")):  # fmt: skip
+                        ("science_flux_err", "scienceFluxErr"), ("is_negative", "isNegative"),
+                        ("is_dipole", "isDipole")):  # fmt: skip
         out[rubin] = sources[ours]
+    s2 = pixel_scale_arcsec**2
+    for name in ("ixx", "iyy", "ixy"):
+        out[name] = np.asarray(sources[name], np.float64) * s2
     npix = np.maximum(np.asarray(sources["npix"], np.int64), 0)
     flags = np.asarray(sources["flags"], np.int64)
-    out["psfNdata"] = npix
+    out["psfNdata"] = psf_stamp_size**2
     out["bboxSize"] = bbox_size(sources)
-    out["trailNdata"] = np.where(sources["is_trailed"], npix, 0)
-    out["dipoleNdata"] = np.where(sources["is_dipole"], npix, 0)
-    out["trailLength"] = np.where(sources["is_trailed"], sources["trail_length"] * pixel_scale_arcsec, np.nan)
+    trail = np.asarray(sources["trail_length"], np.float64)
+    measured = np.isfinite(trail)
+    out["trailLength"] = trail * pixel_scale_arcsec
+    out["trailAngle"] = _trail_angle_deg(sources, wcs)
+    out["trailAlgorithm"] = TRAIL_ALGORITHM_SDSS_SHAPE
+    out["trailNdata"] = np.where(measured, npix, 0)
+    out["trail_flag"] = ~measured
+    out["dipoleNdata"] = 0
+    out["dipoleFitAttempted"] = False
     out["centroid_flag"] = flags & M.CENTROID_FAILED != 0
     out["apFlux_flag_apertureTruncated"] = out["psfFlux_flag_edge"] = flags & M.APERTURE_TRUNCATED != 0
-    out["psfFlux_flag"] = flags & M.PSF_FLUX_FAILED != 0
+    out["psfFlux_flag_noGoodPixels"] = flags & M.PSF_FLUX_FAILED != 0
+    out["psfFlux_flag"] = out["psfFlux_flag_noGoodPixels"] | ~np.isfinite(np.asarray(sources["psf_flux"], float))
     out["forced_PsfFlux_flag"] = flags & FORCED_FAILED_FLAG != 0
     out["pixelFlags_bad"] = flags & M.BAD_PIXELS != 0
     out["pixelFlags_edge"] = flags & M.EDGE != 0
     out["pixelFlags_saturated"] = flags & M.SATURATED != 0
+    return out
+
+
+def _trail_angle_deg(sources: np.ndarray, wcs: Any) -> np.ndarray:
+    """Position angles (deg east of north, mod 180) of the trail directions ``trail_angle`` at each source."""
+    out = np.full(len(sources), np.nan)
+    if wcs is None or not len(sources):
+        return out
+    angle = np.asarray(sources["trail_angle"], np.float64)
+    ok = np.isfinite(angle) & np.isfinite(np.asarray(sources["trail_length"], np.float64))
+    if not ok.any():
+        return out
+    x, y = np.asarray(sources["x"], np.float64)[ok], np.asarray(sources["y"], np.float64)[ok]
+    ra0, de0 = wcs.all_pix2world(x, y, 0)
+    ra1, de1 = wcs.all_pix2world(x + np.cos(angle[ok]), y + np.sin(angle[ok]), 0)
+    dra = ((ra1 - ra0 + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(de0))
+    out[ok] = np.rad2deg(np.arctan2(dra, de1 - de0)) % 180.0
     return out
 
 

@@ -357,12 +357,16 @@ def ccd_level1(inputs: CcdInputs, result: CcdResult, prefetch: Level1Prefetch, *
     ids = dia_source_id(packed, detector_id, np.arange(len(dia)))
     flags: list[str] = []
     stored = False
+    exptime = float(sum(float(m["exptime"]) for m in inputs.snap_metadata))
+    scale = float(char.metrics.get("pixel_scale_arcsec", config.association.pixel_scale_arcsec))
+    ctx = SourceContext(visit, detector_id, midpoint_mjd_tai, processed, band, scale, _stamp_size(result), exptime,
+                        char.wcs)  # fmt: skip
     if not apdb.apdb.containsVisitDetector(visit, detector_id):
         if config.refresh_objects:
             prefetch = refresh_prefetch(apdb, prefetch)
-        rows = dia_source_rows(dia, packed, detector_id, band, midpoint_mjd_tai, processed,
-                               config.association.pixel_scale_arcsec)  # fmt: skip
-        rows["visit"] = visit
+        rows = dia_source_rows(dia, visit, detector_id, band, midpoint_mjd_tai, processed, ctx.pixel_scale_arcsec,
+                               psf_stamp_size=ctx.psf_stamp_size, exposure_time=ctx.exposure_time, wcs=ctx.wcs,
+                               ids=ids)  # fmt: skip
         assoc = associate_ccd(rows, prefetch.dia_objects, prefetch.dia_sources, prefetch.ss_predictions,
                               config.association)  # fmt: skip
         forced = forced_source_rows(result.forced, packed, detector_id, band, midpoint_mjd_tai, processed)
@@ -392,19 +396,15 @@ def ccd_level1(inputs: CcdInputs, result: CcdResult, prefetch: Level1Prefetch, *
     for r in obj_records:
         r.setdefault("validityStartMjdTai", midpoint_mjd_tai)
     n, first, last = _write_alerts(inputs, result, prefetch, dia, ids, src_obj, src_ss, obj_records, forced_now,
-                                   visit=visit, detector_id=detector_id, midpoint=midpoint_mjd_tai,
-                                   processed=processed, alerts=alerts, config=config)  # fmt: skip
+                                   ctx=ctx, alerts=alerts, config=config)  # fmt: skip
     return Level1Counts(len(dia), int(new), int(n_forced), int(n_ss), n, first, last, tuple(flags))
 
 
-def _write_alerts(inputs, result, prefetch, dia, ids, src_obj, src_ss, obj_records, forced_now, *, visit,
-                  detector_id, midpoint, processed, alerts: AlertWriter, config: Level1Config):  # fmt: skip
+def _write_alerts(inputs, result, prefetch, dia, ids, src_obj, src_ss, obj_records, forced_now, *,
+                  ctx: SourceContext, alerts: AlertWriter, config: Level1Config):  # fmt: skip
     """One alert per DIASource, added to the writer (full batches leave at once); the CCD's rest is flushed."""
     schema = alerts.schema
     char = result.characterization
-    exptime = float(sum(float(m["exptime"]) for m in inputs.snap_metadata))
-    ctx = SourceContext(visit, detector_id, midpoint, processed, inputs.band, config.association.pixel_scale_arcsec,
-                        _stamp_size(result), exptime, char.wcs)  # fmt: skip
     objects = {int(r["diaObjectId"]): r for r in obj_records}
     prv_src = _by_object(_records(prefetch.dia_sources, record_fields(schema, "diaSource")))
     prv_forced = _by_object(_records(prefetch.dia_forced_sources, record_fields(schema, "diaForcedSource"))
@@ -433,7 +433,7 @@ def _write_alerts(inputs, result, prefetch, dia, ids, src_obj, src_ss, obj_recor
         path = alerts.add(alert)
         wrote([path] if path is not None else [])
         n += 1
-    wrote(alerts.flush(visit, detector_id))
+    wrote(alerts.flush(ctx.visit, ctx.detector))
     return n, first, last
 
 
