@@ -279,3 +279,21 @@ def test_bad_arguments_are_refused_clearly(mini, night):
     assert L1.id_visit(2023093000001) == (8673 * 100000 + 1) and L1.id_visit(1234) == 1234
     with pytest.raises(ValueError, match="cutout_size_arcsec"):
         L1.Level1Config(cutout_size_arcsec=0.0)
+
+
+def test_alerts_off_by_configuration_associates_and_stores_without_alerts(mini, night, tmp_path):
+    """``pipeline.alerts: false`` (alerts=None): the same APDB rows as with alerts, no alert file."""
+    _, visits, inputs, coefficients = mini
+    _, _, runs = night
+    v = visits[0]
+    db = Level1Database(write_apdb_config(tmp_path))
+    mid, res = runs[v][0], runs[v][2]
+    pre = L1.prefetch_region(db, inputs[v], mid, coefficients)
+    counts = L1.ccd_level1(inputs[v], res, pre, visit=v, detector_id=inputs[v].detector.id, midpoint_mjd_tai=mid,
+                           apdb=db, alerts=None)  # fmt: skip
+    assert counts.alerts == 0 and counts.flags == (L1.ALERTS_OFF,) and np.isnan(counts.last_alert_time)
+    assert counts.diasources == runs[v][3].diasources > 0 and counts.new_objects == runs[v][3].new_objects
+    assert db.row_counts()["DiaSource"] == counts.diasources and not (tmp_path / "alerts").exists()
+    again = L1.ccd_level1(inputs[v], res, pre, visit=v, detector_id=inputs[v].detector.id, midpoint_mjd_tai=mid,
+                          apdb=db, alerts=None)  # fmt: skip
+    assert again.flags == (L1.ALREADY_STORED, L1.ALERTS_OFF) and db.row_counts()["DiaSource"] == counts.diasources

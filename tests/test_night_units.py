@@ -281,3 +281,59 @@ def test_dispatch_gives_a_ccd_back_to_the_worker_that_ran_it_last(tmp_path):
     fourth = _run_visit(dmcs, post, _visit(5), [5, 5, 6])
     assert fourth == [("R10_S00", 5), ("R10_S01", 6), ("R10_S02", 9), ("R10_S12", 5), ("R10_S10", 5),
                       ("R10_S11", 6)]  # fmt: skip
+
+
+def test_ccd_jobs_carry_the_alert_production_clusters_pipeline_parameters(tmp_path):
+    """The installed configuration's pipeline section reaches the workers with each CCD job; isr: false
+    launches none (each CCD recorded skipped, with the reason)."""
+    from lsstpipe.control.config import PipelineParameters
+    from lsstpipe.runtime.worker import _chain_config
+
+    dmcs, post, (v1, v2, _) = _dispatch_night(tmp_path, ("R10_S00", "R10_S01"))
+    dmcs.pipeline = PipelineParameters(detection_threshold_sigma=4.5, alerts=False)
+    dmcs._next_visit(v1)
+    dmcs.dispatch()
+    jobs = [a for a, _ in post.sent]
+    assert [(a.detection_threshold_sigma, a.alerts, a.difference_imaging) for a in jobs] == [(4.5, False, True)] * 2
+    assert _chain_config(jobs[0]).dia.threshold == 4.5 and _chain_config(jobs[0]).isr == _chain_config(jobs[1]).isr
+    dmcs.pipeline = PipelineParameters(isr=False, difference_imaging=False, alerts=False)
+    dmcs._next_visit(v2)
+    recs = dmcs.manifest.ccds_of(v2.visit)
+    assert not dmcs.queue and {r.status for r in recs} == {"skipped"}
+    assert all("pipeline.isr: false" in r.reason for r in recs)
+
+
+def test_night_pipeline_section_overrides_the_science_configuration(tmp_path):
+    from lsstpipe.runtime.layout import layout_for_world
+    from lsstpipe.runtime.night import NightError, _entity_configs, load_config, validate_config
+
+    config = load_config(None)
+    for bad, words in (({"detection_threshold_sigma": 0}, "detection_threshold_sigma"), ({"bogus": 1}, "bogus"),
+                       ({"difference_imaging": False}, "alerts needs pipeline.difference_imaging"),
+                       ("5", "mapping")):  # fmt: skip
+        with pytest.raises(NightError, match=words):
+            validate_config({**config, "pipeline": bad})
+    night = validate_config({**config, "pipeline": {"detection_threshold_sigma": 4.0},
+                             "archive": {**config["archive"], "compress": True, "max_retries": 5}})  # fmt: skip
+    root = _entity_configs(tmp_path, layout_for_world("mini", 10), night.pipeline, night.archive)
+    from lsstpipe.control.config import EntityName, load_configuration
+
+    science = load_configuration("science", EntityName.ALERT_PRODUCTION_CLUSTER, root).settings
+    calibration = load_configuration("calibration", EntityName.ALERT_PRODUCTION_CLUSTER, root).settings
+    assert science.pipeline.detection_threshold_sigma == 4.0 and science.pipeline.alerts
+    assert calibration.pipeline.detection_threshold_sigma == 5.0 and not calibration.pipeline.difference_imaging
+    # the Archiver's configuration says what the night's replicators do
+    for mode in ("science", "calibration", "engineering"):
+        archiver = load_configuration(mode, EntityName.ARCHIVER, root).settings
+        assert (archiver.compress, archiver.max_retries) == (True, 5)
+
+
+def test_daytime_without_orbit_fitting_takes_the_snapshot_only(tmp_path):
+    """The daytime configuration's pipeline.orbit_fitting: false — the APDB's snapshot, no MOPS products."""
+    from lsstpipe.db.apdb import write_apdb_config
+    from lsstpipe.runtime.daytime import run_day
+
+    write_apdb_config(tmp_path)
+    summary = run_day(tmp_path, 20260101, (61001.0, 61001.5), orbit_fitting=False)
+    assert summary["orbit_fitting"] is False and summary["dia_sources"] == 0
+    assert (tmp_path / "snapshots" / "apdb-20260101.sqlite3").exists() and not (tmp_path / "mops").exists()

@@ -258,6 +258,11 @@ def check_consistency(config: Configuration) -> None:
                                  f"belong to the Catch-Up Archiver), got {[p.value for p in s.pools]}")  # fmt: skip
     if isinstance(s, AlertProductionSettings):
         p = s.pipeline
+        if not p.detection_threshold_sigma > 0:
+            raise ConfigurationError(f"{where}: pipeline.detection_threshold_sigma must be > 0 (σ), got "
+                                     f"{p.detection_threshold_sigma}")  # fmt: skip
+        if p.difference_imaging and not p.isr:
+            raise ConfigurationError(f"{where}: pipeline.difference_imaging needs pipeline.isr: true")
         if p.alerts and not p.difference_imaging:
             raise ConfigurationError(f"{where}: pipeline.alerts needs pipeline.difference_imaging: true")
         if p.alerts and s.mode is not Mode.SCIENCE:

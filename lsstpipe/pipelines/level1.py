@@ -71,6 +71,8 @@ __all__ = ["Level1Config", "Level1Counts", "Level1Prefetch", "ccd_level1", "ccd_
 NO_DIFFERENCE = "LEVEL1_NO_DIFFERENCE_IMAGE"
 #: Flag of a CCD that the APDB already held: its alerts were rebuilt from the stored association.
 ALREADY_STORED = "LEVEL1_ALREADY_STORED"
+#: Flag of a CCD associated and stored without alerts (the Alert Production Cluster's ``pipeline.alerts: false``).
+ALERTS_OFF = "LEVEL1_ALERTS_OFF"
 
 
 @dataclass(frozen=True)
@@ -318,7 +320,7 @@ def _stamp_size(result: CcdResult) -> int:
 
 
 def ccd_level1(inputs: CcdInputs, result: CcdResult, prefetch: Level1Prefetch, *, visit: int, detector_id: int,
-               midpoint_mjd_tai: float, apdb: Level1Database, alerts: AlertWriter,
+               midpoint_mjd_tai: float, apdb: Level1Database, alerts: AlertWriter | None,
                config: Level1Config = Level1Config()) -> Level1Counts:  # fmt: skip
     """Associate, store and alert one processed CCD (see the module docstring).
 
@@ -333,8 +335,10 @@ def ccd_level1(inputs: CcdInputs, result: CcdResult, prefetch: Level1Prefetch, *
     midpoint_mjd_tai : float
         Exposure midpoint (MJD TAI).
     apdb : Level1Database
-    alerts : AlertWriter
-        Full batches are written as they fill; the CCD's partial batch is flushed at the end.
+    alerts : AlertWriter or None
+        Full batches are written as they fill; the CCD's partial batch is flushed at the end. None: the
+        DIASources are associated and stored, no alert is issued (``pipeline.alerts: false`` in the Alert
+        Production Cluster's configuration); the counts say :data:`ALERTS_OFF`.
     config : Level1Config
 
     Returns
@@ -345,7 +349,8 @@ def ccd_level1(inputs: CcdInputs, result: CcdResult, prefetch: Level1Prefetch, *
     if not (np.isfinite(midpoint_mjd_tai) and abs(midpoint_mjd_tai - prefetch.visit_mjd_tai) < 1.0):
         raise ValueError(f"midpoint {midpoint_mjd_tai} is not the prefetch's visit time {prefetch.visit_mjd_tai}: "
                          "prefetch the region for this visit")  # fmt: skip
-    alerts.reset_ccd(visit, detector_id)  # a retry replaces the first attempt's files
+    if alerts is not None:
+        alerts.reset_ccd(visit, detector_id)  # a retry replaces the first attempt's files
     char = result.characterization
     if result.difference is None or char is None or char.wcs is None:
         why = ",".join(result.flags) or "no difference image"
@@ -372,6 +377,12 @@ def ccd_level1(inputs: CcdInputs, result: CcdResult, prefetch: Level1Prefetch, *
         forced = forced_source_rows(result.forced, packed, detector_id, band, midpoint_mjd_tai, processed)
         forced["visit"] = visit
         stored = apdb.store_ccd(visit, detector_id, midpoint_mjd_tai, assoc.dia_objects, assoc.dia_sources, forced)
+    if alerts is None:
+        n_new = assoc.n_new if stored else 0
+        n_forced = len(forced) if stored else 0
+        n_ss = assoc.n_ss_matched if stored else 0
+        flags = [*flags, ALERTS_OFF] if stored else [*flags, ALREADY_STORED, ALERTS_OFF]
+        return Level1Counts(len(dia), int(n_new), int(n_forced), int(n_ss), 0, np.nan, np.nan, tuple(flags))
     if stored:
         src_obj, src_ss = assoc.dia_sources["diaObjectId"], assoc.dia_sources["ssObjectId"]
         objects = assoc.dia_objects.copy()

@@ -67,7 +67,8 @@ class _Control:
                     for kind in ("crosstalk_corrected", "raw"):
                         manifest.image(visit, snap.image_id, raft, kind)
         self.cluster = NightCluster(layout, plan)  # the job counts of this night's rafts and detectors
-        self.base, self.ocs, recorder = control_plane(self.out, layout, self.cluster)
+        self.base, self.ocs, recorder = control_plane(self.out, layout, self.cluster, self.config.pipeline,
+                                                       self.config.archive)  # fmt: skip
         base = self.base
         publish = lambda name, value: base.telemetry(EntityName.ALERT_PRODUCTION_CLUSTER, name, value)  # noqa: E731
         self.dmcs = NightDMCS(self.post, layout, plan, manifest, self.config.scheduler,
@@ -77,8 +78,15 @@ class _Control:
         self.dmcs.mode = mode
         script(self.ocs, [(e, c, self._mode_of(e, mode) if c is Command.CONFIGURE else None)
                           for c in (Command.INIT, Command.CONFIGURE, Command.ENABLE) for e in self.entities])  # fmt: skip
+        self._follow_configuration()
         if announced:
             self._recover(announced)
+
+    def _follow_configuration(self) -> None:
+        """The CCD jobs launched from now on run the Alert Production Cluster's installed pipeline parameters."""
+        settings = self.base.entities[EntityName.ALERT_PRODUCTION_CLUSTER].settings
+        if settings is not None:
+            self.dmcs.pipeline = settings.pipeline
 
     @staticmethod
     def _mode_of(entity: EntityName, mode: str) -> str:
@@ -90,6 +98,7 @@ class _Control:
         script(self.ocs, [(e, c, mode if c is Command.CONFIGURE else None)
                           for c in (Command.DISABLE, Command.CONFIGURE, Command.ENABLE) for e in moving])  # fmt: skip
         self.dmcs.mode = mode
+        self._follow_configuration()
 
     def _recover(self, announced: int) -> None:
         """A standby's view of the visits announced before the crash: what the Archive holds, which CCDs
@@ -252,14 +261,19 @@ def _daytime(control: _Control, plan, args, t0: float) -> None:
     day_obs = int(plan.visits[0].snaps[0].day_obs)
     last = max(s.mjd for v in plan.visits for s in v.snaps)
     try:
-        summary = run_day(control.out, day_obs, (last + 0.5, last + 1.0))
+        settings = control.base.entities[apc].settings
+        fitting = settings is None or settings.pipeline.orbit_fitting  # the daytime configuration's
+        summary = run_day(control.out, day_obs, (last + 0.5, last + 1.0), orbit_fitting=fitting)
     except Exception as exc:  # noqa: BLE001 — the day's jobs failing must not lose the night's manifest
         log.exception("daytime DM operations failed")
         summary = {"error": f"{type(exc).__name__}: {exc}"}
     control.manifest.night["daytime"] = summary
-    progress(args.quiet, f"daytime: APDB snapshot, MOPS: {summary.get('tracklets', 0)} tracklets, "
-                         f"{summary.get('tracks', 0)} tracks, {summary.get('ssobjects', 0)} SSObjects"
-             + (f" — {summary['error']}" if "error" in summary else ""), t0)  # fmt: skip
+    mops = ("no orbit fitting (the daytime configuration's pipeline.orbit_fitting: false)"
+            if summary.get("orbit_fitting") is False else
+            f"MOPS: {summary.get('tracklets', 0)} tracklets, {summary.get('tracks', 0)} tracks, "
+            f"{summary.get('ssobjects', 0)} SSObjects")  # fmt: skip
+    progress(args.quiet, f"daytime: APDB snapshot, {mops}" + (f" — {summary['error']}" if "error" in summary else ""),
+             t0)  # fmt: skip
 
 
 def _raft_jobs_open(dmcs: NightDMCS) -> bool:

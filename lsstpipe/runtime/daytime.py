@@ -66,7 +66,7 @@ def _sources(config_path: Path):
         engine.dispose()
 
 
-def run_day(out: Path, day_obs: int, next_night: tuple[float, float]) -> dict:
+def run_day(out: Path, day_obs: int, next_night: tuple[float, float], orbit_fitting: bool = True) -> dict:
     """The day's jobs for the night written under ``out``; returns a summary for the manifest.
 
     Parameters
@@ -77,6 +77,9 @@ def run_day(out: Path, day_obs: int, next_night: tuple[float, float]) -> dict:
         The observing day (``YYYYMMDD``) the snapshot is named after.
     next_night : (float, float)
         The next night's ``(mjd_start, mjd_end)`` (TAI) for the ephemeris coefficients.
+    orbit_fitting : bool
+        Run the MOPS (the Alert Production Cluster's daytime ``pipeline.orbit_fitting``); False: the APDB's
+        snapshot only.
     """
     import pandas as pd
 
@@ -91,6 +94,11 @@ def run_day(out: Path, day_obs: int, next_night: tuple[float, float]) -> dict:
     snapshot = str(target) if target.exists() else db.snapshot(snapshots, day_obs)  # a restarted day keeps it
     src = _sources(out / "apdb-config.yaml")
     free = src[src["ssObjectId"].isna() | (src["ssObjectId"] == 0)]
+    if not orbit_fitting:
+        summary = {"snapshot": snapshot, "dia_sources": int(len(src)), "unclaimed_dia_sources": int(len(free)),
+                   "orbit_fitting": False}  # fmt: skip
+        log.info("daytime (no orbit fitting by configuration): %s", summary)
+        return summary
     orbits = load_orbits(out)
     result = run_mops(free["midpointMjdTai"].to_numpy(float), free["ra"].to_numpy(float),
                       free["dec"].to_numpy(float), orbits, next_night=next_night)  # fmt: skip

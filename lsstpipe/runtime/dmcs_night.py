@@ -36,7 +36,7 @@ from typing import Any
 
 from lsstpipe.camera.geometry import get_camera
 from lsstpipe.control.cluster import JobCounts, SimulatedCluster, batch_label
-from lsstpipe.control.config import Pool
+from lsstpipe.control.config import PipelineParameters, Pool
 from lsstpipe.control.states import EntityName, OCSEvent
 from lsstpipe.runtime.layout import NightLayout, Role
 from lsstpipe.runtime.manifest import TERMINAL, CcdRecord, Manifest
@@ -149,6 +149,8 @@ class _Ccd:
     """The job's index in its batch: the detector's in the plan."""
     reported: bool = False
     """Its end is recorded in the control database already (or was, before a DMCS crash)."""
+    pipeline: PipelineParameters = field(default_factory=PipelineParameters)
+    """The Alert Production Cluster's pipeline parameters when the job was launched."""
 
 
 @dataclass
@@ -190,6 +192,9 @@ class NightDMCS:
         self.waiting: dict[tuple[str, str], list[int]] = {}
         self.mode = "science"
         """The Archiver's and the Alert Production Cluster's mode (calibration before the visits)."""
+        self.pipeline = PipelineParameters()
+        """The pipeline parameters of the Alert Production Cluster's installed configuration (the conductor
+        sets them after each configure): the CCD jobs a visit launches carry them to the workers."""
         self.visit_string: dict[int, int] = {}
         self.warm: set[int] = set()
         """Workers that returned a result (their kernels are compiled)."""
@@ -326,15 +331,17 @@ class NightDMCS:
         self.visit_string[visit.visit] = string
         for index, det_name in enumerate(self.plan.detectors):
             rec = self.manifest.ccd(visit, det_name)
-            if rec.status == "processed" or not sampled:  # processed: in an earlier run (idempotent restart)
-                if rec.status != "processed":
+            if rec.status == "processed" or not sampled or not self.pipeline.isr:  # processed: in an earlier run
+                if rec.status != "processed" and not self.pipeline.isr:
+                    rec.set("skipped", "the Alert Production Cluster's configuration runs no ISR (pipeline.isr: false)")
+                elif rec.status != "processed":
                     rec.set("skipped", f"visit not sampled (every {self.settings.sample_every}th visit is processed)")
                 why = "processed in an earlier run of this night" if rec.status == "processed" else rec.reason
                 self._job_finished(EntityName.ALERT_PRODUCTION_CLUSTER, label, index, "skipped", why)
                 continue
             det = self.plan.camera[det_name]
             self.queue.append(_Ccd(self._id(), visit, det_name, det.id, string, rec, mode=mode, label=label,
-                                   index=index))  # fmt: skip
+                                   index=index, pipeline=self.pipeline))  # fmt: skip
         over = len(self.queue) - self.settings.queue_limit
         if over > 0:
             self.queue.sort(key=lambda j: (j.queued_at, j.job_id))
@@ -372,7 +379,8 @@ class NightDMCS:
             if rec.status != "processed":
                 rec.reason = "requeued by the standby DMCS after a DMCS crash"
                 self.queue.append(_Ccd(self._id(), visit, det_name, self.plan.camera[det_name].id, string, rec,
-                                       label=label, index=index, reported=index in ended))  # fmt: skip
+                                       label=label, index=index, reported=index in ended,
+                                       pipeline=self.pipeline))  # fmt: skip
 
     def presume_busy_until_heard(self) -> None:
         """A standby does not know which worker runs what: a worker is busy until it reports a result."""
@@ -628,7 +636,10 @@ class NightDMCS:
             assignment = JobAssignment(job.job_id, JobKind.CCD, job.visit.visit, detector=job.det_id,
                                        deadline=deadline, priority=job.priority, attempt=job.attempt,
                                        image_ids=tuple(s.image_id for s in job.visit.snaps),
-                                       from_raw_cache=job.from_raw_cache, mode=job.mode)  # fmt: skip
+                                       from_raw_cache=job.from_raw_cache, mode=job.mode,
+                                       difference_imaging=job.pipeline.difference_imaging,
+                                       detection_threshold_sigma=job.pipeline.detection_threshold_sigma,
+                                       alerts=job.pipeline.alerts)  # fmt: skip
             if self._send(assignment, worker):
                 if last is not None:
                     claims[(job.priority, job.visit.visit, last)] -= 1

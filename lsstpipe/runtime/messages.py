@@ -132,6 +132,13 @@ class JobAssignment:
     """The mode of the entity that launched the job (science, calibration, engineering, catchup)."""
     from_raw_cache: bool = False
     """Read the images from the Archive's raw image cache, not from a distributor (a rescheduled job)."""
+    difference_imaging: bool = True
+    """A CCD job of the Alert Production Cluster's installed configuration (``pipeline``): subtract the
+    template and detect DIASources (False: ISR only, as in calibration and engineering modes), ..."""
+    detection_threshold_sigma: float = 5.0
+    """... at this threshold (σ), ..."""
+    alerts: bool = True
+    """... and issue alerts (False: associate and store only)."""
 
     def __post_init__(self) -> None:
         _nonneg_int("job_id", self.job_id)
@@ -146,6 +153,8 @@ class JobAssignment:
         if self.kind is JobKind.SCIENCE_RAFT:
             _require(bool(self.raft), "a science-raft job needs its raft name (e.g. R22)")
         _require(not math.isnan(self.deadline), "deadline must be a time or inf, not NaN")
+        _require(math.isfinite(self.detection_threshold_sigma) and self.detection_threshold_sigma > 0,
+                 f"detection_threshold_sigma must be > 0, not {self.detection_threshold_sigma!r}")  # fmt: skip
 
 
 @dataclass(frozen=True)

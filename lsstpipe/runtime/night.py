@@ -68,6 +68,8 @@ class NightConfig:
     worker: WorkerSettings
     scheduler: SchedulerSettings
     alert_batch_size: int
+    pipeline: Mapping[str, Any]
+    """Overrides of the Alert Production Cluster's science configuration's ``pipeline`` section."""
 
     @property
     def needs_masters(self) -> bool:
@@ -108,7 +110,7 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
     for key, value in extra.items():
         if isinstance(base[key], dict) and isinstance(value, dict):
             bad = sorted(str(k) for k in set(value) - set(base[key]))
-            if bad and key != "layout":
+            if bad and key not in ("layout", "pipeline"):  # checked by validate_config
                 raise NightError(f"--config {p}: unknown {key} key(s) {', '.join(bad)}; they are "
                                  f"{', '.join(sorted(base[key]))}")  # fmt: skip
             base[key] = {**base[key], **value}
@@ -222,11 +224,29 @@ def validate_config(config: Mapping[str, Any], source: str = "the night configur
             raise NightError(str(exc)) from exc
         return NightConfig(**scalars, layout=section("layout", LayoutConfig),  # type: ignore[arg-type]
                            archive=section("archive", ArchiveSettings), worker=section("worker", WorkerSettings),
-                           scheduler=section("scheduler", SchedulerSettings, _check_scheduler))  # fmt: skip
+                           scheduler=section("scheduler", SchedulerSettings, _check_scheduler),
+                           pipeline=_science_pipeline(config["pipeline"]))  # fmt: skip
     except NightError as exc:
         raise NightError(f"{source}: {exc}") from exc
     except KeyError as exc:
         raise NightError(f"{source}: the key {exc} is missing (the embedded configuration has every one)") from exc
+
+
+def _science_pipeline(overrides: object) -> dict[str, Any]:
+    """``pipeline``: overrides of the shipped science configuration of the Alert Production Cluster, checked
+    by the control plane's own rules (as ``lsstpipe config check`` would)."""
+    from lsstpipe.control.config import ConfigurationError, parse_configuration
+
+    if not isinstance(overrides, Mapping):
+        raise NightError(f"pipeline must be a mapping of pipeline parameters to values, not {overrides!r}")
+    path = Path(__file__).resolve().parent.parent / "configs" / "alert_production_cluster" / "science.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["pipeline"] = {**data["pipeline"], **overrides}
+    try:
+        parse_configuration(data, "science", path)
+    except ConfigurationError as exc:
+        raise NightError(f"pipeline: {exc} (the night's pipeline section overrides that file)") from exc
+    return dict(overrides)
 
 
 def check_max_visits(value: object) -> int | None:
@@ -408,8 +428,10 @@ def _prepare(args: argparse.Namespace, comm) -> tuple:
     return config, repo, plan, layout, faults
 
 
-def _entity_configs(out: Path, layout) -> Path:
-    """The entities' configurations (every mode), sized to this night's layout (validated by the control plane)."""
+def _entity_configs(out: Path, layout, pipeline: Mapping[str, Any] | None = None, archive: Any = None) -> Path:
+    """The entities' configurations (every mode), sized to this night's layout, the Alert Production Cluster's
+    science pipeline overridden by ``pipeline``, the Archiver's ``compress`` and ``max_retries`` those of the
+    night's ``archive`` settings (what its replicators do), validated by the control plane."""
     from lsstpipe.runtime.layout import Role
 
     shipped = Path(__file__).resolve().parent.parent / "configs"
@@ -422,12 +444,16 @@ def _entity_configs(out: Path, layout) -> Path:
         for path in sorted((shipped / entity).glob("*.yaml")):
             data = yaml.safe_load(path.read_text())
             data.update(sizes[entity], install_seconds=0.0)
+            if entity == "archiver" and archive is not None:
+                data.update(compress=archive.compress, max_retries=archive.max_retries)
+            if entity == "alert_production_cluster" and path.stem == "science" and pipeline:
+                data["pipeline"] = {**data["pipeline"], **pipeline}
             (root / entity).mkdir(parents=True, exist_ok=True)
             (root / entity / path.name).write_text(yaml.safe_dump(data, sort_keys=False))
     return root
 
 
-def control_plane(out: Path, layout, dmcs_cluster):
+def control_plane(out: Path, layout, dmcs_cluster, pipeline: Mapping[str, Any] | None = None, archive: Any = None):
     """Boot the Base DMCS on an in-process OCS link with the night's control database and EFD; the OCS client."""
     from lsstpipe.control.dmcs import BaseDMCS
     from lsstpipe.control.ocs import OCSClient
@@ -442,7 +468,7 @@ def control_plane(out: Path, layout, dmcs_cluster):
     # the Summit EFD and its Chilean and US DAC replicas (embedded chain): the DMCS records the OCS traffic,
     # the camera its exposures; replicators read the replica
     efd = open_efd(out / "efd")
-    dmcs = BaseDMCS(transport, codec, dmcs_cluster, config_root=_entity_configs(out, layout), recorder=recorder,
+    dmcs = BaseDMCS(transport, codec, dmcs_cluster, config_root=_entity_configs(out, layout, pipeline, archive), recorder=recorder,
                     efd=efd, efd_monitor_interval=0.25)  # fmt: skip
     dmcs.boot()
     ocs = OCSClient(transport, codec, sender="ocs-night")

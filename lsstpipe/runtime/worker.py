@@ -89,6 +89,17 @@ class WorkerSettings:
             raise ValueError(f"level1 must be true or false, not {self.level1!r}")
 
 
+def _chain_config(job: JobAssignment):
+    """The chain's settings for ``job``: the defaults, with the DIASource detection threshold of the Alert
+    Production Cluster's installed configuration."""
+    from lsstpipe.pipelines.ap import ApConfig
+
+    config = ApConfig()
+    if job.detection_threshold_sigma == config.dia.threshold:
+        return config
+    return dataclasses.replace(config, dia=dataclasses.replace(config.dia, threshold=job.detection_threshold_sigma))
+
+
 def _metadata(header: dict, detector: str) -> dict:
     """ISR metadata of one snap from its CDS header (as :func:`lsstpipe.pipelines.isr.raw_metadata`)."""
     return {"exptime": float(header["EXPTIME"]), "dark_time": float(header.get("DARKTIME", header["EXPTIME"])),
@@ -238,8 +249,8 @@ class Worker:
     def _run(self, job: JobAssignment, det, t0: float) -> tuple[tuple[str, int], ...]:
         from lsstpipe.pipelines.ap import process_ccd
 
-        if job.mode in ("calibration", "engineering"):
-            return self._run_isr_only(job, det, t0)
+        if job.mode in ("calibration", "engineering") or not job.difference_imaging:
+            return self._run_isr_only(job, det, t0)  # the configuration's pipeline.difference_imaging: false
         from lsstpipe.pipelines.inputs import load_ccd_inputs
 
         inputs = load_ccd_inputs(self.repo, job.visit, det.name, self.settings.calibs, with_raws=False)
@@ -269,7 +280,7 @@ class Worker:
         if det.type is not DetectorType.SCIENCE:
             inputs = dataclasses.replace(inputs, template_patches=())
         with planes_reused():  # the chain's planes recycled from stage to stage, all given back at its end
-            result = process_ccd(inputs, release_inputs=True)  # raws, masters and templates freed as used
+            result = process_ccd(inputs, _chain_config(job), release_inputs=True)  # inputs freed as used
         self._check_deadline(job, "after processing")
         l1 = None
         if prefetch is not None and self.level1 is not None:
@@ -277,7 +288,7 @@ class Worker:
 
             l1 = ccd_level1(inputs, result, prefetch, visit=job.visit, detector_id=det.id,
                             midpoint_mjd_tai=visit_midpoint_mjd_tai(inputs), apdb=self.level1.apdb,
-                            alerts=self.level1.alerts)  # fmt: skip
+                            alerts=self.level1.alerts if job.alerts else None)  # fmt: skip
         self._write_outputs(job, det, result, l1, {"prefetch": t_prefetch - t0, "fetch": t_fetch - t_prefetch,
                                                    "process": time.time() - t_fetch,
                                                    # the prefetch's two parts: calibrations, templates, refcat;
