@@ -169,6 +169,14 @@ def test_rubins_client_reads_what_was_stored(night):
     assert len(objects) == len(set(objects["diaObjectId"])) > 0
     sources = client.getDiaSources(circle(pre.ra, pre.dec, pre.radius_deg), None, L1._tai(mid + 0.01))
     assert len(sources) == db.row_counts()["DiaSource"]
+    # psfNdata: the pixels of the PSF stamps the chain fitted (the difference image's PSF), per visit
+    from lsstpipe.pipelines.diasources import DiaSourceConfig, psf_stamp_size
+
+    for _, _, res, _ in runs.values():
+        fwhm = float(res.difference.kernel_info.get("difference_psf_fwhm", np.nan))
+        assert res.dia_stamp_size == psf_stamp_size(DiaSourceConfig(), fwhm) >= 15
+    stamps = {r[2].dia_stamp_size ** 2 for r in runs.values()}
+    assert set(sources["psfNdata"]) <= stamps and len(sources)
 
 
 def test_rerun_of_a_ccd_adds_no_row_and_no_alert(mini, night):

@@ -25,7 +25,7 @@ import numpy as np
 
 from lsstpipe.camera import Detector
 from lsstpipe.pipelines.characterize import Characterization, CharacterizeConfig, characterize
-from lsstpipe.pipelines.diasources import DIA_DTYPE, DiaSourceConfig, dia_sources, forced_photometry
+from lsstpipe.pipelines.diasources import DIA_DTYPE, DiaSourceConfig, dia_sources, forced_photometry, psf_stamp_size
 from lsstpipe.pipelines.difference import Difference, DifferenceConfig, difference_exposure
 from lsstpipe.pipelines.exposure import Exposure
 from lsstpipe.pipelines.isr import IsrCalibs, IsrConfig, SnapConfig, combine_snaps, run_isr
@@ -117,6 +117,9 @@ class CcdResult:
         Per-CCD quality metrics (:func:`lsstpipe.pipelines.sdqa.ccd_sdqa`).
     flags : tuple of str
         Why stages were skipped or results are partial (empty: everything ran).
+    dia_stamp_size : int
+        Side of the PSF stamps of the DIASources' PSF fits (:func:`~lsstpipe.pipelines.diasources.psf_stamp_size`;
+        0 without a difference image).
     timings : dict
         Seconds per stage.
     """
@@ -129,6 +132,7 @@ class CcdResult:
     sdqa: dict
     flags: tuple
     timings: dict
+    dia_stamp_size: int = 0
 
 
 def _psf_stamps(char: Characterization | None):
@@ -218,6 +222,7 @@ def process_ccd(inputs: CcdInputs, config: ApConfig = ApConfig(), *, release_inp
     diff: Difference | None = None
     dia = np.zeros(0, DIA_DTYPE)
     forced = np.zeros(0, FORCED_DTYPE)
+    dia_stamp = 0
     calibrated = char.wcs is not None and np.isfinite(char.zero_point) and np.isfinite(science_fwhm)
     if not calibrated:
         flags.append("NOT_CALIBRATED")
@@ -234,6 +239,7 @@ def process_ccd(inputs: CcdInputs, config: ApConfig = ApConfig(), *, release_inp
         timings["difference"] = time.perf_counter() - t
         flags.extend(f for f in diff.flags if f not in flags)
         diff_fwhm = float(diff.kernel_info.get("difference_psf_fwhm", science_fwhm))
+        dia_stamp = psf_stamp_size(config.dia, diff_fwhm)
         t = time.perf_counter()
         dia = dia_sources(diff.image, diff.variance, diff.mask, calexp, diff_fwhm, char.zero_point, char.wcs,
                           psf_stamps if diff_fwhm == science_fwhm else None, config.dia)  # fmt: skip
@@ -242,7 +248,7 @@ def process_ccd(inputs: CcdInputs, config: ApConfig = ApConfig(), *, release_inp
         timings["dia_sources"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     sdqa = ccd_sdqa(calexp, char, diff, dia, timings)
-    return CcdResult(calexp, char, diff, dia, forced, sdqa, tuple(flags), timings)
+    return CcdResult(calexp, char, diff, dia, forced, sdqa, tuple(flags), timings, dia_stamp)
 
 
 def _forced_dia_objects(objects, diff: Difference, calexp: Exposure, char: Characterization, diff_fwhm: float,

@@ -23,7 +23,7 @@ from kernels.forced import forced_psf_flux, gaussian_stamps
 from lsstpipe.pipelines.detection import detect_and_measure
 from lsstpipe.pipelines.exposure import NJY_AB_ZP, Exposure, MaskBit
 
-__all__ = ["DIA_DTYPE", "DiaSourceConfig", "NJY_AB_ZP", "bbox_size", "dia_sources", "forced_photometry",
+__all__ = ["DIA_DTYPE", "DiaSourceConfig", "NJY_AB_ZP", "bbox_size", "dia_sources", "forced_photometry", "psf_stamp_size",
            "njy_per_electron"]  # fmt: skip
 
 
@@ -94,7 +94,9 @@ def njy_per_electron(zero_point: float) -> float:
     return float(10.0 ** (0.4 * (NJY_AB_ZP - zero_point)))
 
 
-def _stamp_size(config: DiaSourceConfig, fwhm: float) -> int:
+def psf_stamp_size(config: DiaSourceConfig, fwhm: float) -> int:
+    """Side (odd, pixels) of the PSF stamps of the DIASource fits: ``config.stamp_size``, else the odd size
+    nearest 6 × ``fwhm``, at least 15."""
     if config.stamp_size:
         return config.stamp_size
     s = max(15, int(round(6 * fwhm)))
@@ -109,7 +111,7 @@ def forced_photometry(exposure: Exposure, x, y, psf_stamps: PsfStamps | None, ps
     BAD and SAT pixels are excluded.
     """
     x, y = np.atleast_1d(np.asarray(x, np.float64)), np.atleast_1d(np.asarray(y, np.float64))
-    size = stamp_size or _stamp_size(DiaSourceConfig(), psf_fwhm)
+    size = stamp_size or psf_stamp_size(DiaSourceConfig(), psf_fwhm)
     stamps = psf_stamps(x, y, size) if psf_stamps is not None else gaussian_stamps(x, y, psf_fwhm, size)
     bad = (exposure.mask & BAD_BITS) != 0
     f, e, flags = forced_psf_flux(exposure.image, exposure.variance, x, y, stamps, mask=bad)
@@ -168,7 +170,7 @@ def dia_sources(
         return out
     scale = njy_per_electron(zero_point)
     x, y = cat["x"], cat["y"]
-    size = _stamp_size(config, psf_fwhm)
+    size = psf_stamp_size(config, psf_fwhm)
     stamps = psf_stamps(x, y, size) if psf_stamps is not None else gaussian_stamps(x, y, psf_fwhm, size)
     pf, pe, _ = forced_psf_flux(difference_image, difference_variance, x, y, stamps, mask=bad)
     sf, se, sflags = forced_photometry(calexp, x, y, psf_stamps, psf_fwhm, zero_point, size)

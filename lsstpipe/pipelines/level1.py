@@ -313,12 +313,6 @@ def id_visit(visit: int) -> int:
     return (date - datetime.date(2000, 1, 1)).days * 100000 + seq
 
 
-def _stamp_size(result: CcdResult) -> int:
-    """Side of the PSF stamp of the chain's PSF fits: the odd size nearest 6 × FWHM, at least 15."""
-    fwhm = float(result.sdqa.get("psf_fwhm_pix", np.nan))
-    return max(15, 2 * int(round(3.0 * fwhm)) + 1) if np.isfinite(fwhm) else 15
-
-
 def ccd_level1(inputs: CcdInputs, result: CcdResult, prefetch: Level1Prefetch, *, visit: int, detector_id: int,
                midpoint_mjd_tai: float, apdb: Level1Database, alerts: AlertWriter | None,
                config: Level1Config = Level1Config()) -> Level1Counts:  # fmt: skip
@@ -364,7 +358,7 @@ def ccd_level1(inputs: CcdInputs, result: CcdResult, prefetch: Level1Prefetch, *
     stored = False
     exptime = float(sum(float(m["exptime"]) for m in inputs.snap_metadata))
     scale = float(char.metrics.get("pixel_scale_arcsec", config.association.pixel_scale_arcsec))
-    ctx = SourceContext(visit, detector_id, midpoint_mjd_tai, processed, band, scale, _stamp_size(result), exptime,
+    ctx = SourceContext(visit, detector_id, midpoint_mjd_tai, processed, band, scale, result.dia_stamp_size, exptime,
                         char.wcs)  # fmt: skip
     if not apdb.apdb.containsVisitDetector(visit, detector_id):
         if config.refresh_objects:
