@@ -102,8 +102,8 @@ def test_noise_model_of_the_clipped_mean(n):
     res = combine_stack(_ro(s), nsigma=4.0, stdfunc="model", noise_model=(sigma**2, 0.0))
     npix = res.image.size
     assert abs(res.image.mean() - 50.0) < 5 * sigma / np.sqrt(n * npix)
-    assert res.image.std() == pytest.approx(sigma / np.sqrt(n), rel=0.1)
-    assert np.mean(res.variance) == pytest.approx(sigma**2 / n, rel=0.1)
+    assert res.image.std() == pytest.approx(sigma / np.sqrt(n), rel=0.03)  # within 0.7 % here (fixed seed)
+    assert np.mean(res.variance) == pytest.approx(sigma**2 / n, rel=0.03)
     assert res.n_used.max() <= n and res.n_used.mean() > 0.98 * n
 
 

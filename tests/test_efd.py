@@ -193,7 +193,7 @@ def test_following_cannot_be_turned_on_while_the_us_replica_is_down(chain: Chain
     assert efd.following is False
     chain.start(US)  # a restarted standby replays again, until the next sync pauses it
     top = topic()
-    wait_for(lambda: efd.sync() is not None and efd.read(lambda r: r.last_lsn()).site is US, 30.0)
+    assert wait_for(lambda: efd.sync() is not None and efd.read(lambda r: r.last_lsn()).site is US, 30.0)
     write(efd, top, 3)
     efd.wait_caught_up(CHILE.value, 30.0)
     for _ in range(3):

@@ -142,7 +142,7 @@ def test_every_alert_validates_and_carries_its_history(mini, night):
             src = a["diaSource"]
             assert src["visit"] == v and src["detector"] == det
             assert read_cutout(a["cutoutDifference"]).image.shape == read_cutout(a["cutoutScience"]).image.shape
-            assert a["cutoutTemplate"] is not None
+            assert read_cutout(a["cutoutTemplate"]).image.shape == read_cutout(a["cutoutDifference"]).image.shape
             if src["ssObjectId"] is not None:
                 ss += 1
                 assert a["ssSource"]["ssObjectId"] == src["ssObjectId"] and src["diaObjectId"] is None

@@ -92,7 +92,7 @@ def test_shapes_preserved_and_inputs_unmodified():
     assert ra.shape == (3, 4) and dec.shape == (3, 4)
     bx, by = m.sky_to_pixel(ra, dec)
     assert bx.shape == by.shape == (3, 4)
-    assert np.isscalar(float(m.pixel_to_sky(0.0, 0.0)[0]))
+    assert np.ndim(m.pixel_to_sky(0.0, 0.0)[0]) == 0  # scalars in, scalars out
 
 
 @pytest.mark.parametrize(
