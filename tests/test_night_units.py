@@ -337,3 +337,31 @@ def test_daytime_without_orbit_fitting_takes_the_snapshot_only(tmp_path):
     summary = run_day(tmp_path, 20260101, (61001.0, 61001.5), orbit_fitting=False)
     assert summary["orbit_fitting"] is False and summary["dia_sources"] == 0
     assert (tmp_path / "snapshots" / "apdb-20260101.sqlite3").exists() and not (tmp_path / "mops").exists()
+
+
+def test_catchup_keeps_at_most_its_configured_jobs_in_flight(tmp_path):
+    """The Catch-Up Archiver's max_concurrent_jobs: the oldest images first, the rest at later scans."""
+    import time
+
+    from lsstpipe.runtime.messages import JobKind, JobResult
+
+    dmcs, post, (v1, _, _) = _dispatch_night(tmp_path, ("R10_S00",))
+    images = []
+    for k, snap in enumerate(v1.snaps):
+        for kind in ("crosstalk_corrected", "raw"):
+            im = dmcs.manifest.image(v1, snap.image_id, "R10", kind)
+            im.readout_end, im.replicator_done = time.time() - 20 + k, time.time() - 10
+            images.append(im)
+    dmcs.catchup_limit = 3
+    assert dmcs.catchup_jobs() == 3
+    sent = [(a, w) for a, w in post.sent if a.kind is JobKind.CATCHUP]
+    assert {a.image_ids[0] for a, _ in sent} >= {v1.snaps[0].image_id}  # the oldest first
+    assert dmcs.catchup_jobs() == 0  # three in flight: none more
+    first, rank = sent[0]
+    dmcs._result(JobResult(first.job_id, rank, True), rank)  # one done (not archived: it may go again)
+    assert dmcs.catchup_jobs() == 1  # room for one
+    dmcs.catchup_limit = None
+    for im in images:  # past scheduler.catchup_after_s since their (catch-up) replicator job ended
+        im.replicator_done -= 10
+    waiting = sum(not im.catchup_pending for im in images)
+    assert waiting > 0 and dmcs.catchup_jobs() == waiting  # no limit: every image waiting

@@ -52,6 +52,8 @@ class _Control:
         self.out = Path(args.out)
         self.entities = [EntityName(e) for e in ENTITY_CONFIGS]
         self.base = self.ocs = self.dmcs = None
+        self.catchup_scan_s = 1.0
+        """Real seconds between two scans of the Catch-Up Archiver (its configuration's interval, scaled)."""
 
     def boot(self, announced: int = 0, mode: str = "science") -> None:
         """Start (or take over, from the control database, the manifest on disk and the Archive)."""
@@ -83,10 +85,16 @@ class _Control:
             self._recover(announced)
 
     def _follow_configuration(self) -> None:
-        """The CCD jobs launched from now on run the Alert Production Cluster's installed pipeline parameters."""
+        """From now on: the CCD jobs run the Alert Production Cluster's installed pipeline parameters; the
+        Catch-Up Archiver scans every ``scan_interval_seconds`` of the night's clock with at most
+        ``max_concurrent_jobs`` jobs in flight."""
         settings = self.base.entities[EntityName.ALERT_PRODUCTION_CLUSTER].settings
         if settings is not None:
             self.dmcs.pipeline = settings.pipeline
+        catchup = self.base.entities[EntityName.CATCHUP_ARCHIVER].settings
+        if catchup is not None:
+            self.dmcs.catchup_limit = catchup.max_concurrent_jobs
+            self.catchup_scan_s = catchup.scan_interval_seconds * self.plan.time_scale
 
     @staticmethod
     def _mode_of(entity: EntityName, mode: str) -> str:
@@ -195,9 +203,9 @@ def conduct(post, args, config: NightConfig, repo, plan, layout, faults, handler
             busy |= _pump(post, handlers, dmcs) > 0
             dmcs.dispatch()
             dmcs.check_liveness()
-            if time.monotonic() - last_catchup > 1.0:
+            if time.monotonic() - last_catchup > control.catchup_scan_s:
                 last_catchup = time.monotonic()
-                dmcs.catchup_jobs()
+                dmcs.catchup_jobs(final=phase == "catchup")  # after the last visit: the full scan, again
             for visit in plan.calibrations + plan.visits:
                 recs = manifest.ccds_of(visit.visit)
                 if visit.visit not in reported and recs and all(r.status in TERMINAL for r in recs):

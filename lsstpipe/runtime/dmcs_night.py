@@ -193,6 +193,9 @@ class NightDMCS:
         self.mode = "science"
         """The Archiver's and the Alert Production Cluster's mode (calibration before the visits)."""
         self.pipeline = PipelineParameters()
+        self.catchup_limit: int | None = None
+        """The Catch-Up Archiver's ``max_concurrent_jobs`` (the conductor sets it from its installed
+        configuration): catch-up jobs in flight at once; None: no limit."""
         """The pipeline parameters of the Alert Production Cluster's installed configuration (the conductor
         sets them after each configure): the CCD jobs a visit launches carry them to the workers."""
         self.visit_string: dict[int, int] = {}
@@ -745,6 +748,9 @@ class NightDMCS:
         pairs = [p for p in self.catchup_pairs if not p.dead and p.replicator not in self.dead]
         if not pairs:
             return 0
+        if self.catchup_limit is not None:  # the oldest first; the rest at a later scan
+            running = sum(1 for pair, *_, done in self.raft_jobs.values() if pair in pairs and done is None)
+            todo = todo[: max(0, self.catchup_limit - running)]
         for k, im in enumerate(todo):
             pair = pairs[k % len(pairs)]
             job = JobAssignment(self._id(), JobKind.CATCHUP, im.visit, raft=im.raft, image_ids=(im.image_id,),
