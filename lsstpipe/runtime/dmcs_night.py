@@ -27,15 +27,13 @@ Archiver's pairs (from the outage buffer, else the CDS buffer), oldest first.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lsstpipe.camera.geometry import get_camera
-from lsstpipe.control.cluster import JobCounts, SimulatedCluster, batch_label
+from lsstpipe.control.cluster import batch_label
 from lsstpipe.control.config import PipelineParameters, Pool
 from lsstpipe.control.states import EntityName, OCSEvent
 from lsstpipe.runtime.layout import NightLayout, Role
@@ -58,74 +56,13 @@ from lsstpipe.runtime.messages import (
     TelemetryReport,
     tag_of,
 )
+from lsstpipe.runtime.night_cluster import NightCluster, SchedulerSettings, night_job_counts
 from lsstpipe.runtime.plan import EventKind, NightPlan, PlannedEvent, Visit
 from lsstpipe.runtime.postman import Envelope, PeerLost, Postman
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NightCluster", "NightDMCS", "SchedulerSettings"]
-
-
-def night_job_counts(layout: NightLayout, plan: NightPlan | None = None) -> JobCounts:
-    """The jobs :class:`NightDMCS` runs per event: one replicator job per raft of the plan (each wavefront
-    sensor raft too) per ``startIntegration``, one worker job per detector of the plan per ``nextVisit`` or
-    ``startExposure``; without a plan, those of every raft and detector of the layout's camera."""
-    if plan is not None:
-        return JobCounts(len(plan.rafts), len(plan.detectors))
-    camera = get_camera(layout.camera)
-    return JobCounts(len(camera.rafts), len(camera.detectors))
-
-
-class NightCluster(SimulatedCluster):
-    """The cluster the control plane sees: the night's layout; submitted batches go to the scheduler.
-
-    Parameters
-    ----------
-    layout
-        The night's ranks: the pools' pairs and the workers the configurations are checked against.
-    plan
-        The night's plan: how many jobs each event launches (:func:`night_job_counts`).
-    """
-
-    def __init__(self, layout: NightLayout, plan: NightPlan | None = None) -> None:
-        pools = {Pool.FULLY_OPERATIONAL: sum(p.pool is Pool.FULLY_OPERATIONAL for p in layout.pairs),
-                 Pool.LOCAL_ONLY: sum(p.pool is Pool.LOCAL_ONLY for p in layout.pairs),
-                 Pool.CATCHUP: len(layout.catchup_pairs)}  # fmt: skip
-        workers = len(layout.ranks_of(Role.WORKER)) + len(layout.spare_workers)
-        super().__init__(pools, workers=workers, job_seconds=0.0, jobs=night_job_counts(layout, plan))
-        self.events: queue.Queue = queue.Queue()
-
-    def submit(self, entity: EntityName, label: str, n_jobs: int, event: Any = None):  # type: ignore[override]
-        batch = super().submit(entity, label, n_jobs)
-        if event is not None:
-            self.events.put((entity, event))
-        return batch
-
-
-@dataclass(frozen=True)
-class SchedulerSettings:
-    ccd_timeout_s: float = 120.0
-    """A CCD job not done this long after it started is late (killed, queued for later reprocessing)."""
-    heartbeat_timeout_s: float = 10.0
-    """A worker silent this long while it holds a job is dead."""
-    warmup_grace_s: float = 120.0
-    """Extra silence allowed before a worker's first result (numba compiles its kernels holding the GIL;
-    a warm on-disk cache, ``NUMBA_CACHE_DIR``, makes it short)."""
-    queue_limit: int = 1000
-    """Most unexecuted CCD jobs kept; beyond, the oldest are dropped (recorded as skipped)."""
-    sample_every: int = 1
-    """Process every n-th visit (1: all); the others are archived but not processed (skipped, sampled)."""
-    link_back_s: tuple[float, float] = (1.0, 3.0)
-    """A pair whose link came back returns to the fully-operational pool after a random wait in this range."""
-    catchup_after_s: float = 2.0
-    """An image not archived this long after its replicator job ended goes to the Catch-Up Archiver."""
-    reprocess: bool = True
-    """Run late and data-unavailable CCD jobs again after the last visit (catch-up processing)."""
-    raft_job_timeout_s: float = 60.0
-    """A replicator job without a result this long is given up (its images go to the Catch-Up Archiver)."""
-    catchup_timeout_s: float = 120.0
-    """End of night: how long the Catch-Up Archiver may take to bring the last images."""
-    seed: int = 0
+__all__ = ["NightCluster", "NightDMCS", "SchedulerSettings", "night_job_counts"]
 
 
 @dataclass
