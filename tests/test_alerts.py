@@ -54,6 +54,10 @@ def schema():
 
 @pytest.fixture(scope="module")
 def wcs():
+    return rotated_sip_wcs()
+
+
+def rotated_sip_wcs() -> WCS:
     """A rotated TAN-SIP WCS of a 400×300 CCD at 0.2″/px (with a visible SIP distortion)."""
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from astropy.wcs import WCS, Sip
+from astropy.wcs import WCS
 from lsst.sdm import schemas as sdm_schemas
 from naive_associate import naive_associate, separation_arcsec
 
@@ -329,8 +329,7 @@ def test_solar_system_detections_find_their_own_object():
 
 # --- the DiaSource record: one mapping for the APDB and the alert ------------------------------------------
 
-SCALE = 0.2  # arcsec / px
-NY, NX = 300, 400
+from test_alerts import NX, NY, SCALE, rotated_sip_wcs  # noqa: E402 — the same CCD as the alerts' tests
 
 
 @pytest.fixture(scope="module")
@@ -340,16 +339,7 @@ def schema():
 
 @pytest.fixture(scope="module")
 def wcs():
-    """A rotated TAN-SIP WCS of a 400×300 CCD at 0.2″/px."""
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
-    w.wcs.crval, w.wcs.crpix = [150.0, -30.0], [NX / 2 + 0.5, NY / 2 + 0.5]
-    s, th = SCALE / 3600.0, np.deg2rad(20.0)
-    w.wcs.cd = [[-s * np.cos(th), s * np.sin(th)], [s * np.sin(th), s * np.cos(th)]]
-    a, b = np.zeros((3, 3)), np.zeros((3, 3))
-    a[2, 0], a[1, 1], b[0, 2] = 2e-6, -1e-6, 3e-6
-    w.sip = Sip(a, b, None, None, w.wcs.crpix)
-    return w
+    return rotated_sip_wcs()  # the CCD of tests/test_alerts.py
 
 
 @pytest.fixture(scope="module")
