@@ -56,6 +56,7 @@ from lsstpipe.db.calib import CalibrationDatabase
 from lsstpipe.io.raw import RawFormatError, read_raw
 from lsstpipe.pipelines.isr import FRINGE_BANDS
 from lsstpipe.repo import Repository, sha256_file, write_json
+from lsstpipe.runtime.selfcomm import SelfComm
 
 __all__ = ["CppRequest", "CcdTask", "InputExposure", "CcdResult", "run_cpp", "plan_tasks", "MODES", "calib_db_path"]
 
@@ -151,22 +152,6 @@ class CcdResult:
     @property
     def ok(self) -> bool:
         return not self.errors
-
-
-class _SelfComm:
-    rank, size = 0, 1
-
-    def bcast(self, value, root=0):
-        return value
-
-    def scatter(self, values, root=0):
-        return values[0]
-
-    def gather(self, value, root=0):
-        return [value]
-
-    def Barrier(self) -> None:  # noqa: N802 (MPI's name)
-        pass
 
 
 def exposure_id(day_obs: int, seq_num: int) -> int:
@@ -382,7 +367,7 @@ def run_cpp(request: CppRequest, comm=None) -> dict:
     ValueError
         On every rank, for a bad request or repository (nothing is written).
     """
-    comm = comm if comm is not None else _SelfComm()
+    comm = comm if comm is not None else SelfComm()
     if request.mode == "pre-drp":
         return _pre_drp(request, comm)
     plan: tuple | None = None

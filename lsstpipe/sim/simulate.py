@@ -21,6 +21,7 @@ from lsstpipe import __version__
 from lsstpipe.camera import Camera, Detector, get_camera
 from lsstpipe.io.raw import write_raw
 from lsstpipe.repo import Repository, sha256_file, write_csv, write_json
+from lsstpipe.runtime.selfcomm import SelfComm
 from lsstpipe.sim import opsim, scene, spots
 from lsstpipe.sim import sky as skymod
 from lsstpipe.sim.exposure import ExposureSpec, raw_header, render_exposure
@@ -184,21 +185,6 @@ def calibration_specs(visits: list[opsim.VisitSpec], n_spot: int = spots.N_SPOT_
     return specs
 
 
-class _SelfComm:
-    """The one-rank stand-in for an MPI communicator when mpi4py is not wanted."""
-
-    rank, size = 0, 1
-
-    def Barrier(self) -> None:  # noqa: N802 (MPI's name)
-        pass
-
-    def allreduce(self, value):
-        return value
-
-    def bcast(self, value, root=0):
-        return value
-
-
 def run_simulation(request: SimulationRequest, comm=None) -> dict:
     """Simulate into ``request.repo``; returns a summary (counts, paths, timings).
 
@@ -207,7 +193,7 @@ def run_simulation(request: SimulationRequest, comm=None) -> dict:
     so the repository is byte-identical for any number of ranks. Rank 0 writes the shared truth and the
     registry's exposure table; every rank must call this with the same request.
     """
-    comm = comm if comm is not None else _SelfComm()
+    comm = comm if comm is not None else SelfComm()
     rank, size = comm.rank, comm.size
     t_start = time.perf_counter()
     log = _Progress(request.progress and rank == 0)
