@@ -69,8 +69,11 @@ def _test_set() -> list[SolarSystemObject]:
     try:
         elements = orbits.read_des_orbits(Path(str(data / "sspp_testset_orbits.des")))
         colours = orbits.read_colours(Path(str(data / "sspp_testset_colours.txt")))
-    except FileNotFoundError:
-        return []
+    except FileNotFoundError as exc:  # a broken installation: the simulation would lack its known objects
+        raise FileNotFoundError(
+            f"the Solar System test set of the package is missing ({exc.filename}); "
+            "reinstall lsstpipe (pip install -e .)"
+        ) from exc
     out = []
     for k, orb in enumerate(elements):
         c = colours.get(orb.name)
