@@ -331,7 +331,7 @@ def simulate_one(repo: Repository, camera: Camera, sig: DetectorSignature, spec:
     if spec.imgtype == "OBJECT":
         tdir = repo.truth_dir(spec.day_obs, spec.obsid)
         zp = skymod.exposure_zero_point(spec.band, spec.airmass, spec.exptime)
-        write_csv(tdir / f"{spec.obsid}_{det.name}_sources.csv", source_rows(rendered.sources, zp), SOURCE_COLUMNS)
+        write_csv(tdir / f"{spec.obsid}_{det.name}_sources.csv", source_rows(rendered.sources), SOURCE_COLUMNS)
         header = model.wcs_header()
         write_json(tdir / f"{spec.obsid}_{det.name}_meta.json", {
             "obsid": spec.obsid, "detector": det.name, "detector_id": det.id, "visit": spec.visit,

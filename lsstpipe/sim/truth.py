@@ -57,7 +57,7 @@ SOURCE_COLUMNS = (
 )  # fmt: skip
 
 
-def source_rows(sources: Sources, zero_point: float, shape: tuple[int, int] | None = None):
+def source_rows(sources: Sources, shape: tuple[int, int] | None = None):
     """Rows of the per-exposure source truth table (see the module docstring)."""
     if sources is None:
         return []
