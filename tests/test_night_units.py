@@ -359,6 +359,9 @@ def test_catchup_keeps_at_most_its_configured_jobs_in_flight(tmp_path):
     assert dmcs.catchup_jobs() == 0  # three in flight: none more
     first, rank = sent[0]
     dmcs._result(JobResult(first.job_id, rank, True), rank)  # one done (not archived: it may go again)
+    assert first.mode == "catchup:crosstalk_corrected" and first.image_ids == (v1.snaps[0].image_id,)
+    # its own copy may go again; the raw copy of the same image, still in flight, stays pending
+    assert not images[0].catchup_pending and images[1].catchup_pending
     assert dmcs.catchup_jobs() == 1  # room for one
     dmcs.catchup_limit = None
     for im in images:  # past scheduler.catchup_after_s since their (catch-up) replicator job ended

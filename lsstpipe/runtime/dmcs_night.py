@@ -130,6 +130,8 @@ class NightDMCS:
         self.mode = "science"
         """The Archiver's and the Alert Production Cluster's mode (calibration before the visits)."""
         self.pipeline = PipelineParameters()
+        self.catchup_kind: dict[int, str] = {}
+        """Catch-up job id → the kind of image it archives (its result concerns that copy only)."""
         self.catchup_limit: int | None = None
         """The Catch-Up Archiver's ``max_concurrent_jobs`` (the conductor sets it from its installed
         configuration): catch-up jobs in flight at once; None: no limit."""
@@ -491,8 +493,10 @@ class NightDMCS:
                 self._job_finished(EntityName.ARCHIVER, *self.raft_batches[r.job_id], "completed" if r.ok else "failed",
                                    "" if r.ok else f"{r.error_type}: {r.message}")  # fmt: skip
             catchup = pair.catchup or number == 0
+            kinds = (self.catchup_kind.pop(r.job_id),) if r.job_id in self.catchup_kind else \
+                ("crosstalk_corrected", "raw")  # fmt: skip
             for image_id in images:
-                for kind in ("crosstalk_corrected", "raw"):
+                for kind in kinds:  # a catch-up job moved one kind: the other may still be in flight
                     image = self.manifest.find_image(image_id, raft, kind)
                     if image is None:
                         continue
@@ -693,6 +697,7 @@ class NightDMCS:
             job = JobAssignment(self._id(), JobKind.CATCHUP, im.visit, raft=im.raft, image_ids=(im.image_id,),
                                 mode=f"catchup:{im.kind}")  # fmt: skip
             self.raft_jobs[job.job_id] = (pair, im.raft, (im.image_id,), 0, None)
+            self.catchup_kind[job.job_id] = im.kind
             im.catchup_pending = True
             im.catchup = True
             self._send(job, pair.replicator)
