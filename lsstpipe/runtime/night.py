@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import secrets
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lsstpipe.runtime.checks import check_choice, check_number
 from lsstpipe.runtime.faults import FAULT_KINDS, FaultError, parse_faults
 
 if TYPE_CHECKING:
@@ -124,55 +124,6 @@ def read_config(path: str | os.PathLike | None) -> NightConfig:
     return validate_config(load_config(path), f"--config {path}" if path is not None else "the embedded configuration")
 
 
-def _number(key: str, value: object, *, integer: bool = False, least: float = -math.inf, above: bool = False,
-            optional: bool = False) -> Any:  # fmt: skip
-    """``value`` of setting ``key`` if it is a finite number (an integer) ≥ ``least`` (> with ``above``)."""
-    if optional and value is None:
-        return None
-    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    ok = ok and not (isinstance(value, float) and not math.isfinite(value))  # nan, inf
-    if not ok or value < least or (above and value == least):  # type: ignore[operator]
-        bound = f" {'>' if above else '≥'} {least:g}" if least > -math.inf else ""
-        raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}{bound}"
-                         f"{' or null' if optional else ''}, not {value!r}")  # fmt: skip
-    return value
-
-
-def _choice(key: str, value: object, allowed: tuple, why: str = "") -> Any:
-    if not any(type(value) is type(a) and value == a for a in allowed):  # not 1 for true, nor 1.0 for 1
-        shown = ", ".join("true" if a is True else "false" if a is False else str(a) for a in allowed)
-        raise ValueError(f"{key} must be one of {shown}{why}, not {value!r}")
-    return value
-
-
-# SchedulerSettings (lsstpipe.runtime.dmcs_night) has no checks of its own: its ranges, here
-_SCHEDULER: dict[str, dict[str, Any]] = {"ccd_timeout_s": {"above": True}, "heartbeat_timeout_s": {"above": True}, "warmup_grace_s": {},
-              "queue_limit": {"integer": True, "least": 1}, "sample_every": {"integer": True, "least": 1},
-              "catchup_after_s": {}, "raft_job_timeout_s": {"above": True}, "catchup_timeout_s": {"above": True},
-              "seed": {"integer": True, "least": -math.inf}}  # fmt: skip
-
-
-def _check_scheduler(settings: SchedulerSettings) -> None:
-    for f in fields(settings):
-        value, default = getattr(settings, f.name), f.default
-        if default is MISSING:  # a field added since, with a default factory: the scheduler checks it
-            continue
-        if f.name in _SCHEDULER:
-            _number(f.name, value, **{"least": 0.0, **_SCHEDULER[f.name]})
-        elif f.name == "link_back_s":
-            if not (isinstance(value, tuple) and len(value) == 2 and all(
-                    not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v < math.inf for v in value)
-                    and value[0] <= value[1]):  # fmt: skip
-                shown = list(value) if isinstance(value, tuple) else value
-                raise ValueError(f"link_back_s must be [LOW, HIGH] seconds with 0 ≤ LOW ≤ HIGH, not {shown!r}")
-        elif isinstance(default, bool):
-            _choice(f.name, value, (True, False))
-        elif isinstance(default, (int, float)) and not isinstance(value, bool):
-            _number(f.name, value, integer=isinstance(default, int))
-        elif default is not None and type(value) is not type(default):
-            raise ValueError(f"{f.name} must be a {type(default).__name__} (default {default!r}), not {value!r}")
-
-
 def validate_config(config: Mapping[str, Any], source: str = "the night configuration") -> NightConfig:
     """Every setting of a night configuration (:func:`load_config`) built and range-checked.
 
@@ -216,15 +167,15 @@ def validate_config(config: Mapping[str, Any], source: str = "the night configur
                   ("cadence", "clock.cadence", clock["cadence"], dict(least=0.0, above=True, optional=True)),
                   ("alert_batch_size", "alerts.batch_size", alerts["batch_size"], dict(integer=True, least=1)))  # fmt: skip
         try:
-            scalars = {name: _number(key, value, **how) for name, key, value, how in checks}
-            scalars["calibration_mode"] = _choice("calibration_mode", config["calibration_mode"], CALIBRATION_MODES,
+            scalars = {name: check_number(key, value, **how) for name, key, value, how in checks}
+            scalars["calibration_mode"] = check_choice("calibration_mode", config["calibration_mode"], CALIBRATION_MODES,
                                                   " (the entities' mode for the calibration exposures)")  # fmt: skip
-            scalars["daytime"] = _choice("daytime", config["daytime"], (True, False))
+            scalars["daytime"] = check_choice("daytime", config["daytime"], (True, False))
         except ValueError as exc:
             raise NightError(str(exc)) from exc
         return NightConfig(**scalars, layout=section("layout", LayoutConfig),  # type: ignore[arg-type]
                            archive=section("archive", ArchiveSettings), worker=section("worker", WorkerSettings),
-                           scheduler=section("scheduler", SchedulerSettings, _check_scheduler),
+                           scheduler=section("scheduler", SchedulerSettings),
                            pipeline=_science_pipeline(config["pipeline"]))  # fmt: skip
     except NightError as exc:
         raise NightError(f"{source}: {exc}") from exc

@@ -3,11 +3,12 @@
 :class:`NightCluster` is the :class:`~lsstpipe.control.cluster.SimulatedCluster` of the night's layout: the
 batches the entities submit go to the scheduler on rank 0 (:class:`~lsstpipe.runtime.dmcs_night.NightDMCS`),
 with the job counts of the night's plan. :class:`SchedulerSettings` is the ``scheduler`` section of the
-night's configuration (checked by :func:`lsstpipe.runtime.night.validate_config`).
+night's configuration; it checks its values itself.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from lsstpipe.camera.geometry import get_camera
 from lsstpipe.control.cluster import JobCounts, SimulatedCluster
 from lsstpipe.control.config import Pool
 from lsstpipe.control.states import EntityName
+from lsstpipe.runtime.checks import check_choice, check_number
 from lsstpipe.runtime.layout import NightLayout, Role
 from lsstpipe.runtime.plan import NightPlan
 
@@ -82,3 +84,19 @@ class SchedulerSettings:
     catchup_timeout_s: float = 120.0
     """End of night: how long the Catch-Up Archiver may take to bring the last images."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("ccd_timeout_s", "heartbeat_timeout_s", "raft_job_timeout_s", "catchup_timeout_s"):
+            check_number(name, getattr(self, name), least=0.0, above=True)
+        for name in ("warmup_grace_s", "catchup_after_s"):
+            check_number(name, getattr(self, name), least=0.0)
+        for name in ("queue_limit", "sample_every"):
+            check_number(name, getattr(self, name), integer=True, least=1)
+        check_number("seed", self.seed, integer=True)
+        check_choice("reprocess", self.reprocess, (True, False))
+        low_high = self.link_back_s
+        if not (isinstance(low_high, tuple) and len(low_high) == 2 and all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and 0 <= v < math.inf for v in low_high)
+                and low_high[0] <= low_high[1]):  # fmt: skip
+            shown = list(low_high) if isinstance(low_high, tuple) else low_high
+            raise ValueError(f"link_back_s must be [LOW, HIGH] seconds with 0 ≤ LOW ≤ HIGH, not {shown!r}")
