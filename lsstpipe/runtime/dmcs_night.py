@@ -273,13 +273,18 @@ class NightDMCS:
         self.visit_string[visit.visit] = string
         for index, det_name in enumerate(self.plan.detectors):
             rec = self.manifest.ccd(visit, det_name)
-            if rec.status == "processed" or not sampled or not self.pipeline.isr:  # processed: in an earlier run
-                if rec.status != "processed" and not self.pipeline.isr:
-                    rec.set("skipped", "the Alert Production Cluster's configuration runs no ISR (pipeline.isr: false)")
-                elif rec.status != "processed":
-                    rec.set("skipped", f"visit not sampled (every {self.settings.sample_every}th visit is processed)")
-                why = "processed in an earlier run of this night" if rec.status == "processed" else rec.reason
-                self._job_finished(EntityName.ALERT_PRODUCTION_CLUSTER, label, index, "skipped", why)
+            if rec.status == "processed":  # in an earlier run of this night (idempotent restart)
+                skip = "processed in an earlier run of this night"
+            elif not self.pipeline.isr:
+                skip = "the Alert Production Cluster's configuration runs no ISR (pipeline.isr: false)"
+            elif not sampled:
+                skip = f"visit not sampled (every {self.settings.sample_every}th visit is processed)"
+            else:
+                skip = ""
+            if skip:
+                if rec.status != "processed":
+                    rec.set("skipped", skip)
+                self._job_finished(EntityName.ALERT_PRODUCTION_CLUSTER, label, index, "skipped", skip)
                 continue
             det = self.plan.camera[det_name]
             self.queue.append(_Ccd(self._id(), visit, det_name, det.id, string, rec, mode=mode, label=label,

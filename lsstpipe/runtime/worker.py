@@ -95,8 +95,6 @@ def _chain_config(job: JobAssignment):
     from lsstpipe.pipelines.ap import ApConfig
 
     config = ApConfig()
-    if job.detection_threshold_sigma == config.dia.threshold:
-        return config
     return dataclasses.replace(config, dia=dataclasses.replace(config.dia, threshold=job.detection_threshold_sigma))
 
 
