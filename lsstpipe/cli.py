@@ -168,7 +168,10 @@ def _relaunch_under_mpiexec(ranks: int, command: str) -> int:
         if a.startswith("--ranks=") or (a.startswith("-n") and a[2:].isdigit()):
             continue
         cleaned.append(a)
-    cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "lsstpipe", *cleaned, "--mpi"]
+    from lsstpipe.night_cli import host_flags, mpi_flavour
+
+    flags = host_flags(mpi_flavour(mpiexec), ranks)
+    cmd = [mpiexec, *flags, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "lsstpipe", *cleaned, "--mpi"]
     return subprocess.call(cmd)
 
 

@@ -2,9 +2,10 @@
 
 MPICH's Hydra (the PyPI ``mpich`` wheel) gets ``-disable-auto-cleanup``, so that a dead rank does not take
 the others down (the DMCS notices it by its missing heartbeats); Open MPI 5 gets ``--with-ft ulfm`` and
-the TCP transport (failures reported by MPI itself), plus ``--allow-run-as-root`` as root and
-``--oversubscribe`` beyond the machine's cores. Numba's compiled kernels are cached on local disk
-(``NUMBA_CACHE_DIR``, default ``~/.cache/lsstpipe/numba``) so that a second night starts warm.
+the TCP transport (failures reported by MPI itself); Open MPI 4 has no ULFM and gets neither. Open MPI also
+gets ``--allow-run-as-root`` as root and ``--oversubscribe`` beyond the machine's cores. Numba's compiled
+kernels are cached on local disk (``NUMBA_CACHE_DIR``, default ``~/.cache/lsstpipe/numba``) so that a second
+night starts warm.
 
 The exit status is the night's (0: every CCD accounted for and every image archived and verified), read
 from ``OUT/manifest.json``: a rank killed by an injected fault makes ``mpiexec`` itself report a failure.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +29,16 @@ from pathlib import Path
 from lsstpipe.runtime.faults import FAULT_KINDS, FaultError, parse_faults
 from lsstpipe.runtime.night import NightError, check_max_visits, read_config, visit_count
 
-__all__ = ["add_parser", "check_args", "launcher_command", "run", "wait_night"]
+__all__ = [
+    "add_parser",
+    "check_args",
+    "flavour_of",
+    "host_flags",
+    "launcher_command",
+    "mpi_flavour",
+    "run",
+    "wait_night",
+]
 
 JOB = Path(__file__).resolve().parent / "runtime" / "night.py"
 
@@ -51,20 +62,49 @@ def add_parser(sub) -> None:
 
 
 def mpi_flavour(mpiexec: str) -> str:
-    """``mpich``, ``openmpi`` or ``unknown``, from ``mpiexec --version``."""
+    """``mpich``, ``openmpi`` (Open MPI 5 or later, with ULFM), ``openmpi4`` (Open MPI before 5: no ULFM) or
+    ``unknown``, from ``mpiexec --version``."""
     try:
         text = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    if "HYDRA" in text or "MPICH" in text:
+    return flavour_of(text)
+
+
+def flavour_of(version_text: str) -> str:
+    """The MPI flavour named by ``mpiexec --version``'s output (see :func:`mpi_flavour`).
+
+    Open MPI 5 prints ``mpiexec (Open MPI) 5.0.3``; Open MPI 4 and earlier ``mpiexec (OpenRTE) 4.1.5``.
+    """
+    if "HYDRA" in version_text or "MPICH" in version_text:
         return "mpich"
-    if "Open MPI" in text or "OpenRTE" in text:
+    match = re.search(r"\((?:Open MPI|OpenRTE)\)\s+(\d+)\.", version_text)
+    if match:
+        return "openmpi" if int(match.group(1)) >= 5 else "openmpi4"
+    if "Open MPI" in version_text or "OpenRTE" in version_text:
         return "openmpi"
     return "unknown"
 
 
+def host_flags(flavour: str, ranks: int) -> list[str]:
+    """What Open MPI's ``mpiexec`` needs to start ``ranks`` ranks here at all: ``--allow-run-as-root`` as root
+    (it refuses root otherwise) and ``--oversubscribe`` beyond this machine's cores. None for MPICH."""
+    flags: list[str] = []
+    if flavour in ("openmpi", "openmpi4"):
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            flags.append("--allow-run-as-root")
+        if ranks > (os.cpu_count() or 1):
+            flags.append("--oversubscribe")
+    return flags
+
+
 def launcher_command(ranks: int, job_args: list[str], mpiexec: str | None = None) -> tuple[list[str], str]:
-    """The ``mpiexec`` command line for ``ranks`` ranks of the night job, and the MPI flavour it is for."""
+    """The ``mpiexec`` command line for ``ranks`` ranks of the night job, and the MPI flavour it is for.
+
+    MPICH: ``-disable-auto-cleanup``. Open MPI 5: ULFM (``--with-ft ulfm``, TCP transport). Open MPI 4 has
+    no ULFM (its ``mpiexec`` refuses ``--with-ft``) and ends the whole job when a rank dies: a night runs there,
+    but without surviving a lost rank.
+    """
     exe = mpiexec or shutil.which("mpiexec")
     if exe is None:
         raise FileNotFoundError("mpiexec not found; install MPI with 'pip install mpich' (or 'pip install -e .')")
@@ -74,10 +114,7 @@ def launcher_command(ranks: int, job_args: list[str], mpiexec: str | None = None
         flags = ["-disable-auto-cleanup"]
     elif flavour == "openmpi":
         flags = ["--with-ft", "ulfm", "--mca", "btl", "tcp,self"]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            flags.append("--allow-run-as-root")
-        if ranks > (os.cpu_count() or 1):
-            flags.append("--oversubscribe")
+    flags += host_flags(flavour, ranks)
     return [exe, *flags, "-n", str(ranks), sys.executable, "-m", "mpi4py", str(JOB), *job_args], flavour
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -100,8 +101,21 @@ def test_launcher_flags_for_each_mpi(monkeypatch):
     monkeypatch.setattr(night_cli, "mpi_flavour", lambda exe: "openmpi")
     cmd, _ = night_cli.launcher_command(64, [], "/opt/ompi/bin/mpiexec")
     assert cmd[1:6] == ["--with-ft", "ulfm", "--mca", "btl", "tcp,self"] and "--oversubscribe" in cmd
+    monkeypatch.setattr(night_cli, "mpi_flavour", lambda exe: "openmpi4")  # no ULFM: --with-ft is refused
+    cmd, _ = night_cli.launcher_command(64, [], "/usr/bin/mpiexec")
+    assert "--with-ft" not in cmd and "--oversubscribe" in cmd and cmd[-3:-1] == ["-m", "mpi4py"]
+    assert ("--allow-run-as-root" in cmd) == (os.geteuid() == 0)
     with pytest.raises(ValueError, match="at least 2"):
         night_cli.run(SimpleNamespace(ranks=1))
+
+
+def test_mpi_flavour_from_version_text():
+    assert night_cli.flavour_of("HYDRA build details:\n    Version: 4.3.0") == "mpich"
+    assert night_cli.flavour_of("mpiexec (Open MPI) 5.0.6\n\nReport bugs to …") == "openmpi"
+    assert night_cli.flavour_of("mpiexec (OpenRTE) 4.1.2\n\nReport bugs to …") == "openmpi4"
+    assert night_cli.flavour_of("mpirun (Open MPI) 4.1.5") == "openmpi4"
+    assert night_cli.flavour_of("Intel(R) MPI Library") == "unknown"
+    assert night_cli.host_flags("mpich", 64) == []
 
 
 def test_config_defaults_and_unknown_keys(tmp_path):
