@@ -694,8 +694,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     again = rescheduled(manifest)
     print(report(stats, fit, left_out, args.budget, again))
     png = args.png or out / "visit_latency.png"
-    plot(rows, stats, png, args.budget, f"{camera}, {ranks} ranks, {len(stats['visits'])} visits ({out})")
-    print(f"plot: {png}")
+    try:
+        plot(rows, stats, png, args.budget, f"{camera}, {ranks} ranks, {len(stats['visits'])} visits ({out})")
+        print(f"plot: {png}")
+    except ImportError:  # the figures above and the JSON below do not need it
+        print("plot: not drawn (matplotlib is not installed: pip install matplotlib, or pip install -e '.[test]')")
     if args.json:
         figures = {
             "p50_seconds": stats["per_ccd"]["p50"], "p95_seconds": stats["per_ccd"]["p95"],
