@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import h5py
@@ -569,3 +570,51 @@ def test_replicator_resends_only_a_verified_copy(tmp_path):
     assert not [p for p in rep.post.sent if isinstance(p, ImageData)]
     (report,) = [p for p in rep.post.sent if isinstance(p, ImageTransfer)]
     assert not report.ok and "cannot resend" in report.error and "left to catch-up" in report.error
+
+
+class _SlowPost(_Post):
+    """A postman whose image sends take ``seconds`` (a distributor still busy with the image before)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def send(self, payload, dest, data=None):
+        from lsstpipe.runtime.messages import ImageData
+
+        if isinstance(payload, ImageData):
+            time.sleep(self.seconds)
+        super().send(payload, dest, data)
+
+
+@pytest.mark.parametrize(
+    ("rate_mb_s", "injected", "slow"),
+    [
+        (None, False, False),  # the image's bytes at the slowest acceptable rate leave room for the 0.2 s send
+        (1e9, False, True),  # at a rate that makes its bytes free, 0.2 s is over the 0.1 s allowance
+        (None, True, True),  # an injected slow link is reported whatever the image's size
+    ],
+)
+def test_replicator_reports_a_slow_link_by_the_transfer_size(tmp_path, rate_mb_s, injected, slow):
+    """A transfer is slow when it takes longer than ``slow_transfer_s`` plus its bytes at ``slow_link_mb_s``:
+    a full-size raft may take seconds without its link being slow, a small image may not."""
+    from lsstpipe.runtime.archiving import ArchiveSettings, Replicator, StoragePaths, _RepJob
+    from lsstpipe.runtime.messages import JobAssignment, JobKind, LinkStatus
+
+    defaults = ArchiveSettings()
+    assert defaults.slow_after(190_000_000) == pytest.approx(2.4) and defaults.slow_after(0) == 0.5
+    key, data, meta = blob_of(kind="crosstalk_corrected")
+    rate = rate_mb_s or len(data) / 3.0 / 1e6  # the image's bytes: 3 s at the slowest acceptable rate
+    settings = ArchiveSettings(slow_transfer_s=0.1, slow_link_mb_s=rate, slow_link_delay_s=0.05)
+    rep = Replicator(_SlowPost(0.2), 9, StoragePaths(tmp_path), settings)
+    rep.slow = injected
+    job = JobAssignment(1, JobKind.SCIENCE_RAFT, 1, raft=key.raft, image_ids=(key.image_id,), mode="science")
+    rep._ship(_RepJob(job), key, data, meta.checksum, job)
+    reports = [p for p in rep.post.sent if isinstance(p, LinkStatus)]
+    if slow:
+        (report,) = reports
+        assert not report.up and "slow link" in report.reason and not rep.link_up
+    else:
+        assert reports == [] and rep.link_up
+    with pytest.raises(ValueError, match="slow_link_mb_s must be a number of MB/s > 0"):
+        ArchiveSettings(slow_link_mb_s=0)

@@ -116,9 +116,11 @@ class ArchiveSettings:
     link_timeout_s: float = 1.5
     """A link without a heartbeat answer for this long is down."""
     slow_link_delay_s: float = 0.8
-    """Extra seconds per transfer on a slow link (fault injection)."""
+    """Fault injection: a slow link takes this many seconds per transfer more than :meth:`slow_after` allows."""
     slow_transfer_s: float = 0.5
-    """A transfer slower than this makes the replicator report its link slow."""
+    """The fixed part of :meth:`slow_after`: a transfer's set-up allowance in seconds."""
+    slow_link_mb_s: float = 100.0
+    """The slowest acceptable Base → Archive rate in MB/s (the size-dependent part of :meth:`slow_after`)."""
     keep_rafts: int = 24
     """Crosstalk-corrected rafts a distributor keeps in memory for CCD requests (older ones: raw cache)."""
 
@@ -129,11 +131,22 @@ class ArchiveSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer ≥ {least}, not {value!r}")
-        for name in ("readout_timeout_s", "heartbeat_s", "link_timeout_s", "slow_link_delay_s", "slow_transfer_s"):
+        for name in ("readout_timeout_s", "heartbeat_s", "link_timeout_s", "slow_link_delay_s", "slow_transfer_s",
+                     "slow_link_mb_s"):  # fmt: skip
             value, zero = getattr(self, name), name == "slow_link_delay_s"  # 0: a slow link adds nothing
             number = not isinstance(value, bool) and isinstance(value, (int, float)) and abs(value) < float("inf")
+            unit = "MB/s" if name.endswith("_mb_s") else "seconds"
             if not number or value < 0 or (value == 0 and not zero):
-                raise ValueError(f"{name} must be a number of seconds {'≥' if zero else '>'} 0, not {value!r}")
+                raise ValueError(f"{name} must be a number of {unit} {'≥' if zero else '>'} 0, not {value!r}")
+
+    def slow_after(self, nbytes: int) -> float:
+        """Seconds after which a transfer of ``nbytes`` makes its replicator report the link slow (LDM-230,
+        Failure Modes: replicator jobs "not completing in the expected amount of time"): ``slow_transfer_s``
+        plus the bytes at ``slow_link_mb_s``. The time is the send's, which includes the wait for the
+        distributor to finish storing and verifying the image before (~1 s for a ~190 MB full-size raft):
+        a fixed 0.5 s, right for the mini camera's rafts, sent a healthy pair of a 16-rank night on LSSTCam
+        CCDs to the local-only pool and its rafts to catch-up."""
+        return self.slow_transfer_s + nbytes / (self.slow_link_mb_s * 1e6)
 
 
 def _sha(data: np.ndarray | bytes) -> str:
@@ -353,9 +366,9 @@ class Replicator:
             self._transfer(key, self.name, f"distributor {self.distributor}", None, 0, False,
                            "link down: image kept at the Base for the Catch-Up Archiver")  # fmt: skip
             return
-        if self.slow:
-            time.sleep(self.settings.slow_link_delay_s)
         payload = zlib.compress(data, 1) if self.settings.compress else data
+        injected = self.settings.slow_after(len(payload)) + self.settings.slow_link_delay_s if self.slow else 0.0
+        time.sleep(injected)
         if self.corrupt_next:
             self.corrupt_next = False
             damaged = bytearray(payload)
@@ -367,9 +380,10 @@ class Replicator:
         t0 = time.monotonic()
         if self._send_safe(header, payload):
             rj.sent += 1
-            if time.monotonic() - t0 + (self.settings.slow_link_delay_s if self.slow else 0) > \
-                    self.settings.slow_transfer_s:  # fmt: skip
-                self._report_link(False, f"slow link: a {len(payload)} byte transfer took too long")
+            took = time.monotonic() - t0 + injected
+            if took > self.settings.slow_after(len(payload)):
+                self._report_link(False, f"slow link: a {len(payload)} byte transfer took {took:.2f} s (more than "
+                                         f"{self.settings.slow_after(len(payload)):.2f} s)")  # fmt: skip
                 self._reported_up = False
         else:
             rj.failures.append(f"{key}: distributor {self.distributor} unreachable")
