@@ -82,18 +82,17 @@ def _row_median(seg, y, c0, n, buf):
     return _median(buf, n)
 
 
-@njit
-def _overscan_amp(seg, r0, r1, c0, c1, nsigma, smooth, out):
-    """Sigma-clipped mean per row of ``seg[r0:r1, c0:c1]``, into ``out[r1 - r0]``.
+_BLOCK_ROWS = 32
+"""Rows of every amplifier's overscan gathered at a time by :func:`_overscan_amps` (128 KiB for 16 amplifiers
+of 64 columns: cache-resident)."""
 
-    The scatter is 1.4826 × the median absolute deviation from the row medians, over 64 rows evenly spread
-    (every row when there are fewer than 128). Each row is clipped around the previous row's level (the first
-    row's and any row's that keeps fewer than half its pixels that way: around its median), which is
-    within a few ADU of its own and saves a selection per row.
-    """
+
+@njit
+def _scatter_cut(seg, r0, r1, c0, c1, nsigma, buf):
+    """``nsigma`` × 1.4826 × the median absolute deviation of ``seg[r0:r1, c0:c1]`` from its row medians,
+    over 64 rows evenly spread (every row when there are fewer than 128)."""
     h = r1 - r0
     n = c1 - c0
-    buf = np.empty(n, np.float64)
     rstep = max(1, h // 64)
     dev = np.empty(((h + rstep - 1) // rstep) * n, np.float64)
     nd = 0
@@ -103,21 +102,65 @@ def _overscan_amp(seg, r0, r1, c0, c1, nsigma, smooth, out):
         for k in range(n):
             dev[nd + k] = abs(row[k] - m)
         nd += n
-    cut = nsigma * 1.482602218505602 * _median(dev, nd)
-    level = np.empty(h, np.float64)
-    center = _row_median(seg, r0, c0, n, buf)
-    for y in range(h):
-        s, cnt = _clipped_mean(seg, r0 + y, c0, n, center, cut)
-        if 2 * cnt < n:
-            center = _row_median(seg, r0 + y, c0, n, buf)
-            s, cnt = _clipped_mean(seg, r0 + y, c0, n, center, cut)
-        level[y] = s / cnt if cnt > 0 else center
-        center = level[y]
+    return nsigma * 1.482602218505602 * _median(dev, nd)
+
+
+@njit
+def _overscan_amps(raw, a0, a1, r0, r1, c0, c1, nsigma, smooth, out):
+    """Sigma-clipped mean per row of ``raw[a, r0:r1, c0:c1]`` for the amplifiers ``a0 ≤ a < a1``, into
+    ``out[a, :r1 - r0]``.
+
+    The scatter is :func:`_scatter_cut`'s. Each row is clipped around the previous row's level (the first
+    row's and any row's that keeps fewer than half its pixels that way: around its median), which is
+    within a few ADU of its own and saves a selection per row.
+
+    A row's overscan is a few cache lines a whole segment row away from the next row's. Clipping them where
+    they lie stalls on memory at every row; the rows are first copied, :data:`_BLOCK_ROWS` of every
+    amplifier at a time, into a cache-resident block (a loop of independent loads, which the core keeps in
+    flight) and clipped there: 7.0–7.4 → 4.5–5.6 ms on a full-size CCD (one core of the 2-vCPU VM, A/B
+    alternated), the same levels.
+    """
+    h = r1 - r0
+    n = c1 - c0
+    m = a1 - a0
+    buf = np.empty(n, np.float64)
+    cut = np.empty(m, np.float64)
+    center = np.empty(m, np.float64)
+    level = np.empty((m, h), np.float64)
+    for i in range(m):
+        cut[i] = _scatter_cut(raw[a0 + i], r0, r1, c0, c1, nsigma, buf)
+        center[i] = _row_median(raw[a0 + i], r0, c0, n, buf)
+    block = np.empty((m, _BLOCK_ROWS, n), raw.dtype)
+    for y0 in range(0, h, _BLOCK_ROWS):
+        nb = min(_BLOCK_ROWS, h - y0)
+        for i in range(m):
+            for j in range(nb):
+                src = raw[a0 + i, r0 + y0 + j, c0:c1]
+                dst = block[i, j]
+                for k in range(n):
+                    dst[k] = src[k]
+        for i in range(m):
+            rows = block[i]
+            for j in range(nb):
+                s, cnt = _clipped_mean(rows, j, 0, n, center[i], cut[i])
+                if 2 * cnt < n:
+                    center[i] = _row_median(rows, j, 0, n, buf)
+                    s, cnt = _clipped_mean(rows, j, 0, n, center[i], cut[i])
+                level[i, y0 + j] = s / cnt if cnt > 0 else center[i]
+                center[i] = level[i, y0 + j]
+    for i in range(m):
+        _smooth_rows(level[i], smooth, out[a0 + i])
+
+
+@njit
+def _smooth_rows(level, smooth, out):
+    """``level`` into ``out``, as a running mean over rows [y - smooth, y + smooth] truncated at the ends
+    (a copy for ``smooth`` ≤ 0)."""
+    h = level.shape[0]
     if smooth <= 0:
         for y in range(h):
             out[y] = level[y]
         return
-    # Running mean over rows [y - smooth, y + smooth], truncated at the ends.
     csum = np.zeros(h + 1, np.float64)
     for y in range(h):
         csum[y + 1] = csum[y] + level[y]
@@ -129,8 +172,11 @@ def _overscan_amp(seg, r0, r1, c0, c1, nsigma, smooth, out):
 
 @njit(parallel=True)
 def _overscan_all(raw, r0, r1, c0, c1, nsigma, smooth, out):
-    for a in numba.prange(raw.shape[0]):
-        _overscan_amp(raw[a], r0, r1, c0, c1, nsigma, smooth, out[a])
+    """:func:`_overscan_amps` on numba's threads, each a contiguous group of amplifiers."""
+    namp = raw.shape[0]
+    groups = max(1, min(namp, numba.get_num_threads()))
+    for g in numba.prange(groups):
+        _overscan_amps(raw, g * namp // groups, (g + 1) * namp // groups, r0, r1, c0, c1, nsigma, smooth, out)
 
 
 def as_raw_counts(raw: np.ndarray) -> np.ndarray:
@@ -185,6 +231,5 @@ def overscan_levels(raw: np.ndarray, rows: slice, cols: slice, nsigma: float = 3
     if parallel:
         _overscan_all(raw, r0, r1, c0, c1, float(nsigma), int(smooth), out)
     else:
-        for a in range(raw.shape[0]):
-            _overscan_amp(raw[a], r0, r1, c0, c1, float(nsigma), int(smooth), out[a])
+        _overscan_amps(raw, 0, raw.shape[0], r0, r1, c0, c1, float(nsigma), int(smooth), out)
     return out
