@@ -618,3 +618,30 @@ def test_replicator_reports_a_slow_link_by_the_transfer_size(tmp_path, rate_mb_s
         assert reports == [] and rep.link_up
     with pytest.raises(ValueError, match="slow_link_mb_s must be a number of MB/s > 0"):
         ArchiveSettings(slow_link_mb_s=0)
+
+
+def test_a_wavefront_job_moves_every_corner_rafts_images(tmp_path):
+    """One replicator job for the wavefront sensors (LDM-230's 21 + 1): it waits for, fetches and sends the
+    images of each corner raft it names, both kinds."""
+    from lsstpipe.runtime.archiving import ArchiveSettings, Replicator, StoragePaths, _RepJob
+    from lsstpipe.runtime.messages import Expect, ImageData, JobAssignment, JobKind, JobResult
+
+    rep = Replicator(_Post(), 9, StoragePaths(tmp_path), ArchiveSettings())
+    keys = []
+    for raft in ("R00", "R44"):
+        for kind in ("raw", "crosstalk_corrected"):
+            key, data, _ = blob_of(raft=raft, kind=kind)
+            path = rep._cds_path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            keys.append(key)
+    job = JobAssignment(3, JobKind.WAVEFRONT, 1, image_ids=(keys[0].image_id,), rafts=("R00", "R44"))
+    rep._start(job)
+    assert sorted(e.raft for e in rep.post.sent if isinstance(e, Expect)) == ["R00", "R44"]
+    assert rep._arrived(_RepJob(job))
+    rep.jobs[3].readout = True
+    rep.tick()
+    sent = {(p.raft, p.kind) for p in rep.post.sent if isinstance(p, ImageData)}
+    assert sent == {(k.raft, k.kind) for k in keys}
+    (result,) = [p for p in rep.post.sent if isinstance(p, JobResult)]
+    assert result.ok and dict(result.counts)["sent"] == 4

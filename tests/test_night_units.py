@@ -353,6 +353,46 @@ def test_daytime_without_orbit_fitting_takes_the_snapshot_only(tmp_path):
     assert (tmp_path / "snapshots" / "apdb-20260101.sqlite3").exists() and not (tmp_path / "mops").exists()
 
 
+def test_start_integration_sends_one_job_per_science_raft_and_one_for_the_wavefront_sensors(tmp_path):
+    """LDM-230: 21 + 1 replicator jobs per exposure on LSSTCam, not one per corner raft; the wavefront job's
+    result and its images cover every corner raft."""
+    from lsstpipe.camera import get_camera
+    from lsstpipe.control.cluster import JobCounts
+    from lsstpipe.runtime.dmcs_night import NightDMCS, SchedulerSettings
+    from lsstpipe.runtime.layout import layout_for_world
+    from lsstpipe.runtime.messages import JobKind, JobResult
+    from lsstpipe.runtime.night_cluster import night_job_counts
+
+    camera = get_camera("lsstcam")
+    corners = tuple(d.raft for d in camera.wavefront)
+    rafts = ("R21", "R22", *corners)
+    visits = (_visit(1),)
+    plan = NightPlan(repo=None, camera=camera, visits=visits, rafts=rafts, wavefront_rafts=corners,
+                     detectors=("R22_S11", *(d.name for d in camera.wavefront)), time_scale=0.1, cadence=4.0)  # fmt: skip
+    assert len(corners) == 4 and plan.replicator_jobs() == (("R21",), ("R22",), corners)
+    layout = layout_for_world("lsstcam", 16)
+    assert night_job_counts(layout, plan) == JobCounts(3, 5)
+    assert night_job_counts(layout) == JobCounts.of_camera(camera) == JobCounts(22, 193)
+    post = _RecordingPost()
+    dmcs = NightDMCS(post, layout, plan, Manifest(tmp_path), SchedulerSettings())
+    dmcs._start_integration(visits[0], 0)
+    jobs = [a for a, _ in post.sent if getattr(a, "kind", None) in (JobKind.SCIENCE_RAFT, JobKind.WAVEFRONT)]
+    assert [(a.kind, a.raft, a.rafts) for a in jobs] == [(JobKind.SCIENCE_RAFT, "R21", ()),
+                                                         (JobKind.SCIENCE_RAFT, "R22", ()),
+                                                         (JobKind.WAVEFRONT, None, corners)]  # fmt: skip
+    wavefront = jobs[-1]
+    assert wavefront.moved_rafts == corners and jobs[0].moved_rafts == ("R21",)
+    for raft in corners:  # the manifest knows the images the job moves ...
+        for kind in ("crosstalk_corrected", "raw"):
+            dmcs.manifest.image(visits[0], wavefront.image_ids[0], raft, kind)
+    pair = dmcs.raft_jobs[wavefront.job_id][0]
+    dmcs._result(JobResult(wavefront.job_id, pair.replicator, True), pair.replicator)
+    done = [
+        dmcs.manifest.find_image(wavefront.image_ids[0], r, k) for r in corners for k in ("crosstalk_corrected", "raw")
+    ]
+    assert all(im.replicator_done is not None for im in done)  # ... and its result ends them all
+
+
 def test_catchup_keeps_at_most_its_configured_jobs_in_flight(tmp_path):
     """The Catch-Up Archiver's max_concurrent_jobs: the oldest images first, the rest at later scans."""
     import time

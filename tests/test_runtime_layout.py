@@ -268,8 +268,11 @@ def test_failure_result_carries_the_traceback():
     ({"job_id": 1, "kind": JobKind.CCD, "visit": 1}, "needs its detector"),
     ({"job_id": 1, "kind": JobKind.SCIENCE_RAFT, "visit": 1}, "needs its raft"),
     ({"job_id": 1, "kind": "ccd", "visit": 1, "detector": 0}, "JobKind"),
-    ({"job_id": 1, "kind": JobKind.WAVEFRONT, "visit": 1, "attempt": 0}, "attempt"),
-    ({"job_id": 1, "kind": JobKind.WAVEFRONT, "visit": 1, "deadline": float("nan")}, "NaN"),
+    ({"job_id": 1, "kind": JobKind.WAVEFRONT, "visit": 1, "rafts": ("R00",), "attempt": 0}, "attempt"),
+    ({"job_id": 1, "kind": JobKind.WAVEFRONT, "visit": 1, "rafts": ("R00",), "deadline": float("nan")}, "NaN"),
+    ({"job_id": 1, "kind": JobKind.WAVEFRONT, "visit": 1}, "names its corner rafts"),
+    ({"job_id": 1, "kind": JobKind.WAVEFRONT, "visit": 1, "raft": "R00", "rafts": ("R00",)}, "not in raft"),
+    ({"job_id": 1, "kind": JobKind.SCIENCE_RAFT, "visit": 1, "raft": "R22", "rafts": ("R22",)}, "only a wavefront"),
 ])  # fmt: skip
 def test_bad_job_assignments_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):

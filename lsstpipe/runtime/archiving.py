@@ -219,7 +219,8 @@ class Replicator:
         self.jobs[job.job_id] = _RepJob(job, readout=job.kind is JobKind.CATCHUP)
         if job.kind is not JobKind.CATCHUP and self._link_ok():
             for image_id in job.image_ids:
-                self._send_safe(Expect(job.job_id, job.visit, job.exposure, image_id, job.raft or "", self.post.rank))
+                for raft in job.moved_rafts:
+                    self._send_safe(Expect(job.job_id, job.visit, job.exposure, image_id, raft, self.post.rank))
 
     # ---- periodic work --------------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -251,8 +252,8 @@ class Replicator:
         """Whether the job's images are in the CDS buffer (or it waited too long: fetch fails and says so)."""
         if time.time() - rj.readout_at > self.settings.readout_timeout_s:
             return True
-        return all(self._cds_path(ImageKey(i, rj.job.raft or "R00", k)).is_file()
-                   for i in rj.job.image_ids for k in KINDS)  # fmt: skip
+        return all(self._cds_path(ImageKey(i, raft, k)).is_file()
+                   for i in rj.job.image_ids for raft in rj.job.moved_rafts for k in KINDS)  # fmt: skip
 
     def _cds_path(self, key: ImageKey) -> Path:
         return self.paths.cds / key.day_obs / key.image_id / f"{key.raft}_{key.kind}.h5"
@@ -283,8 +284,7 @@ class Replicator:
         kinds = (job.mode.split(":", 1)[1],) if job.kind is JobKind.CATCHUP and ":" in job.mode else KINDS
         for image_id in job.image_ids:
             rj.telemetry = self._efd_telemetry(image_id)
-            for kind in kinds:
-                key = ImageKey(image_id, job.raft or "R00", kind)
+            for key in (ImageKey(image_id, raft, kind) for raft in job.moved_rafts for kind in kinds):
                 try:
                     data, checksum = self._fetch(key, job)
                 except (CDSError, OSError, LookupError) as exc:

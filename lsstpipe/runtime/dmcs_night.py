@@ -4,14 +4,15 @@ The OCS side plays the night's script into the Base DMCS of :mod:`lsstpipe.contr
 enable, each visit's events, the end-of-night release); the entities it enables turn events into jobs
 through :class:`NightCluster`, and this module runs them on MPI ranks:
 
-- ``startIntegration`` → one replicator job per raft and one for the wavefront sensors, on the
-  fully-operational pairs (at most two jobs per pair), then on the local-only pool;
+- ``startIntegration`` → one replicator job per science raft and one for the wavefront sensors of the
+  corner rafts (:meth:`NightPlan.replicator_jobs`), on the fully-operational pairs (at most two jobs per
+  pair), then on the local-only pool;
 - ``nextVisit`` → one worker job per CCD and wavefront sensor on the next worker string, dispatched as
   workers free up (a worker prefetches while the snaps integrate);
 - the Archive DMCS side answers workers' "which distributor holds this raft";
 - every transfer is recorded in the control database, and so is every job of the batches the entities
   submitted (job ``k`` of a ``nextVisit`` batch is the plan's ``k``-th detector, of a ``startIntegration``
-  batch its ``k``-th raft): its start when it is sent to a rank (again, on its new rank, when it is
+  batch its ``k``-th replicator job): its start when it is sent to a rank (again, on its new rank, when it is
   rescheduled or reprocessed), its end with the CCD's final status (``processed``, ``failed``, ``late``,
   ``skipped``) or the replicator job's (``completed``, ``failed``) and the reason; the manifest says where
   every image is and counts the records the control database lost.
@@ -26,6 +27,7 @@ Archiver's pairs (from the outage buffer, else the CDS buffer), oldest first.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import shutil
@@ -124,7 +126,8 @@ class NightDMCS:
         self.queue: list[_Ccd] = []
         self.reprocess: list[_Ccd] = []
         self.jobs: dict[int, Any] = {}
-        self.raft_jobs: dict[int, tuple[_Pair, str, tuple[str, ...], int, float | None]] = {}
+        self.raft_jobs: dict[int, tuple[_Pair, tuple[str, ...], tuple[str, ...], int, float | None]] = {}
+        """Replicator job id → (its pair, its rafts, its images, the visit's number (0: catch-up), when it ended)."""
         self.locations: dict[tuple[str, str], int] = {}
         self.waiting: dict[tuple[str, str], list[int]] = {}
         self.mode = "science"
@@ -356,19 +359,21 @@ class NightDMCS:
                     if fault.kind != "corrupt" or (on and exposure == 0):
                         self._send(FaultOrder(fault.kind, on, visit.visit), target.replicator)
         label = batch_label(OCSEvent.START_INTEGRATION.value, visit.visit, exposure)
-        for index, raft in enumerate(self.plan.rafts):
+        for index, rafts in enumerate(self.plan.replicator_jobs()):
             pair = self._choose_pair()
             if pair is None:  # no pair left: the images wait in the CDS buffer for the Catch-Up Archiver
-                for kind in ("crosstalk_corrected", "raw"):
-                    self.manifest.image(visit, image_id, raft, kind).replicator_done = time.time()
+                for raft in rafts:
+                    for kind in ("crosstalk_corrected", "raw"):
+                        self.manifest.image(visit, image_id, raft, kind).replicator_done = time.time()
                 self._job_finished(EntityName.ARCHIVER, label, index, "failed", "no live replicator/distributor "
                                    "pair: left to the Catch-Up Archiver")  # fmt: skip
                 continue
-            job = JobAssignment(self._id(), JobKind.WAVEFRONT if raft in self.plan.wavefront_rafts else
-                                JobKind.SCIENCE_RAFT, visit.visit, exposure, raft, image_ids=(image_id,),
-                                mode=self.mode)  # fmt: skip
+            wavefront = rafts[0] in self.plan.wavefront_rafts
+            job = JobAssignment(self._id(), JobKind.WAVEFRONT if wavefront else JobKind.SCIENCE_RAFT, visit.visit,
+                                exposure, None if wavefront else rafts[0], image_ids=(image_id,), mode=self.mode,
+                                rafts=rafts if wavefront else ())  # fmt: skip
             pair.jobs += 1
-            self.raft_jobs[job.job_id] = (pair, raft, (image_id,), visit.number, None)
+            self.raft_jobs[job.job_id] = (pair, rafts, (image_id,), visit.number, None)
             self.raft_started[job.job_id] = time.monotonic()
             self.raft_batches[job.job_id] = (label, index)
             if self._send(job, pair.replicator):
@@ -489,27 +494,27 @@ class NightDMCS:
 
     def _result(self, r: JobResult, src: int) -> None:
         if r.job_id in self.raft_jobs:
-            pair, raft, images, number, done = self.raft_jobs[r.job_id]
+            pair, rafts, images, number, done = self.raft_jobs[r.job_id]
             if done is not None:
                 return
             pair.jobs = max(0, pair.jobs - 1)
-            self.raft_jobs[r.job_id] = (pair, raft, images, number, time.time())
+            self.raft_jobs[r.job_id] = (pair, rafts, images, number, time.time())
             if r.job_id in self.raft_batches:
                 self._job_finished(EntityName.ARCHIVER, *self.raft_batches[r.job_id], "completed" if r.ok else "failed",
                                    "" if r.ok else f"{r.error_type}: {r.message}")  # fmt: skip
             catchup = pair.catchup or number == 0
             kinds = (self.catchup_kind.pop(r.job_id),) if r.job_id in self.catchup_kind else \
                 ("crosstalk_corrected", "raw")  # fmt: skip
-            for image_id in images:
-                for kind in kinds:  # a catch-up job moved one kind: the other may still be in flight
-                    image = self.manifest.find_image(image_id, raft, kind)
-                    if image is None:
-                        continue
-                    image.replicator_done = time.time()
-                    if catchup:
-                        image.catchup_pending = False  # not archived by it: the next scan tries again
-                    else:
-                        image.outage_buffer = image.outage_buffer or r.ok
+            for image_id, raft, kind in itertools.product(images, rafts, kinds):
+                # (a catch-up job moved one kind: the other may still be in flight)
+                image = self.manifest.find_image(image_id, raft, kind)
+                if image is None:
+                    continue
+                image.replicator_done = time.time()
+                if catchup:
+                    image.catchup_pending = False  # not archived by it: the next scan tries again
+                else:
+                    image.outage_buffer = image.outage_buffer or r.ok
             return
         job = self.busy.get(src)
         if job is not None and job.job_id == 0:  # a job from before a DMCS crash: the worker is free again
@@ -633,10 +638,10 @@ class NightDMCS:
                     now - self.last_seen[rep] > self.settings.heartbeat_timeout_s:  # fmt: skip
                 self._declare_dead(rep, f"no heartbeat for {self.settings.heartbeat_timeout_s:g} s")
         stale = self.settings.raft_job_timeout_s
-        for job_id, (pair, raft, images, _number, done) in list(self.raft_jobs.items()):
+        for job_id, (pair, rafts, images, _number, done) in list(self.raft_jobs.items()):
             if done is None and now - self.raft_started.get(job_id, now) > stale:
                 log.error("replicator job %d (%s %s) gave no result in %g s: left to the Catch-Up Archiver",
-                          job_id, images[0], raft, stale)  # fmt: skip
+                          job_id, images[0], "+".join(rafts), stale)  # fmt: skip
                 self._result(JobResult.failure(job_id, pair.replicator, TimeoutError("no result")), pair.replicator)
         for pair in self.pairs:
             if pair.back_at is not None and now >= pair.back_at:
@@ -701,7 +706,7 @@ class NightDMCS:
             pair = pairs[k % len(pairs)]
             job = JobAssignment(self._id(), JobKind.CATCHUP, im.visit, raft=im.raft, image_ids=(im.image_id,),
                                 mode=f"catchup:{im.kind}")  # fmt: skip
-            self.raft_jobs[job.job_id] = (pair, im.raft, (im.image_id,), 0, None)
+            self.raft_jobs[job.job_id] = (pair, (im.raft,), (im.image_id,), 0, None)
             self.catchup_kind[job.job_id] = im.kind
             im.catchup_pending = True
             im.catchup = True

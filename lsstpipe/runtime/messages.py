@@ -117,7 +117,7 @@ class JobAssignment:
     exposure: int = 0
     """Exposure (snap) number within the visit, from 0."""
     raft: str | None = None
-    """Raft of a science-raft or catch-up job (``None`` for the wavefront sensors)."""
+    """Raft of a science-raft or catch-up job (``None`` for the wavefront sensors: see ``rafts``)."""
     detector: int | None = None
     """Detector id of a CCD job."""
     deadline: float = math.inf
@@ -128,6 +128,9 @@ class JobAssignment:
     """1 for the first try, 2 … for reschedules."""
     image_ids: tuple[str, ...] = ()
     """The images (OBSIDs) of the job: the exposure's for a replicator job, every snap's for a CCD job."""
+    rafts: tuple[str, ...] = ()
+    """The corner rafts of a wavefront job: one replicator job moves every wavefront sensor's images
+    (LDM-230: one job per science raft plus one for the wavefront sensors)."""
     mode: str = "science"
     """The mode of the entity that launched the job (science, calibration, engineering, catchup)."""
     from_raw_cache: bool = False
@@ -152,9 +155,19 @@ class JobAssignment:
             _nonneg_int("detector", self.detector)
         if self.kind is JobKind.SCIENCE_RAFT:
             _require(bool(self.raft), "a science-raft job needs its raft name (e.g. R22)")
+        if self.kind is JobKind.WAVEFRONT:
+            _require(bool(self.rafts) and self.raft is None,
+                     "a wavefront job names its corner rafts in rafts (e.g. ('R00', 'R44')), not in raft")  # fmt: skip
+        else:
+            _require(not self.rafts, f"only a wavefront job moves several rafts, not a {self.kind.value} job")
         _require(not math.isnan(self.deadline), "deadline must be a time or inf, not NaN")
         _require(math.isfinite(self.detection_threshold_sigma) and self.detection_threshold_sigma > 0,
                  f"detection_threshold_sigma must be > 0, not {self.detection_threshold_sigma!r}")  # fmt: skip
+
+    @property
+    def moved_rafts(self) -> tuple[str, ...]:
+        """The rafts whose images a replicator job moves: a wavefront job's corner rafts, else its raft."""
+        return self.rafts or ((self.raft,) if self.raft else ())
 
 
 @dataclass(frozen=True)

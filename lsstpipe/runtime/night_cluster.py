@@ -25,13 +25,13 @@ __all__ = ["NightCluster", "SchedulerSettings", "night_job_counts"]
 
 
 def night_job_counts(layout: NightLayout, plan: NightPlan | None = None) -> JobCounts:
-    """The jobs :class:`~lsstpipe.runtime.dmcs_night.NightDMCS` runs per event: one replicator job per raft of the plan (each wavefront
-    sensor raft too) per ``startIntegration``, one worker job per detector of the plan per ``nextVisit`` or
-    ``startExposure``; without a plan, those of every raft and detector of the layout's camera."""
+    """The jobs :class:`~lsstpipe.runtime.dmcs_night.NightDMCS` runs per event: per ``startIntegration`` one
+    replicator job per science raft of the plan plus one for its wavefront sensors
+    (:meth:`NightPlan.replicator_jobs`), per ``nextVisit`` or ``startExposure`` one worker job per detector of
+    the plan; without a plan, those of the layout's whole camera (:meth:`JobCounts.of_camera`)."""
     if plan is not None:
-        return JobCounts(len(plan.rafts), len(plan.detectors))
-    camera = get_camera(layout.camera)
-    return JobCounts(len(camera.rafts), len(camera.detectors))
+        return JobCounts(len(plan.replicator_jobs()), len(plan.detectors))
+    return JobCounts.of_camera(get_camera(layout.camera))
 
 
 class NightCluster(SimulatedCluster):

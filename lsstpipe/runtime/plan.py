@@ -90,6 +90,12 @@ class NightPlan:
     """Calibration exposures taken before the visits (one snap each; ``band`` is the image type), with
     ``number`` from -1 down."""
 
+    def replicator_jobs(self) -> tuple[tuple[str, ...], ...]:
+        """The rafts of each replicator job of a ``startIntegration``: one job per science raft, then one for
+        every wavefront sensor's raft (LDM-230: 21 + 1 on LSSTCam, not one per corner raft)."""
+        science = tuple((raft,) for raft in self.rafts if raft not in self.wavefront_rafts)
+        return science + ((self.wavefront_rafts,) if self.wavefront_rafts else ())
+
     def timeline(self) -> list[PlannedEvent]:
         """Every event of the night, in time order (ties in the order they were planned): the calibration
         exposures (startExposure, startIntegration, startReadout, endReadout), then the science visits."""
