@@ -489,8 +489,9 @@ class _Post:
 
 @pytest.mark.parametrize("kind", ["raw", "crosstalk_corrected"])
 def test_distributor_verifies_the_stored_copy_against_the_bytes_it_received(tmp_path, monkeypatch, kind):
-    """The image received is decoded and verified once; the Archive's copy read back is compared with those
-    bytes (not decoded again), and a copy the store damaged is reported, not confirmed."""
+    """The image received is decoded once (its pixels' checksum not checked again: the bytes' SHA-256 matched
+    those the replicator verified); the Archive's copy read back is compared with those bytes (not decoded
+    again), and a copy the store damaged is reported, not confirmed."""
     from lsstpipe.archive import storage
     from lsstpipe.runtime.archiving import ArchiveSettings, Distributor, StoragePaths
     from lsstpipe.runtime.messages import Archived, ImageData
@@ -498,9 +499,9 @@ def test_distributor_verifies_the_stored_copy_against_the_bytes_it_received(tmp_
     decodes = []
     real_decode = storage.decode_image
 
-    def counting_decode(data, key):
-        decodes.append(key)
-        return real_decode(data, key)
+    def counting_decode(data, key, verify=True):
+        decodes.append((key, verify))
+        return real_decode(data, key, verify)
 
     monkeypatch.setattr(storage, "decode_image", counting_decode)
     monkeypatch.setattr("lsstpipe.runtime.archiving.decode_image", counting_decode)
@@ -519,7 +520,7 @@ def test_distributor_verifies_the_stored_copy_against_the_bytes_it_received(tmp_
     assert report.ok and report.checksum == meta.checksum and report.error is None
     # decoded once, on receipt, when workers need it; a raw image was verified by the replicator and its
     # bytes arrived unchanged (SHA-256): it is not decoded at all
-    assert decodes == ([key] if kind == "crosstalk_corrected" else [])
+    assert decodes == ([(key, False)] if kind == "crosstalk_corrected" else [])
     store = dist.tape if kind == "raw" else dist.raw_cache
     assert store.verify(key) == meta.checksum  # the stored copy decodes and verifies
     # damaged in transit (a pixel byte: the header still reads): refused, the replicator is asked again
