@@ -39,7 +39,7 @@ from lsstpipe.runtime.messages import (
 )
 from lsstpipe.runtime.plan import Visit
 
-log = logging.getLogger("lsstpipe.runtime.dmcs_night")
+log = logging.getLogger(__name__)
 
 __all__ = ["ArchiveScheduling"]
 
