@@ -367,8 +367,10 @@ class Replicator:
                            "link down: image kept at the Base for the Catch-Up Archiver")  # fmt: skip
             return
         payload = zlib.compress(data, 1) if self.settings.compress else data
-        injected = self.settings.slow_after(len(payload)) + self.settings.slow_link_delay_s if self.slow else 0.0
-        time.sleep(injected)
+        allowed = self.settings.slow_after(len(payload))
+        injected = allowed + self.settings.slow_link_delay_s if self.slow else 0.0
+        if injected:
+            time.sleep(injected)
         if self.corrupt_next:
             self.corrupt_next = False
             damaged = bytearray(payload)
@@ -381,9 +383,9 @@ class Replicator:
         if self._send_safe(header, payload):
             rj.sent += 1
             took = time.monotonic() - t0 + injected
-            if took > self.settings.slow_after(len(payload)):
+            if took > allowed:
                 self._report_link(False, f"slow link: a {len(payload)} byte transfer took {took:.2f} s (more than "
-                                         f"{self.settings.slow_after(len(payload)):.2f} s)")  # fmt: skip
+                                         f"{allowed:.2f} s)")  # fmt: skip
                 self._reported_up = False
         else:
             rj.failures.append(f"{key}: distributor {self.distributor} unreachable")
