@@ -51,6 +51,8 @@ setup(
             "pytest>=8",
             "pytest-mpi>=0.6",
             "pytest-timeout>=2.2",
+            # pytest-xdist runs the serial tests on every core (tests/run.sh): the suite is CPU-bound and single-threaded.
+            "pytest-xdist>=3.5",
             "sep>=1.2",
             "nbclient>=0.10",
             "nbformat>=5.9",

@@ -30,7 +30,10 @@ export LSSTPIPE_OMPI_PREFIX="${LSSTPIPE_OMPI_PREFIX:-/tmp/lsstpipe-ompi-env}"
 numba_cache=$(mktemp -d)
 trap '.ci/slurm.sh stop "$LSSTPIPE_SLURM_DIR"; .ci/postgres.sh stop "$LSSTPIPE_PG_DIR"; rm -rf "$numba_cache"' EXIT
 export NUMBA_CACHE_DIR="$numba_cache" LSSTPIPE_NUMBA_CACHE=1
-python -m pytest -q -rs -m "not slow" --durations=15 tests
+# The serial tests on up to 4 cores (pytest-xdist), a test file per worker at a time (--dist loadfile: a module's
+# fixtures are built once, and the tests of a file that share a server or a DDS domain never run side by side).
+workers=$(python -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')
+python -m pytest -q -rs -m "not slow" --durations=15 -n "$workers" --dist loadfile tests
 echo "== full-size (slow) cases"
 python -m pytest -q -m slow --durations=25 tests
 for n in 2 4; do
