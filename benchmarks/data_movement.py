@@ -8,7 +8,7 @@ compare with a plain ``Send``/``Recv``.
 
 Each of ``--rafts`` raft images (9 CCDs of 16 int32 segments, ``ccd-size``² noise-like pixels: bias per
 segment + sky + Gaussian noise) is made untimed on rank 0 and encoded as a CDS raft-image file
-(:func:`lsstpipe.archive.storage.encode_image`; zlib level 1 on top with ``--compress``, as the replicator
+(:func:`lsstpipe.archive.blobs.encode_image`; zlib level 1 on top with ``--compress``, as the replicator
 does). Timed regions are bracketed by ``Barrier()`` + ``MPI.Wtime()``; every byte the distributor and the
 worker receive is compared (SHA-256) with what rank 0 made, outside the timed regions.
 
@@ -20,7 +20,7 @@ worker receive is compared (SHA-256) with what rank 0 made, outside the timed re
    storage, no decoding inside the timed regions; receive buffers are allocated inside them for both.
 2. **verified** — the runtime with its verification and decoding, no storage: hop 1 adds decompression,
    the SHA-256 of the bytes received against the replicator's and
-   :func:`~lsstpipe.archive.storage.decode_image` on the distributor, as the Distributor does it (the
+   :func:`~lsstpipe.archive.blobs.decode_image` on the distributor, as the Distributor does it (the
    pixels' checksum not checked again: those bytes are the ones the replicator verified); hop 2 is
    served by :meth:`Distributor.handle <lsstpipe.runtime.archiving.Distributor.handle>` (SHA-256 of the
    segments) and checked by the worker (SHA-256 against the header, as the worker rank does).
@@ -73,7 +73,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lsstpipe.archive.storage import ImageKey, decode_image, encode_image  # noqa: E402
+from lsstpipe.archive.blobs import ImageKey, decode_image, encode_image  # noqa: E402
 from lsstpipe.cds.buffer import CDSBuffer  # noqa: E402
 from lsstpipe.cds.image import PreparedImage, prepare_image  # noqa: E402
 from lsstpipe.runtime.archiving import ArchiveSettings, Distributor, Replicator, StoragePaths  # noqa: E402

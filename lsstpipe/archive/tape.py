@@ -36,10 +36,7 @@ from typing import IO, Any
 import h5py
 import numpy as np
 
-from lsstpipe.archive.storage import (
-    ArchiveConflict,
-    ArchiveError,
-    ArchiveNotFound,
+from lsstpipe.archive.blobs import (
     ArchiverMode,
     ImageKey,
     ItemMeta,
@@ -48,12 +45,10 @@ from lsstpipe.archive.storage import (
     check_copy,
     check_data,
     decode_image,
-    flocked,
-    fsync_path,
-    prepare_root,
 )
+from lsstpipe.archive.storage import ArchiveConflict, ArchiveError, ArchiveNotFound, flocked, prepare_root
 from lsstpipe.cds.image import CDSChecksumError, CDSFormatError
-from lsstpipe.cds.store import now_mjd
+from lsstpipe.cds.store import fsync_path, now_mjd
 
 FORMAT_NAME = "lsstpipe-tape-volume"
 FORMAT_VERSION = 1
@@ -92,7 +87,7 @@ class TapeRecord:
 
     @property
     def meta(self) -> ItemMeta:
-        """The record as the :class:`~lsstpipe.archive.storage.ItemMeta` of the item."""
+        """The record as the :class:`~lsstpipe.archive.blobs.ItemMeta` of the item."""
         return ItemMeta(self.checksum, self.nbytes, self.mode, self.written_mjd)
 
 
@@ -261,9 +256,9 @@ class TapeArchive:
         key : ImageKey or str
             The image the blob holds.
         data : bytes
-            The blob (:func:`~lsstpipe.archive.storage.encode_image`).
+            The blob (:func:`~lsstpipe.archive.blobs.encode_image`).
         meta : ItemMeta
-            Its metadata (:func:`~lsstpipe.archive.storage.blob_meta`); ``stored_mjd`` is not used —
+            Its metadata (:func:`~lsstpipe.archive.blobs.blob_meta`); ``stored_mjd`` is not used —
             the record holds the time written.
 
         Returns

@@ -31,15 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lsstpipe.archive.storage import (
-    ImageKey,
-    ItemMeta,
-    OutageBuffer,
-    OutageBufferFull,
-    RawImageCache,
-    blob_checksum,
-    decode_image,
-)
+from lsstpipe.archive.blobs import ImageKey, ItemMeta, blob_checksum, decode_image
+from lsstpipe.archive.storage import OutageBuffer, OutageBufferFull, RawImageCache
 from lsstpipe.archive.tape import TapeArchive
 from lsstpipe.cds.image import CDSChecksumError, CDSError, RaftImage
 from lsstpipe.db.records import ImageTransfer

@@ -156,7 +156,8 @@ class Manifest:
 
         Returns the problems found (an image missing, damaged or different at the Archive).
         """
-        from lsstpipe.archive.storage import ImageKey, RawImageCache
+        from lsstpipe.archive.blobs import ImageKey
+        from lsstpipe.archive.storage import RawImageCache
         from lsstpipe.archive.tape import TapeLibrary
 
         for folder in ("tape", "raw_cache"):

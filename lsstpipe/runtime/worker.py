@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from lsstpipe.archive.storage import ImageKey, RawImageCache, decode_image
+from lsstpipe.archive.blobs import ImageKey, decode_image
+from lsstpipe.archive.storage import RawImageCache
 from lsstpipe.camera.geometry import DetectorType
 from lsstpipe.repo import Repository, write_json
 from lsstpipe.runtime.memory import planes_reused, return_large_frees
