@@ -53,8 +53,9 @@ from astropy.wcs import WCS  # noqa: E402
 
 from kernels.render import add_moffat_sources  # noqa: E402
 from lsstpipe import __version__  # noqa: E402
-from lsstpipe.pipelines.difference import DifferenceConfig, TemplatePatch, difference_exposure  # noqa: E402
+from lsstpipe.pipelines.difference import DifferenceConfig, difference_exposure  # noqa: E402
 from lsstpipe.pipelines.exposure import NJY_AB_ZP, Exposure  # noqa: E402
+from lsstpipe.pipelines.templates import TemplatePatch  # noqa: E402
 
 FULL_SHAPE = (4004, 4096)
 QUICK_SHAPE = (800, 900)
@@ -104,7 +105,7 @@ def run_sfft(science, patches, wcs, shape, half: int):
 
     from astropy.io import fits
 
-    from lsstpipe.pipelines.difference import warp_template
+    from lsstpipe.pipelines.templates import warp_template
 
     try:
         from sfft.CustomizedPacket import Customized_Packet

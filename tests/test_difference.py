@@ -16,16 +16,9 @@ from astropy.io import fits
 from kernels.render import add_moffat_sources
 from lsstpipe.camera import get_camera
 from lsstpipe.pipelines.detection import detect_and_measure
-from lsstpipe.pipelines.difference import (
-    Difference,
-    DifferenceConfig,
-    TemplatePatch,
-    difference_exposure,
-    read_template_patches,
-    subtract,
-    warp_template,
-)
+from lsstpipe.pipelines.difference import Difference, DifferenceConfig, difference_exposure, subtract
 from lsstpipe.pipelines.exposure import Exposure, MaskBit
+from lsstpipe.pipelines.templates import TemplatePatch, read_template_patches, warp_template
 from lsstpipe.repo import Repository
 from lsstpipe.sim import scene
 from lsstpipe.sim import sky as skymod
@@ -365,7 +358,7 @@ def test_template_cut_is_the_same_pixels_whatever_the_storage(tmp_path, pair, la
 def test_template_patch_headers_are_read_once_per_process(tmp_path, pair, monkeypatch):
     """A worker asks for a CCD's templates every visit: the patches' headers are parsed once, only the
     overlapping patches are opened again for their pixels, and a patch rewritten in place is read afresh."""
-    import lsstpipe.pipelines.difference as dmod
+    import lsstpipe.pipelines.templates as tmod
 
     repo = Repository(tmp_path / "repo")
     repo.create({"camera": "mini", "seed": 7})
@@ -390,9 +383,9 @@ def test_template_patch_headers_are_read_once_per_process(tmp_path, pair, monkey
     path0 = repo.template_path(BAND, 0, "0,0")
     write_template(path0, p0.image + 1, p0.variance, p0.wcs, BAND, 0, "0,0", 0.3)  # rewritten: new PSF scale
     os.utime(path0, ns=(time.time_ns(), time.time_ns() + 10**9))
-    n_keys = len(dmod._PATCH_INFO)
+    n_keys = len(tmod._PATCH_INFO)
     third = read_template_patches(repo, BAND, float(cra), float(cdec), 0.02)
-    assert len(dmod._PATCH_INFO) == n_keys + 1
+    assert len(tmod._PATCH_INFO) == n_keys + 1
     np.testing.assert_array_equal(third[0].image, p0.image + 1)
     assert third[0].psf_fwhm_pix != first[0].psf_fwhm_pix
 

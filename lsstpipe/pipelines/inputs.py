@@ -17,8 +17,8 @@ from lsstpipe.io.raw import read_raw
 from lsstpipe.io.refcat import read_refcat
 from lsstpipe.pipelines.ap import CcdInputs
 from lsstpipe.pipelines.characterize import initial_wcs
-from lsstpipe.pipelines.difference import read_template_patches
 from lsstpipe.pipelines.isr import isr_from_truth, raw_metadata
+from lsstpipe.pipelines.templates import read_template_patches
 from lsstpipe.repo import Repository
 
 __all__ = ["load_ccd_inputs", "visit_exposures"]
