@@ -23,6 +23,7 @@ from lsstpipe.db.apdb import Level1Database, write_apdb_config
 from lsstpipe.pipelines import level1 as L1
 from lsstpipe.pipelines.ap import process_ccd
 from lsstpipe.pipelines.inputs import load_ccd_inputs
+from lsstpipe.pipelines.level1_truth import ssobjects_from_truth
 from lsstpipe.pipelines.mops_orbits import nightly_coefficients
 from lsstpipe.repo import Repository
 from lsstpipe.sim.simulate import SimulationRequest, default_sky, run_simulation
@@ -60,7 +61,7 @@ def night_coefficients(repo: Repository, margin_days: float = 0.05) -> np.ndarra
 
     exps = repo.exposures("OBJECT")
     mjds = [float(e["mjd_obs"]) for e in exps]
-    ss = L1.ssobjects_from_truth(repo)
+    ss = ssobjects_from_truth(repo)
     near = [bool(angular_separation_deg(*_orbit_of(r).radec(np.array([min(mjds)]))[:2], exps[0]["ra"],
                                         exps[0]["dec"])[0] < 0.5) for r in ss]  # fmt: skip
     return nightly_coefficients(ss[np.array(near, bool)], min(mjds) - margin_days, max(mjds) + margin_days)

@@ -19,6 +19,7 @@ from lsstpipe.db.apdb import Level1Database, write_apdb_config
 from lsstpipe.pipelines import level1 as L1
 from lsstpipe.pipelines.ap import process_ccd
 from lsstpipe.pipelines.inputs import load_ccd_inputs
+from lsstpipe.pipelines.level1_truth import score_association
 from lsstpipe.repo import Repository
 from lsstpipe.sim.simulate import SimulationRequest, run_simulation
 
@@ -44,7 +45,7 @@ def scored(tmp_path_factory):
             counts = L1.ccd_level1(inputs, res, pre, visit=v, detector_id=inputs.detector.id, midpoint_mjd_tai=mid,
                                    apdb=db, alerts=writer)  # fmt: skip
             calibrated += not counts.flags
-    score = L1.score_association(repo, db)
+    score = score_association(repo, db)
     print(score)
     return calibrated, score
 
