@@ -22,12 +22,12 @@ worker receive is compared (SHA-256) with what rank 0 made, outside the timed re
    the SHA-256 of the bytes received against the replicator's and
    :func:`~lsstpipe.archive.blobs.decode_image` on the distributor, as the Distributor does it (the
    pixels' checksum not checked again: those bytes are the ones the replicator verified); hop 2 is
-   served by :meth:`Distributor.handle <lsstpipe.runtime.archiving.Distributor.handle>` (SHA-256 of the
+   served by :meth:`Distributor.handle <lsstpipe.runtime.distributor.Distributor.handle>` (SHA-256 of the
    segments) and checked by the worker (SHA-256 against the header, as the worker rank does).
 3. **archive** (``--store``) — the real classes end to end: a replicator job of
    :class:`~lsstpipe.runtime.archiving.Replicator` (read the CDS file, verify, Base raw cache / tape and
    outage buffer with fsync, compress if ``--compress``, send) for the raft's crosstalk-corrected and raw
-   images, the :class:`~lsstpipe.runtime.archiving.Distributor` receiving them (decompress, verify, store at
+   images, the :class:`~lsstpipe.runtime.distributor.Distributor` receiving them (decompress, verify, store at
    the Archive, read back and verify), then hop 2 as in 2. Stores live in a temporary folder (``--tmp``).
 4. **scheduling** — :class:`~lsstpipe.runtime.dmcs_night.NightDMCS` on rank 0 dispatches ``--jobs`` no-op
    CCD jobs (``JobAssignment`` → :class:`~lsstpipe.runtime.worker.Worker` ``.handle`` with an empty ``run``
@@ -76,7 +76,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lsstpipe.archive.blobs import ImageKey, decode_image, encode_image  # noqa: E402
 from lsstpipe.cds.buffer import CDSBuffer  # noqa: E402
 from lsstpipe.cds.image import PreparedImage, prepare_image  # noqa: E402
-from lsstpipe.runtime.archiving import ArchiveSettings, Distributor, Replicator, StoragePaths  # noqa: E402
+from lsstpipe.runtime.archiving import ArchiveSettings, Replicator, StoragePaths  # noqa: E402
+from lsstpipe.runtime.distributor import Distributor  # noqa: E402
 from lsstpipe.runtime.messages import (  # noqa: E402
     Archived,
     CcdData,

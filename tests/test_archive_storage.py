@@ -493,7 +493,8 @@ def test_distributor_verifies_the_stored_copy_against_the_bytes_it_received(tmp_
     those the replicator verified); the Archive's copy read back is compared with those bytes (not decoded
     again), and a copy the store damaged is reported, not confirmed."""
     from lsstpipe.archive import storage
-    from lsstpipe.runtime.archiving import ArchiveSettings, Distributor, StoragePaths
+    from lsstpipe.runtime.archiving import ArchiveSettings, StoragePaths
+    from lsstpipe.runtime.distributor import Distributor
     from lsstpipe.runtime.messages import Archived, ImageData
 
     decodes = []
@@ -504,7 +505,7 @@ def test_distributor_verifies_the_stored_copy_against_the_bytes_it_received(tmp_
         return real_decode(data, key, verify)
 
     monkeypatch.setattr(storage, "decode_image", counting_decode)
-    monkeypatch.setattr("lsstpipe.runtime.archiving.decode_image", counting_decode)
+    monkeypatch.setattr("lsstpipe.runtime.distributor.decode_image", counting_decode)
     monkeypatch.setattr("lsstpipe.archive.tape.decode_image", counting_decode)
 
     def receive(dist, seq, damage_at=None):

@@ -5,16 +5,15 @@ from lsstpipe.runtime.layout import (
     LayoutError,
     NightLayout,
     Pair,
-    RankContext,
     RankInfo,
     Role,
     full_layout,
     layout_for_world,
     multi_prog,
     scaled_layout,
-    split_roles,
 )
 from lsstpipe.runtime.messages import Heartbeat, JobAssignment, JobKind, JobResult, Stop, Tag
+from lsstpipe.runtime.ranks import RankContext, split_roles
 
 __all__ = [
     "Heartbeat", "JobAssignment", "JobKind", "JobResult", "LayoutConfig", "LayoutError", "NightLayout", "Pair",

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lsstpipe.runtime.archiving import Distributor, Replicator, StoragePaths
+from lsstpipe.runtime.archiving import Replicator, StoragePaths
+from lsstpipe.runtime.distributor import Distributor
 from lsstpipe.runtime.layout import Role
 from lsstpipe.runtime.messages import Stop
 from lsstpipe.runtime.postman import Postman
@@ -79,7 +80,7 @@ def run_rank(comm, args: argparse.Namespace, config: NightConfig, repo, plan, la
     comm.Barrier()
     from mpi4py import MPI
 
-    from lsstpipe.runtime.layout import split_roles
+    from lsstpipe.runtime.ranks import split_roles
 
     ctx = split_roles(comm, layout)  # roles from splitting COMM_WORLD once: the strings' communicators
     string = ctx.string if ctx.string != MPI.COMM_NULL else None
