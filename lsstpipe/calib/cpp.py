@@ -56,6 +56,7 @@ from lsstpipe.db.calib import CalibrationDatabase
 from lsstpipe.io.raw import RawFormatError, read_raw
 from lsstpipe.pipelines.isr import FRINGE_BANDS
 from lsstpipe.repo import Repository, sha256_file, write_json
+from lsstpipe.runtime.idle import idle_barrier
 from lsstpipe.runtime.selfcomm import SelfComm
 
 __all__ = ["CppRequest", "CcdTask", "InputExposure", "CcdResult", "run_cpp", "plan_tasks", "MODES", "calib_db_path"]
@@ -347,6 +348,7 @@ def _crosstalk_step(tasks: list[CcdTask], request: CppRequest, run: str, comm, c
             by_detector[task.detector] = est
         except Exception as exc:  # noqa: BLE001
             errors.append((task.detector, _describe(exc, "crosstalk")))
+    idle_barrier(comm)
     pooled = xt.pool_crosstalk(None if comm.size == 1 else comm, estimates)
     empty = sorted(v for v, m in pooled.items() if not np.any(m))
     note = f"no coupling measured for {', '.join(empty)} (no bright sources): not written nor applied" if empty else ""
@@ -408,6 +410,7 @@ def run_cpp(request: CppRequest, comm=None) -> dict:
         if m is not None and res.ok:
             _save_crosstalk(Path(request.repo), run, det, m, res)
         results.append(res)
+    idle_barrier(comm)  # ranks with fewer CCDs wait without taking cores from the others
     gathered = comm.gather(results, root=0)
     if comm.rank != 0:
         return {}

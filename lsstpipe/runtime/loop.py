@@ -77,11 +77,12 @@ def run_rank(comm, args: argparse.Namespace, config: NightConfig, repo, plan, la
     if comm.Get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         _prepare_out(out)
-    comm.Barrier()
     from mpi4py import MPI
 
+    from lsstpipe.runtime.idle import idle_barrier
     from lsstpipe.runtime.ranks import split_roles
 
+    idle_barrier(comm)  # the others wait for rank 0's APDB schema without taking its cores
     ctx = split_roles(comm, layout)  # roles from splitting COMM_WORLD once: the strings' communicators
     string = ctx.string if ctx.string != MPI.COMM_NULL else None
     post = Postman(comm)

@@ -308,6 +308,7 @@ def _certify(repo, plan, comm) -> None:
         On every rank: it made no masters for any detector of the night (every CCD would fail).
     """
     from lsstpipe.calib.cpp import CppRequest, run_cpp
+    from lsstpipe.runtime.idle import idle_barrier
 
     if comm.Get_rank() == 0:
         print(f"night: {repo.root} has no certified calibrations; running the Calibration Products "
@@ -325,6 +326,7 @@ def _certify(repo, plan, comm) -> None:
                        "or set worker.calibs: truth in --config")  # fmt: skip
         elif failed:
             print(f"night: warning: {why}; their CCDs will fail", file=sys.stderr, flush=True)
+    idle_barrier(comm)  # the other ranks wait for rank 0's certification without taking its cores
     verdict = comm.bcast(verdict, root=0)
     if verdict is not None:
         raise NightError(verdict)

@@ -21,6 +21,7 @@ from lsstpipe import __version__
 from lsstpipe.camera import Camera, Detector, get_camera
 from lsstpipe.io.raw import write_raw
 from lsstpipe.repo import Repository, sha256_file, write_csv, write_json
+from lsstpipe.runtime.idle import idle_barrier
 from lsstpipe.runtime.selfcomm import SelfComm
 from lsstpipe.sim import opsim, scene, spots
 from lsstpipe.sim import sky as skymod
@@ -258,19 +259,23 @@ def run_simulation(request: SimulationRequest, comm=None) -> dict:
             n_raw += 1
         log(f"{det.name}: {len(exposures)} exposures in {time.perf_counter() - t_det:.1f}s")
 
+    idle_barrier(comm)  # ranks with fewer detectors wait without taking cores from the others
     n_raw = comm.allreduce(n_raw)
     n_templates = 0
     if request.templates:
         from lsstpipe.sim.templates import make_templates
 
-        n_templates = comm.allreduce(make_templates(repo, camera, detectors, visits, stars, request.seed, log,
-                                                    part=(rank, size)))  # fmt: skip
+        n_templates = make_templates(repo, camera, detectors, visits, stars, request.seed, log, part=(rank, size))
+        idle_barrier(comm)
+        n_templates = comm.allreduce(n_templates)
     comm.Barrier()
     n_cds = 0
     if request.cds:
         from lsstpipe.sim.camera_daq import fill_cds
 
-        n_cds = comm.allreduce(fill_cds(repo, camera, detectors, exposures, log, part=(rank, size)))
+        n_cds = fill_cds(repo, camera, detectors, exposures, log, part=(rank, size))
+        idle_barrier(comm)
+        n_cds = comm.allreduce(n_cds)
     comm.Barrier()
     summary = {
         "camera": camera.name, "seed": request.seed, "visits": len(visits),
