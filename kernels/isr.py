@@ -1,12 +1,12 @@
 """Instrument signature removal: overscan, bias, crosstalk, gain, dark, flat, assembly, variance and mask.
 
 The raw of a CCD is ``(namp, rows, cols)`` integer segments in HDU order; every segment has the same
-layout (data region, serial overscan). :func:`~kernels.overscan.overscan_levels` estimates a robust level per amplifier and
-per row from the serial overscan (:mod:`kernels.overscan`): the bias drifts from row to row, and the drift
-is shared by the data and the overscan of that row, so a row-wise subtraction removes it. :func:`isr_ccd`
-then does, in one pass over
-each raw row of all amplifiers (all amplifiers are read at the same instant, so crosstalk couples pixels
-with the same raw ``(row, col)``):
+layout (data region, serial overscan). Each row gets a robust level per amplifier from its serial overscan
+(:mod:`kernels.overscan`): the bias drifts from row to row, and the drift is shared by the data and the
+overscan of that row, so a row-wise subtraction removes it. :func:`isr_ccd` measures these levels itself
+where it reads each raw row (or takes them from :func:`~kernels.overscan.overscan_levels`, e.g. smoothed),
+and does, in one pass over each raw row of all amplifiers (all amplifiers are read at the same instant, so
+crosstalk couples pixels with the same raw ``(row, col)``):
 
 1. overscan subtraction (the row level of that amplifier);
 2. first-order crosstalk removal ``t_j = s_j - sum_i C[i, j] s_i`` on the overscan-subtracted signal
@@ -40,7 +40,7 @@ import numpy as np
 
 from kernels.arrays import readonly
 from kernels.config import njit
-from kernels.overscan import as_raw_counts
+from kernels.overscan import as_raw_counts, overscan_levels, overscan_start, row_level
 
 __all__ = ["isr_ccd", "mask_boxes", "AmpLayout"]
 
@@ -138,22 +138,44 @@ _BLOCK = 4
 
 
 @njit(inline="always")
-def _strong_sources(xt, j, pair_tol, mid, half, idx, coef):
+def _strong_sources(xt, j, tol, mid, half, idx, coef, bound):
     """The constant part of the weak couplings into victim ``j`` (``base``) and its strong sources: indices
     into ``idx``, coefficients into ``coef``, in ascending order; returns ``(base, count)``.
 
     Each source row is split exactly into its mid-range ``mid[i]`` and the rest, ``|s_i - mid_i| <=
-    half[i]``; the constant part always goes in, the rest only where ``|xt[i, j]| * half[i] > pair_tol``,
-    so each victim pixel is off by at most ``(namp - 1) * pair_tol`` (exact for ``pair_tol = 0``).
+    half[i]``; the constant part always goes in. The rest of coupling ``i`` moves the victim by at most
+    ``|xt[i, j]| * half[i]``: the largest of these go in, one by one, until the ones left can move it by
+    ``tol`` at most together, so each victim pixel is off by at most ``tol`` (exact for ``tol = 0``). On
+    sky rows the couplings of an LSSTCam CCD add up to a few hundredths of an ADU: no source goes in.
+    ``bound`` is scratch space of ``namp`` float64.
     """
     namp = xt.shape[0]
+    rest = 0.0
+    for i in range(namp):
+        b = float(abs(xt[i, j]) * half[i]) if i != j else 0.0  # the float32 product, as the reference's
+        bound[i] = b
+        rest += b
+    if tol <= 0.0:  # exact: every coupling with a varying source goes in
+        for i in range(namp):
+            if bound[i] > 0.0:
+                bound[i] = -1.0
+        rest = 0.0
+    while rest > tol:
+        k = 0
+        for i in range(1, namp):
+            if bound[i] > bound[k]:
+                k = i
+        if bound[k] <= 0.0:  # (only float rounding of `rest` is left)
+            break
+        rest -= bound[k]
+        bound[k] = -1.0  # in
     base = np.float32(0.0)
     n = 0
     for i in range(namp):
         c = xt[i, j]
         if i == j:
             continue
-        if abs(c) * half[i] > pair_tol:
+        if bound[i] < 0.0:
             idx[n] = i
             coef[n] = c
             n += 1
@@ -163,19 +185,23 @@ def _strong_sources(xt, j, pair_tol, mid, half, idx, coef):
 
 
 @njit(error_model="numpy")
-def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, dark, flat, gains, rn2, sat, dark_time,
-              oy0, ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit, nb, tr):  # fmt: skip
+def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, levels, cut, oc0, on, nsigma, xt, tol, bias, dark, flat,
+              gains, rn2, sat, dark_time, oy0, ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit, nb,
+              tr):  # fmt: skip
     """Raw rows ``[y_begin, y_end)`` of the data region of every amplifier → assembled outputs.
 
     Blocks of ``nb`` raw rows of all amplifiers (they are read at the same instant, so crosstalk couples
-    pixels with the same raw ``(row, col)``): with crosstalk, the range of each raw row first (which
-    couplings are strong, :func:`_strong_sources`; the block's raw rows, 16 × ``nb`` × 2.3 kB for LSSTCam,
-    then stay in the L2 cache); then one band of output rows (half of an LSSTCam CCD) at a time, row by
-    row, amplifiers left to right — the rows of a block of a band are contiguous in each output and
+    pixels with the same raw ``(row, col)``). First each raw row of the block, where it lies: its overscan
+    level — measured with ``cut`` (an array: the serial overscan ``[oc0, oc0 + on)`` of the row, clipped
+    at ``nsigma``; the levels of :func:`~kernels.overscan.overscan_levels` with ``smooth=0`` to the bit,
+    written into ``levels``), else (None) read from ``levels`` — and, with crosstalk, its range (which
+    couplings are strong, :func:`_strong_sources`). The block's raw rows, 16 × ``nb`` × 2.3 kB for
+    LSSTCam, then stay in the L2 cache. Then one band of output rows (half of an LSSTCam CCD) at a time,
+    row by row, amplifiers left to right — the rows of a block of a band are contiguous in each output and
     calibration frame, so the pass streams through six sequential regions — the output pixels, with the
     overscan level of the row and the crosstalk of the strong sources applied on the way. Every raw,
-    calibration and output pixel crosses the memory bus once. ``xt``, ``bias``, ``dark`` and ``flat`` may be
-    None: numba compiles a version without them.
+    calibration and output pixel crosses the memory bus once. ``xt``, ``bias``, ``dark`` and ``flat`` may
+    be None: numba compiles a version without them.
     """
     namp = raw.shape[0]
     dt = np.float32(dark_time)
@@ -191,22 +217,33 @@ def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, da
     flev = np.empty((namp, nb), np.float32)
     idx = np.empty(namp, np.int64)
     coef = np.empty(namp, np.float32)
+    bound = np.empty(namp, np.float64)
     zrow = np.zeros(w, raw.dtype)
+    buf = np.empty(max(on, 1), np.float64)
+    center = np.zeros(namp, np.float64)
+    if cut is not None:
+        for a in range(namp):
+            cut[a], center[a] = overscan_start(raw[a], dr0 + y_begin, dr0 + y_end, oc0, oc0 + on, nsigma, buf)
     for yb in range(y_begin, y_end, nb):
         ye = min(yb + nb, y_end)
         for a in range(namp):
             seg = raw[a]
             for y in range(yb, ye):
-                lev = oscan[a, y]
-                fl = np.float32(lev)
-                flev[a, y - yb] = fl
-                if xt is not None:
+                # The range also without crosstalk when the level is measured: the overscan lines then come
+                # in behind a sequential read of the row, instead of stalling on their own (5 ms per CCD)
+                if xt is not None or cut is not None:
                     rr = seg[dr0 + y, dc0 : dc0 + w]
                     lo = rr[0]
                     hi = rr[0]
                     for x in range(w):
                         lo = min(lo, rr[x])  # integer reductions vectorise (float ones need fastmath)
                         hi = max(hi, rr[x])
+                if cut is not None:  # after the data: the overscan follows them in the raw row
+                    center[a] = row_level(seg, dr0 + y, oc0, on, center[a], cut[a], buf)
+                    levels[a, y] = center[a]
+                lev = levels[a, y]
+                flev[a, y - yb] = np.float32(lev)
+                if xt is not None or cut is not None:
                     mid[a, y - yb] = np.float32(0.5 * (float(lo) + float(hi)) - lev)
                     half[a, y - yb] = np.float32(0.5 * (float(hi) - float(lo)))
         # One band of output rows at a time: six sequential regions in flight instead of twelve.
@@ -229,7 +266,7 @@ def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, da
                         _emit(rev, rawrow, fl, None, zero, None, zero, zero, None, zero, zero, None, zero, rawrow, bias,
                               dark, flat, yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
                         continue
-                    base, n = _strong_sources(xt, a, pair_tol, mid[:, r], half[:, r], idx, coef)
+                    base, n = _strong_sources(xt, a, tol, mid[:, r], half[:, r], idx, coef, bound)
                     if n > _INLINE_SOURCES:  # the corrected row built first, in the reference order
                         for x in range(w):
                             tr[x] = (np.float32(rawrow[x]) - fl) - base
@@ -241,6 +278,10 @@ def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, da
                             for x in range(w):
                                 tr[x] -= c * (np.float32(si[x]) - fi)
                         _emit(rev, tr, zero, None, zero, None, zero, zero, None, zero, zero, None, zero, rawrow, bias,
+                              dark, flat, yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
+                        continue
+                    if n == 0:  # the common case: a sky row's couplings are all within the tolerance
+                        _emit(rev, rawrow, fl, base, zero, None, zero, zero, None, zero, zero, None, zero, rawrow, bias,
                               dark, flat, yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit, nodata_bit)  # fmt: skip
                         continue
                     # Two compiled variants (up to two sources, three) keep the compile time in bounds: a row
@@ -257,19 +298,20 @@ def _isr_rows(y_begin, y_end, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, da
                         continue
                     i2 = idx[2]
                     _emit(rev, rawrow, fl, base, c0, s0, f0, c1, s1, f1, coef[2], raw[i2, dr0 + y, dc0 : dc0 + w],
-                          flev[i2, r], rawrow, bias, dark, flat, yy, x0, img, var, msk, g, r2, sat[a], dt, sat_bit,
-                          nodata_bit)  # fmt: skip
+                          flev[i2, r], rawrow, bias, dark, flat, yy, x0, img, var, msk, g, r2, sat[a], dt,
+                          sat_bit, nodata_bit)  # fmt: skip
 
 
 @njit(parallel=True)
-def _isr_parallel(nchunk, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, dark, flat, gains, rn2, sat, dark_time, oy0,
-                  ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit):  # fmt: skip
+def _isr_parallel(nchunk, raw, dr0, dc0, h, w, levels, xt, tol, bias, dark, flat, gains, rn2, sat, dark_time,
+                  oy0, ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit):  # fmt: skip
     for k in numba.prange(nchunk):
         y0 = k * h // nchunk
         y1 = (k + 1) * h // nchunk
         tr = np.empty(w, np.float32)
-        _isr_rows(y0, y1, raw, dr0, dc0, h, w, oscan, xt, pair_tol, bias, dark, flat, gains, rn2, sat, dark_time, oy0,
-                  ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit, _BLOCK, tr)  # fmt: skip
+        _isr_rows(y0, y1, raw, dr0, dc0, h, w, levels, None, 0, 0, 0.0, xt, tol, bias, dark, flat, gains, rn2,
+                  sat, dark_time, oy0, ox0, flip_x, flip_y, image, variance, mask, sat_bit, nodata_bit, _BLOCK,
+                  tr)  # fmt: skip
 
 
 class AmpLayout:
@@ -323,7 +365,8 @@ def _per_amp(name: str, v, namp: int) -> np.ndarray:
 
 def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, bias=None, dark=None, flat=None,
             crosstalk=None, crosstalk_tolerance: float = 0.0, dark_time: float = 0.0, sat_bit: int = 1,
-            nodata_bit: int = 2, oscan_noise_rows: float = 0.0, parallel: bool = False, out=None):  # fmt: skip
+            nodata_bit: int = 2, oscan_noise_rows: float = 0.0, oscan_nsigma: float = 3.0, levels_out=None,
+            parallel: bool = False, out=None):  # fmt: skip
     """Fused ISR of a CCD: raw integer segments → assembled image, variance and mask.
 
     Parameters
@@ -332,8 +375,12 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
         Integer ``(namp, raw_rows, raw_cols)`` segments in HDU order. Not modified.
     layout : AmpLayout
         Data region of a segment and each amplifier's place in the assembled image.
-    oscan : numpy.ndarray
-        ``(namp, data_rows)`` overscan level per row, ADU (:func:`~kernels.overscan.overscan_levels`).
+    oscan : numpy.ndarray or slice
+        ``(namp, data_rows)`` overscan level per row, ADU (:func:`~kernels.overscan.overscan_levels`); or
+        the serial overscan columns of a segment (its rows are the data rows), whose level the pass
+        measures row by row where it reads the row anyway: the levels of ``overscan_levels(raw,
+        layout.data_rows, oscan, oscan_nsigma)`` to the bit, without that function's own pass over the raw
+        (which costs as much as reading all of it).
     gains, read_noise_e, saturation : array_like
         Per amplifier: e-/ADU, read noise in electrons, saturation in raw ADU (``raw >= saturation``).
     bias : numpy.ndarray, optional
@@ -346,9 +393,11 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
         ``(namp, namp)`` coefficients, source × victim (HDU order); the diagonal is ignored.
     crosstalk_tolerance : float
         Largest error in ADU allowed in any pixel's crosstalk correction. Each source row is split into its
-        mid-range (always corrected) and the rest, which is skipped for a coupling too weak to move a victim
-        by ``crosstalk_tolerance / (namp - 1)``: most weak couplings cost nothing away from bright stars.
-        0 (the default) corrects every coupling exactly.
+        mid-range (always corrected) and the rest, bounded by the coupling times the row's half-range; the
+        rest goes in for the couplings with the largest bounds until the bounds of the others add up to the
+        tolerance at most. On an LSSTCam sky row all of them add up to a few hundredths of an ADU, so a
+        victim row away from bright stars costs no more than without crosstalk. 0 (the default) corrects
+        every coupling exactly.
     dark_time : float
         Seconds of dark current accumulation.
     sat_bit, nodata_bit : int
@@ -356,6 +405,10 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
     oscan_noise_rows : float
         Number of overscan pixels averaged into each row's level (columns × rows of smoothing): adds
         ``read_noise**2 / oscan_noise_rows`` to the variance (0: ignore).
+    oscan_nsigma : float
+        Clipping of the measured levels (``oscan`` given as columns), in robust standard deviations.
+    levels_out : numpy.ndarray, optional
+        float64 ``(namp, data_rows)``: receives the overscan levels used (measured or given).
     parallel : bool
         Split rows between threads.
     out : tuple of numpy.ndarray, optional
@@ -379,11 +432,28 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
     for a in range(namp):
         if not (0 <= layout.oy0[a] and layout.oy0[a] + h <= ny and 0 <= layout.ox0[a] and layout.ox0[a] + w <= nx):
             raise ValueError(f"amplifier {a} ({h}×{w} at {layout.oy0[a]}, {layout.ox0[a]}) lies outside {ny}×{nx}")
-    oscan = readonly(np.ascontiguousarray(oscan, np.float64))
-    if oscan.shape != (namp, h):
-        raise ValueError(f"oscan must be (namp, data rows) = {(namp, h)}, got {oscan.shape}")
-    if not np.all(np.isfinite(oscan)):
-        raise ValueError("overscan levels have NaN or infinite values")
+    measure = isinstance(oscan, slice)
+    oc0 = oc1 = 0
+    if measure:
+        oc0, oc1, step = oscan.indices(raw.shape[2])
+        if oc1 <= oc0 or step != 1:
+            raise ValueError(f"overscan columns {oscan} select no contiguous columns of segments {raw.shape[1:]}")
+        if not oscan_nsigma > 0:
+            raise ValueError(f"oscan_nsigma must be positive, got {oscan_nsigma}")
+        if parallel:  # threads split the rows; a row's level depends on the row before it
+            levels = overscan_levels(raw, layout.data_rows, oscan, oscan_nsigma, 0, parallel=True)
+            measure = False
+        else:
+            levels = np.empty((namp, h), np.float64)
+    else:
+        levels = np.array(oscan, np.float64, order="C")  # a copy (256 kB for LSSTCam): the pass writes measured ones
+        if levels.shape != (namp, h):
+            raise ValueError(f"oscan must be (namp, data rows) = {(namp, h)}, got {levels.shape}")
+        if not np.all(np.isfinite(levels)):
+            raise ValueError("overscan levels have NaN or infinite values")
+    if levels_out is not None and (levels_out.shape != (namp, h) or levels_out.dtype != np.float64):
+        raise ValueError(f"levels_out must be a float64 array of shape {(namp, h)}, got {levels_out.dtype} "
+                         f"{levels_out.shape}")  # fmt: skip
     g = _per_amp("gains", gains, namp)
     rn = _per_amp("read_noise_e", read_noise_e, namp)
     sat = _per_amp("saturation", saturation, namp)
@@ -427,14 +497,16 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
                 raise ValueError(f"out {name} must be a writeable C-contiguous {np.dtype(dt)} array of shape {shape}")
     if not (crosstalk_tolerance >= 0 and math.isfinite(crosstalk_tolerance)):
         raise ValueError(f"crosstalk_tolerance must be a finite number of ADU ≥ 0, got {crosstalk_tolerance}")
-    pair_tol = np.float32(crosstalk_tolerance / max(namp - 1, 1))
-    args = (raw, dr0, dc0, h, w, oscan, xt, pair_tol, b, d, f, g, rn2, sat_i, float(dark_time),
-            layout.oy0, layout.ox0, layout.flip_x, layout.flip_y, image, variance, mask, np.int32(sat_bit),
-            np.int32(nodata_bit))  # fmt: skip
+    tol = float(crosstalk_tolerance)
+    calibs = (b, d, f, g, rn2, sat_i, float(dark_time), layout.oy0, layout.ox0, layout.flip_x, layout.flip_y, image,
+              variance, mask, np.int32(sat_bit), np.int32(nodata_bit))  # fmt: skip
     if parallel:
-        _isr_parallel(max(1, min(h, 4 * numba.get_num_threads())), *args)
+        _isr_parallel(max(1, min(h, 4 * numba.get_num_threads())), raw, dr0, dc0, h, w, levels, xt, tol, *calibs)
     else:
-        _isr_rows(0, h, *args, _BLOCK, np.empty(w, np.float32))
+        _isr_rows(0, h, raw, dr0, dc0, h, w, levels, np.empty(namp) if measure else None, oc0, oc1 - oc0, float(oscan_nsigma), xt, tol,
+                  *calibs, _BLOCK, np.empty(w, np.float32))  # fmt: skip
+    if levels_out is not None:
+        levels_out[...] = levels
     return image, variance, mask
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from kernels.arrays import readonly
 from kernels.config import njit
 
-__all__ = ["overscan_levels", "as_raw_counts"]
+__all__ = ["overscan_levels", "as_raw_counts", "row_level", "overscan_start"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,6 +82,28 @@ def _row_median(seg, y, c0, n, buf):
     return _median(buf, n)
 
 
+@njit(inline="always")
+def row_level(seg, y, c0, n, center, cut, buf):
+    """The level of overscan row ``seg[y, c0:c0 + n]``: the mean of its pixels within ``cut`` of ``center``
+    (the previous row's level), or within ``cut`` of its own median where that keeps fewer than half of them.
+
+    The row step of :func:`overscan_levels` (``smooth=0``), shared with the fused ISR pass
+    (:func:`kernels.isr.isr_ccd`), which measures each row's level where it reads the row anyway.
+    """
+    s, cnt = _clipped_mean(seg, y, c0, n, center, cut)
+    if 2 * cnt < n:
+        center = _row_median(seg, y, c0, n, buf)
+        s, cnt = _clipped_mean(seg, y, c0, n, center, cut)
+    return s / cnt if cnt > 0 else center
+
+
+@njit
+def overscan_start(seg, r0, r1, c0, c1, nsigma, buf):
+    """``(cut, center)`` of one amplifier for :func:`row_level`: ``nsigma`` robust standard deviations of
+    its overscan (:func:`_scatter_cut`) and the median of its first row."""
+    return _scatter_cut(seg, r0, r1, c0, c1, nsigma, buf), _row_median(seg, r0, c0, c1 - c0, buf)
+
+
 _BLOCK_ROWS = 32
 """Rows of every amplifier's overscan gathered at a time by :func:`_overscan_amps` (128 KiB for 16 amplifiers
 of 64 columns: cache-resident)."""
@@ -128,8 +150,7 @@ def _overscan_amps(raw, a0, a1, r0, r1, c0, c1, nsigma, smooth, out):
     center = np.empty(m, np.float64)
     level = np.empty((m, h), np.float64)
     for i in range(m):
-        cut[i] = _scatter_cut(raw[a0 + i], r0, r1, c0, c1, nsigma, buf)
-        center[i] = _row_median(raw[a0 + i], r0, c0, n, buf)
+        cut[i], center[i] = overscan_start(raw[a0 + i], r0, r1, c0, c1, nsigma, buf)
     block = np.empty((m, _BLOCK_ROWS, n), raw.dtype)
     for y0 in range(0, h, _BLOCK_ROWS):
         nb = min(_BLOCK_ROWS, h - y0)
@@ -142,12 +163,8 @@ def _overscan_amps(raw, a0, a1, r0, r1, c0, c1, nsigma, smooth, out):
         for i in range(m):
             rows = block[i]
             for j in range(nb):
-                s, cnt = _clipped_mean(rows, j, 0, n, center[i], cut[i])
-                if 2 * cnt < n:
-                    center[i] = _row_median(rows, j, 0, n, buf)
-                    s, cnt = _clipped_mean(rows, j, 0, n, center[i], cut[i])
-                level[i, y0 + j] = s / cnt if cnt > 0 else center[i]
-                center[i] = level[i, y0 + j]
+                center[i] = row_level(rows, j, 0, n, center[i], cut[i], buf)
+                level[i, y0 + j] = center[i]
     for i in range(m):
         _smooth_rows(level[i], smooth, out[a0 + i])
 

@@ -67,26 +67,33 @@ def isr(raw, data_rows, data_cols, origins, flip_x, flip_y, shape, oscan, gains,
 
 def crosstalk_tolerant(raw, data_rows, data_cols, oscan, xt, tol):
     """The crosstalk correction of ``isr_ccd(..., crosstalk_tolerance=tol)`` in float64, row by row: each source
-    row split into its mid-range and the rest, the rest applied only for ``|c| * half > tol / (namp - 1)``.
+    row split into its mid-range and the rest; for each victim row the rest of the couplings with the largest
+    bounds ``|c| * half`` applied, one by one, until the bounds of the others add up to ``tol`` at most.
     Returns the corrected segments ``(namp, h, w)`` and the number of strong sources per (victim, row)."""
     d = raw[:, data_rows, data_cols].astype(np.float64)
     s = d - oscan[:, :, None]
     mid = 0.5 * (d.min(axis=2) + d.max(axis=2)) - oscan
     half = 0.5 * (d.max(axis=2) - d.min(axis=2))
-    namp = s.shape[0]
-    c32 = np.asarray(xt, np.float32)  # the kernel classifies in float32: the same products at the threshold
+    namp, h = s.shape[:2]
+    c32 = np.asarray(xt, np.float32)  # the kernel bounds in float32: the same products at the threshold
     c = c32.astype(np.float64)
-    pair_tol = np.float32(tol / (namp - 1))
     half32 = half.astype(np.float32)
     t = s.copy()
-    nstrong = np.zeros((namp, s.shape[1]), int)
+    nstrong = np.zeros((namp, h), int)
     for j in range(namp):
-        for i in range(namp):
-            if i == j or c[i, j] == 0:
-                continue
-            strong = np.abs(c32[i, j]) * half32[i] > pair_tol
-            nstrong[j] += strong
-            t[j] -= c[i, j] * np.where(strong[:, None], s[i], mid[i][:, None])
+        for y in range(h):
+            bound = {i: float(np.abs(c32[i, j]) * half32[i, y]) for i in range(namp) if i != j}
+            rest = sum(bound.values())
+            strong = set()
+            for i in sorted(bound, key=lambda i: (-bound[i], i)):  # largest first, the lower index on ties
+                if rest <= tol or bound[i] <= 0:
+                    break
+                strong.add(i)
+                rest -= bound[i]
+            nstrong[j, y] = len(strong)
+            for i in range(namp):
+                if i != j and c[i, j] != 0:
+                    t[j, y] -= c[i, j] * (s[i, y] if i in strong else mid[i, y])
     return t, nstrong
 
 

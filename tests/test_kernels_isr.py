@@ -136,11 +136,11 @@ def test_crosstalk_with_few_and_many_strong_sources(det):
     rows, cols = a0.raw_data
     raw = _raw(det, 8)
     c0 = cols.start
-    for k, amps in enumerate([(2,), (2, 5), (2, 3, 5), (2, 3, 5, 6)]):  # amp 4 gets 1, 2, 3 and 4 strong sources
+    for k, amps in enumerate([(3,), (3, 5), (3, 5, 2), (3, 5, 2, 6)]):  # amp 4 gets 1, 2, 3 and 4 strong sources
         for a in amps:
             raw[a, 20 + 10 * k : 23 + 10 * k, c0 + 7 : c0 + 11] = 150000
-    xt = crosstalk_template("E2V") * 5
-    tol = 60.0  # ADU: sky rows then have no strong source, the stars' near neighbours do
+    xt = crosstalk_template("E2V") * 5  # into amp 4: 2e-3 from amps 3 and 5, 3e-4 from 2 and 6, ≤ 4e-5 from the rest
+    tol = 20.0  # ADU: all the couplings of a sky row bound ~9 ADU together (no strong source); a star's go in
     oscan = overscan_levels(raw, *a0.raw_serial_overscan)
     gains, rn, sat = _amp_params(det)
     bias, dark, flat = _calibs(det, 5)
@@ -157,6 +157,43 @@ def test_crosstalk_with_few_and_many_strong_sources(det):
                               crosstalk=xt, crosstalk_tolerance=tol, dark_time=12.0, parallel=parallel)  # fmt: skip
         np.testing.assert_allclose(img, ref[0], rtol=1e-5, atol=0.05)
         np.testing.assert_allclose(var, ref[1], rtol=1e-4, atol=0.1)
+
+
+@pytest.mark.parametrize(
+    ("with_xt", "parallel", "nsigma"), [(True, False, 3.0), (False, False, 1.0), (True, True, 3.0)]
+)
+def test_isr_measures_the_overscan_in_its_pass(det, with_xt, parallel, nsigma):
+    """``oscan`` given as the overscan columns: the pass measures each row's level itself, to the bit the
+    levels of overscan_levels (clipped rows, a row that needs its own median), and the same outputs."""
+    lay, a0 = _layout(det)
+    raw = _raw(det, 3)
+    rows, cols = a0.raw_serial_overscan
+    raw[2, 60, cols][1:] += 300  # all but one overscan pixel of a row jump: clipped around its own median
+    raw[7, :, cols][:, 0] = 2**18 - 1  # a hot overscan column in every row of amp 7
+    bias, dark, flat = _calibs(det, 1)
+    xt = crosstalk_template("ITL") * 20 if with_xt else None
+    gains, rn, sat = _amp_params(det)
+    raw, bias, dark, flat, xt = _ro(raw, bias, dark, flat, xt)
+    kw = dict(bias=bias, dark=dark, flat=flat, crosstalk=xt, crosstalk_tolerance=0.5, dark_time=3.0)
+    levels = overscan_levels(raw, rows, cols, nsigma)
+    got_levels = np.full_like(levels, np.nan)
+    got = isr_ccd(raw, lay, cols, gains, rn, sat, oscan_nsigma=nsigma, levels_out=got_levels, parallel=parallel, **kw)
+    np.testing.assert_array_equal(got_levels, levels)
+    for a, b in zip(got, isr_ccd(raw, lay, levels, gains, rn, sat, **kw)):
+        np.testing.assert_array_equal(a, b)
+    assert abs(levels[2, 60] - np.median(levels[2])) > 200  # the jump is the level of that row
+    # given levels come back as they were
+    out_levels = np.empty_like(levels)
+    isr_ccd(raw, lay, levels, gains, rn, sat, levels_out=out_levels)
+    np.testing.assert_array_equal(out_levels, levels)
+    with pytest.raises(ValueError, match="no contiguous columns"):
+        isr_ccd(raw, lay, slice(cols.stop, cols.stop), gains, rn, sat)
+    with pytest.raises(ValueError, match="no contiguous columns"):
+        isr_ccd(raw, lay, slice(cols.start, cols.stop, 2), gains, rn, sat)
+    with pytest.raises(ValueError, match="oscan_nsigma"):
+        isr_ccd(raw, lay, cols, gains, rn, sat, oscan_nsigma=0.0)
+    with pytest.raises(ValueError, match="levels_out"):
+        isr_ccd(raw, lay, cols, gains, rn, sat, levels_out=np.empty((16, 3)))
 
 
 def test_isr_without_calibrations_is_assembly(det):

@@ -11,10 +11,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+from kernels.overscan import overscan_levels
 from kernels.render import compose_exposure
 from lsstpipe.camera import get_camera
 from lsstpipe.pipelines.exposure import Exposure, MaskBit
-from lsstpipe.pipelines.isr import IsrCalibs, combine_snaps, isr_from_truth, run_isr
+from lsstpipe.pipelines.isr import IsrCalibs, IsrConfig, combine_snaps, isr_from_truth, run_isr
 from lsstpipe.repo import Repository
 from lsstpipe.sim import scene
 from lsstpipe.sim import sky as skymod
@@ -231,6 +232,25 @@ def test_snap_combination_finds_truth_cosmic_rays(sim):
     rep = cr & near & ((visit.mask & MaskBit.INTRP) != 0)
     z = ((visit.image - expect) / np.sqrt(visit.variance))[rep]
     assert abs(np.median(z)) < 1.0
+
+
+def test_run_isr_overscan_measured_in_the_pass(sim):
+    """run_isr measures the overscan inside the fused pass (serial), or first on threads (parallel), or with
+    smoothing first (overscan_levels): the levels it reports are overscan_levels' in every case."""
+    det, _, snaps, calibs = sim
+    s = snaps[0]
+    raw = s["noisy"].segments
+    rows, cols = det.amps[0].raw_serial_overscan
+    serial = run_isr(raw, det, calibs, s["meta"])
+    threads = run_isr(raw, det, calibs, s["meta"], IsrConfig(parallel=True))
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(serial, plane), getattr(threads, plane))
+    levels = overscan_levels(np.asarray(raw), rows, cols)
+    np.testing.assert_array_equal(serial.metadata["overscan_mean_adu"], levels.mean(axis=1))
+    assert serial.metadata["overscan_mean_adu"] == threads.metadata["overscan_mean_adu"]
+    smooth = run_isr(raw, det, calibs, s["meta"], IsrConfig(overscan_smooth=5))
+    np.testing.assert_allclose(smooth.metadata["overscan_mean_adu"],
+                               overscan_levels(np.asarray(raw), rows, cols, smooth=5).mean(axis=1), atol=1e-9)  # fmt: skip
 
 
 def test_run_isr_validation(sim):

@@ -138,13 +138,20 @@ def run_isr(raw_segments: np.ndarray, detector: Detector, calibs: IsrCalibs, met
     layout = amp_layout(detector)
     amps = sorted(detector.amps, key=lambda a: a.hdu)
     orows, ocols = amps[0].raw_serial_overscan
-    levels = overscan_levels(raw, orows, ocols, config.overscan_nsigma, config.overscan_smooth, config.parallel)
+    r0, r1, _ = orows.indices(raw.shape[1])
+    if config.overscan_smooth == 0 and (r0, r1, 1) == layout.data_rows.indices(raw.shape[1]):
+        # the fused pass measures each row's level where it reads the row: the same levels, one pass less
+        oscan, levels = ocols, np.empty((len(amps), r1 - r0))
+    else:
+        oscan = levels = overscan_levels(raw, orows, ocols, config.overscan_nsigma, config.overscan_smooth,
+                                         config.parallel)  # fmt: skip
     n_os = (ocols.stop - ocols.start) * (2 * config.overscan_smooth + 1)
     image, variance, mask = isr_ccd(
-        raw, layout, levels, [a.gain for a in amps], [a.read_noise for a in amps], [a.saturation for a in amps],
+        raw, layout, oscan, [a.gain for a in amps], [a.read_noise for a in amps], [a.saturation for a in amps],
         bias=calibs.bias, dark=calibs.dark, flat=calibs.flat, crosstalk=calibs.crosstalk,
         crosstalk_tolerance=config.crosstalk_tolerance, dark_time=float(metadata["dark_time"]),
-        sat_bit=int(MaskBit.SAT), nodata_bit=int(MaskBit.NO_DATA), oscan_noise_rows=n_os, parallel=config.parallel,
+        sat_bit=int(MaskBit.SAT), nodata_bit=int(MaskBit.NO_DATA), oscan_noise_rows=n_os,
+        oscan_nsigma=config.overscan_nsigma, levels_out=levels if oscan is ocols else None, parallel=config.parallel,
         out=None if out is None else (out.image, out.variance, out.mask),
     )  # fmt: skip
     if len(calibs.defects):
