@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.timing import fastest  # noqa: E402
 from kernels.config import njit  # noqa: E402
 from kernels.crosstalk import remove_crosstalk  # noqa: E402
-from kernels.isr import _isr_row_fwd, isr_ccd  # noqa: E402
+from kernels.isr import isr_ccd  # noqa: E402
+from kernels.isr_pass import isr_row_fwd  # noqa: E402
 from kernels.overscan import overscan_levels  # noqa: E402
 from lsstpipe.camera import get_camera  # noqa: E402
 from lsstpipe.pipelines.exposure import MaskBit  # noqa: E402
@@ -120,7 +121,7 @@ def _arith7(raw, b, d, f, img, var, msk):
     zero = np.float32(0.0)
     for y in range(img.shape[0]):  # the fused pass's own row kernel, without crosstalk, on whole rows
         r = raw[y]
-        _isr_row_fwd(r, np.float32(1000.0), None, zero, None, zero, zero, None, zero, zero, None, zero, r, b, d, f, y,
+        isr_row_fwd(r, np.float32(1000.0), None, zero, None, zero, zero, None, zero, zero, None, zero, r, b, d, f, y,
                      0, img[y], var[y], msk[y], np.float32(1.5), np.float32(25.0), np.int32(60000), np.float32(15.0),
                      np.int32(1), np.int32(2))  # fmt: skip
 
