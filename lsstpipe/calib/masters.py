@@ -164,17 +164,20 @@ def reduce_frame(frame: CalibFrame, detector: Detector, config: MasterConfig, *,
         raise ValueError(f"exposure {frame.exposure_id}: segments {raw.shape} do not match {detector.name}'s raw "
                          f"layout {(len(amps), *detector.raw_shape)}")  # fmt: skip
     orows, ocols = amps[0].raw_serial_overscan
-    levels = overscan_levels(raw, orows, ocols, config.overscan_nsigma)
+    layout = amp_layout(detector)
+    # the fused pass measures the overscan levels where it reads each row (the same levels as overscan_levels)
+    same_rows = orows.indices(raw.shape[1]) == layout.data_rows.indices(raw.shape[1])
+    levels = ocols if same_rows else overscan_levels(raw, orows, ocols, config.overscan_nsigma)
     gains = [a.gain if electrons else 1.0 for a in amps]
     # Absent calibrations as neutral planes: one compiled variant of the fused kernel instead of one per
     # combination of present/absent planes (compilation costs more than the arithmetic on small CCDs).
     zeros = np.zeros(detector.shape, np.float32)
-    image, _, mask = isr_ccd(raw, amp_layout(detector), levels, gains, [a.read_noise for a in amps],
+    image, _, mask = isr_ccd(raw, layout, levels, gains, [a.read_noise for a in amps],
                              [a.saturation for a in amps], bias=zeros if bias is None else bias,
                              dark=dark if (electrons and dark is not None) else zeros,
                              flat=np.ones(detector.shape, np.float32) if flat is None else flat,
                              crosstalk=crosstalk, dark_time=frame.dark_time, sat_bit=_SAT_BIT,
-                             nodata_bit=_NODATA_BIT)  # fmt: skip
+                             nodata_bit=_NODATA_BIT, oscan_nsigma=config.overscan_nsigma)  # fmt: skip
     image[(mask & (_SAT_BIT | _NODATA_BIT)) != 0] = np.nan
     return image
 
