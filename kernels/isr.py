@@ -178,7 +178,7 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
         else:
             levels = np.empty((namp, h), np.float64)
     else:
-        levels = np.array(oscan, np.float64, order="C")  # a copy (256 kB for LSSTCam): the pass writes measured ones
+        levels = np.array(oscan, np.float64, order="C")  # a writable copy (256 kB): one compiled type for both ways
         if levels.shape != (namp, h):
             raise ValueError(f"oscan must be (namp, data rows) = {(namp, h)}, got {levels.shape}")
         if not np.all(np.isfinite(levels)):
