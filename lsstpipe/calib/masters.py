@@ -38,9 +38,8 @@ from astropy.io import fits
 
 from kernels.combine import combine_streaming
 from kernels.isr import isr_ccd
-from kernels.overscan import overscan_levels
 from lsstpipe.camera import Detector
-from lsstpipe.pipelines.isr import FRINGE_BANDS, amp_layout
+from lsstpipe.pipelines.isr import FRINGE_BANDS, amp_layout, overscan_input
 
 __all__ = ["CalibFrame", "FrameStore", "Master", "MasterConfig", "TooFewFrames", "make_bias", "make_dark",
            "make_flat", "make_fringe", "make_defects", "defect_boxes", "write_master", "read_master",
@@ -163,16 +162,12 @@ def reduce_frame(frame: CalibFrame, detector: Detector, config: MasterConfig, *,
     if raw.shape != (len(amps), *detector.raw_shape):
         raise ValueError(f"exposure {frame.exposure_id}: segments {raw.shape} do not match {detector.name}'s raw "
                          f"layout {(len(amps), *detector.raw_shape)}")  # fmt: skip
-    orows, ocols = amps[0].raw_serial_overscan
-    layout = amp_layout(detector)
-    # the fused pass measures the overscan levels where it reads each row (the same levels as overscan_levels)
-    same_rows = orows.indices(raw.shape[1]) == layout.data_rows.indices(raw.shape[1])
-    levels = ocols if same_rows else overscan_levels(raw, orows, ocols, config.overscan_nsigma)
+    levels = overscan_input(raw, detector, config.overscan_nsigma)[0]  # columns: measured in the fused pass
     gains = [a.gain if electrons else 1.0 for a in amps]
     # Absent calibrations as neutral planes: one compiled variant of the fused kernel instead of one per
     # combination of present/absent planes (compilation costs more than the arithmetic on small CCDs).
     zeros = np.zeros(detector.shape, np.float32)
-    image, _, mask = isr_ccd(raw, layout, levels, gains, [a.read_noise for a in amps],
+    image, _, mask = isr_ccd(raw, amp_layout(detector), levels, gains, [a.read_noise for a in amps],
                              [a.saturation for a in amps], bias=zeros if bias is None else bias,
                              dark=dark if (electrons and dark is not None) else zeros,
                              flat=np.ones(detector.shape, np.float32) if flat is None else flat,

@@ -21,7 +21,7 @@ from lsstpipe.camera import Detector, get_camera
 from lsstpipe.pipelines.exposure import Exposure, MaskBit
 
 __all__ = ["IsrCalibs", "IsrConfig", "SnapConfig", "run_isr", "combine_snaps", "isr_from_truth", "raw_metadata",
-           "amp_layout", "bias_from_column_pattern", "FRINGE_BANDS"]  # fmt: skip
+           "amp_layout", "overscan_input", "bias_from_column_pattern", "FRINGE_BANDS"]  # fmt: skip
 
 #: Bands whose sky shows interference fringes.
 FRINGE_BANDS = ("z", "y")
@@ -100,6 +100,20 @@ def amp_layout(detector: Detector) -> AmpLayout:
                      [a.flip_y for a in amps], detector.shape)  # fmt: skip
 
 
+def overscan_input(raw: np.ndarray, detector: Detector, nsigma: float, smooth: int = 0, parallel: bool = False):
+    """``(oscan, levels)`` for :func:`kernels.isr.isr_ccd`: the serial overscan columns (the fused pass measures
+    each row's level where it reads the row; ``levels`` a float64 array to receive them) when the levels are
+    not smoothed and the overscan rows are the data rows, else the levels from
+    :func:`~kernels.overscan.overscan_levels` (``oscan`` is ``levels``)."""
+    amps = sorted(detector.amps, key=lambda a: a.hdu)
+    orows, ocols = amps[0].raw_serial_overscan
+    r0, r1, _ = orows.indices(raw.shape[1])
+    if smooth == 0 and (r0, r1, 1) == amps[0].raw_data[0].indices(raw.shape[1]):
+        return ocols, np.empty((len(amps), r1 - r0))
+    levels = overscan_levels(raw, orows, ocols, nsigma, smooth, parallel)
+    return levels, levels
+
+
 def run_isr(raw_segments: np.ndarray, detector: Detector, calibs: IsrCalibs, metadata: dict,
             config: IsrConfig = IsrConfig(), out: Exposure | None = None) -> Exposure:  # fmt: skip
     """Instrument signature removal of one CCD exposure.
@@ -137,21 +151,15 @@ def run_isr(raw_segments: np.ndarray, detector: Detector, calibs: IsrCalibs, met
         raise ValueError(f"raw segments have shape {raw.shape}; detector {detector.name} reads {shape}")
     layout = amp_layout(detector)
     amps = sorted(detector.amps, key=lambda a: a.hdu)
-    orows, ocols = amps[0].raw_serial_overscan
-    r0, r1, _ = orows.indices(raw.shape[1])
-    if config.overscan_smooth == 0 and (r0, r1, 1) == layout.data_rows.indices(raw.shape[1]):
-        # the fused pass measures each row's level where it reads the row: the same levels, one pass less
-        oscan, levels = ocols, np.empty((len(amps), r1 - r0))
-    else:
-        oscan = levels = overscan_levels(raw, orows, ocols, config.overscan_nsigma, config.overscan_smooth,
-                                         config.parallel)  # fmt: skip
+    ocols = amps[0].raw_serial_overscan[1]
+    oscan, levels = overscan_input(raw, detector, config.overscan_nsigma, config.overscan_smooth, config.parallel)
     n_os = (ocols.stop - ocols.start) * (2 * config.overscan_smooth + 1)
     image, variance, mask = isr_ccd(
         raw, layout, oscan, [a.gain for a in amps], [a.read_noise for a in amps], [a.saturation for a in amps],
         bias=calibs.bias, dark=calibs.dark, flat=calibs.flat, crosstalk=calibs.crosstalk,
         crosstalk_tolerance=config.crosstalk_tolerance, dark_time=float(metadata["dark_time"]),
         sat_bit=int(MaskBit.SAT), nodata_bit=int(MaskBit.NO_DATA), oscan_noise_rows=n_os,
-        oscan_nsigma=config.overscan_nsigma, levels_out=levels if oscan is ocols else None, parallel=config.parallel,
+        oscan_nsigma=config.overscan_nsigma, levels_out=None if oscan is levels else levels, parallel=config.parallel,
         out=None if out is None else (out.image, out.variance, out.mask),
     )  # fmt: skip
     if len(calibs.defects):
