@@ -22,7 +22,8 @@ rendered in memory with the simulator's instrument signature, master calibration
    (:func:`benchmarks.timing.fastest_interleaved`: on a shared node a ratio of blocks timed one after the
    other moved by 20 points between two runs); a bare numba
    loop moving ISR's seven planes (one int32 and three float32 read, two float32 and one int32 written, next
-   to no arithmetic: what one pass with that traffic can reach on the core), the same loop with all of ISR's
+   to no arithmetic: what one pass with that traffic can reach on the core, into touched planes and into new
+   ones), the same loop with all of ISR's
    per-pixel arithmetic (no crosstalk: what the arithmetic itself costs on top of the traffic), and the same
    ISR written as plain numpy expressions (per-row ``np.median`` overscan, crosstalk by ``tensordot``,
    subtract, multiply, divide, assemble by slicing, variance and mask).
@@ -109,6 +110,17 @@ def stream7_gbps(repeat: int) -> float:
     planes = _seven_planes()
     t = fastest(lambda: _stream7(*planes), max(repeat, 5))
     return 7 * 4 * _N7 * _N7 / t / 1e9
+
+
+def stream7_new_gbps(repeat: int) -> float:
+    """The same loop writing three new planes each run (the worker's allocator setting: each a new mapping,
+    whose pages the kernel zeroes on first touch, as ``run_isr``'s in the chain): what one pass with ISR's
+    traffic reaches into new memory on this core."""
+    raw, b, d, f = _seven_planes()[:4]
+    n = _N7
+    t = fastest(lambda: _stream7(raw, b, d, f, np.empty((n, n), np.float32), np.empty((n, n), np.float32),
+                                 np.empty((n, n), np.int32)), max(repeat, 5))  # fmt: skip
+    return 7 * 4 * n * n / t / 1e9
 
 
 @njit
@@ -222,6 +234,7 @@ def main(argv=None) -> dict:
     dets = DETECTORS[:1] if args.quick else DETECTORS
     return_large_frees()  # the worker's allocator setting: every image plane is new memory
     stream = stream7_gbps(repeat)
+    stream_new = stream7_new_gbps(repeat)
     arith = arith7_gbps(repeat)
     per = [one_detector(d, repeat) for d in dets]
     isr_s = statistics.mean(p["run_isr_seconds"] for p in per)
@@ -238,13 +251,15 @@ def main(argv=None) -> dict:
         "isr_resident_gbps": gbps_resident, "copy_resident_gbps": resident,
         "isr_resident_fraction_of_copy_resident_bandwidth": fraction_resident,
         "stream7_gbps": stream, "stream7_fraction_of_copy_resident_bandwidth": stream / resident,
+        "stream7_new_gbps": stream_new, "stream7_new_fraction_of_copy_bandwidth": stream_new / copy,
         "arith7_gbps": arith, "arith7_fraction_of_stream7": arith / stream,
         "numba": numba.__version__, "numpy": np.__version__, "machine": platform.machine(),
         "processor": platform.processor(), "threads": numba.get_num_threads(),
     }  # fmt: skip
     print(f"numpy copy of 4k×4k float32 (read + write): {copy:.1f} GB/s into a new array (np.copy), {resident:.1f} GB/s "
           f"into touched memory (np.copyto); a bare one-pass loop with ISR's seven planes into touched memory: "
-          f"{stream:.1f} GB/s = {stream / resident:.0%} of that copy (the ceiling of a fused ISR on this core); the same "
+          f"{stream:.1f} GB/s = {stream / resident:.0%} of that copy (the ceiling of a fused ISR on this core), into "
+          f"new planes {stream_new:.1f} GB/s = {stream_new / copy:.0%} of np.copy (the ceiling there); the same "
           f"pass with all of ISR's per-pixel arithmetic (no crosstalk, contiguous planes): {arith:.1f} GB/s = "
           f"{arith / stream:.0%} of the bare loop (what ISR pays beyond it is its layout — 16 segments read, the CCD "
           f"assembled — crosstalk and the overscan levels)")  # fmt: skip
