@@ -3,9 +3,7 @@
 Thin entry point; everything is in :mod:`lsstpipe.runtime.night` (``--help`` lists the options and faults).
 """
 
-import sys
-
-from lsstpipe.runtime.night import main
+from lsstpipe.runtime.night import run_and_finish
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_finish()

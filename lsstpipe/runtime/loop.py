@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,22 @@ def run_rank(comm, args: argparse.Namespace, config: NightConfig, repo, plan, la
     if stop is not None and stop.skip_finalize:
         _exit_now(0)
     return 0
+
+
+def finish(rc: int) -> None:
+    """End this rank of a night with exit status ``rc``, once :func:`lsstpipe.runtime.night.main` returned it.
+
+    Every return from ``main`` is one all ranks reach together (a bad input agreed on by every rank; the
+    night's end, the other ranks stopped), so a non-zero status leaves through ``MPI_Finalize`` and
+    ``os._exit``: raised as ``SystemExit``, ``python -m mpi4py`` would turn it into ``MPI_Abort``, and MPICH
+    would print an abort line per rank under the night's own one-line error. Status 0 exits normally."""
+    if rc == 0:
+        sys.exit(0)
+    from mpi4py import MPI
+
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+    _exit_now(rc)
 
 
 def _exit_now(rc: int) -> None:

@@ -448,5 +448,14 @@ def progress(quiet: bool, text: str, t0: float) -> None:
         print(f"[night {time.monotonic() - t0:7.1f}s] {text}", flush=True)
 
 
+def run_and_finish() -> None:
+    """The job's entry point: :func:`main` on ``MPI.COMM_WORLD``, then
+    :func:`lsstpipe.runtime.loop.finish` with its status (no ``MPI_Abort`` after an agreed error)."""
+    rc = main()
+    from lsstpipe.runtime.loop import finish
+
+    finish(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_finish()
