@@ -71,6 +71,11 @@ def _level1(out: Path, config: NightConfig, plan) -> Level1Handles | None:
                          coefficients)  # fmt: skip
 
 
+AGREED_ERROR = 2
+"""The exit status of a night whose ranks all found the same bad input before any role started (what
+:func:`lsstpipe.runtime.night.main` returns from its checks)."""
+
+
 def run_rank(comm, args: argparse.Namespace, config: NightConfig, repo, plan, layout, faults) -> int:
     """This rank's part of the night, once :func:`lsstpipe.runtime.night.main` validated everything (and made
     the masters the workers need); rank 0's return value is the night's exit status."""
@@ -123,12 +128,14 @@ def run_rank(comm, args: argparse.Namespace, config: NightConfig, repo, plan, la
 def finish(rc: int) -> None:
     """End this rank of a night with exit status ``rc``, once :func:`lsstpipe.runtime.night.main` returned it.
 
-    Every return from ``main`` is one all ranks reach together (a bad input agreed on by every rank; the
-    night's end, the other ranks stopped), so a non-zero status leaves through ``MPI_Finalize`` and
-    ``os._exit``: raised as ``SystemExit``, ``python -m mpi4py`` would turn it into ``MPI_Abort``, and MPICH
-    would print an abort line per rank under the night's own one-line error. Status 0 exits normally."""
-    if rc == 0:
-        sys.exit(0)
+    Status 2 is a bad input every rank found and agreed on before any role started (``main``'s checks), so
+    every rank is here together: it leaves through ``MPI_Finalize`` and ``os._exit``. Raised as
+    ``SystemExit``, ``python -m mpi4py`` would turn it into ``MPI_Abort``, and MPICH would print an abort
+    line per rank under the night's one-line error. Any other status exits as before: 0 normally, and a
+    failed night's through ``MPI_Abort``, which also stops a rank that no longer answers instead of leaving
+    the allocation waiting for it in ``MPI_Finalize``."""
+    if rc != AGREED_ERROR:
+        sys.exit(rc)
     from mpi4py import MPI
 
     if MPI.Is_initialized() and not MPI.Is_finalized():
