@@ -253,8 +253,9 @@ def _night(repo: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_under_mpi_a_night_without_masters_stops_with_one_message(repo, tmp_path, capsys, no_roles):
     """The code review's case: every rank printed a traceback of the Calibration Products Production, then
-    MPI_Abort (and MPICH an abort line per rank). Then a repository with too few calibration exposures for masters: the production runs (on
-    both ranks), fails, and the night says so instead of failing every CCD; a second night says it too."""
+    MPI_Abort (and MPICH an abort line per rank). Then a repository with too few calibration exposures for
+    masters: the production runs (on both ranks), fails, and the night says so instead of failing every CCD;
+    a second night says it too."""
     run = _night(repo, tmp_path / "out", "--max-visits", "1")
     assert run.returncode == 2, run.stderr[-3000:]
     assert "Traceback" not in run.stderr and run.stderr.count("night: error:") == 1

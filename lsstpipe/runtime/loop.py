@@ -144,7 +144,8 @@ def finish(rc: int) -> None:
 
 
 def _exit_now(rc: int) -> None:
-    """Leave without MPI_Finalize (a peer is dead): flush what the process printed, then exit."""
+    """Leave now, without (another) MPI_Finalize — a peer is dead, or :func:`finish` finalized already: flush
+    what the process printed, then exit."""
     import os
     import sys
 
