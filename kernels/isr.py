@@ -140,7 +140,8 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
     oscan_nsigma : float
         Clipping of the measured levels (``oscan`` given as columns), in robust standard deviations.
     levels_out : numpy.ndarray, optional
-        float64 ``(namp, data_rows)``: receives the overscan levels used (measured or given).
+        float64 ``(namp, data_rows)``: receives the overscan levels used (measured or given; the serial pass
+        measures straight into it when it is C-contiguous and writeable).
     parallel : bool
         Split rows between threads.
     out : tuple of numpy.ndarray, optional
@@ -164,6 +165,9 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
     for a in range(namp):
         if not (0 <= layout.oy0[a] and layout.oy0[a] + h <= ny and 0 <= layout.ox0[a] and layout.ox0[a] + w <= nx):
             raise ValueError(f"amplifier {a} ({h}×{w} at {layout.oy0[a]}, {layout.ox0[a]}) lies outside {ny}×{nx}")
+    if levels_out is not None and (levels_out.shape != (namp, h) or levels_out.dtype != np.float64):
+        raise ValueError(f"levels_out must be a float64 array of shape {(namp, h)}, got {levels_out.dtype} "
+                         f"{levels_out.shape}")  # fmt: skip
     measure = isinstance(oscan, slice)
     oc0 = oc1 = 0
     if measure:
@@ -175,6 +179,8 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
         if parallel:  # threads split the rows; a row's level depends on the row before it
             levels = overscan_levels(raw, layout.data_rows, oscan, oscan_nsigma, 0, parallel=True)
             measure = False
+        elif levels_out is not None and levels_out.flags.c_contiguous and levels_out.flags.writeable:
+            levels = levels_out  # the pass writes the measured levels there
         else:
             levels = np.empty((namp, h), np.float64)
     else:
@@ -183,9 +189,6 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
             raise ValueError(f"oscan must be (namp, data rows) = {(namp, h)}, got {levels.shape}")
         if not np.all(np.isfinite(levels)):
             raise ValueError("overscan levels have NaN or infinite values")
-    if levels_out is not None and (levels_out.shape != (namp, h) or levels_out.dtype != np.float64):
-        raise ValueError(f"levels_out must be a float64 array of shape {(namp, h)}, got {levels_out.dtype} "
-                         f"{levels_out.shape}")  # fmt: skip
     g = _per_amp("gains", gains, namp)
     rn = _per_amp("read_noise_e", read_noise_e, namp)
     sat = _per_amp("saturation", saturation, namp)
@@ -238,7 +241,7 @@ def isr_ccd(raw, layout: AmpLayout, oscan, gains, read_noise_e, saturation, *, b
         cut = np.empty(namp) if measure else None  # each amplifier's clipping, set by the pass
         isr_rows(0, h, raw, dr0, dc0, h, w, levels, cut, oc0, oc1 - oc0, float(oscan_nsigma), xt, tol, *calibs,
                  BLOCK_ROWS, np.empty(w, np.float32))  # fmt: skip
-    if levels_out is not None:
+    if levels_out is not None and levels_out is not levels:
         levels_out[...] = levels
     return image, variance, mask
 
