@@ -104,23 +104,17 @@ def _seven_planes():
     return raw, b, d, f, np.empty((n, n), np.float32), np.empty((n, n), np.float32), np.empty((n, n), np.int32)
 
 
-def stream7_gbps(repeat: int) -> float:
+def stream7_gbps(planes: tuple, repeat: int) -> tuple[float, float]:
     """The ceiling of a single pass with ISR's traffic on this core: a numba loop reading an int32 and three
-    float32 4k×4k planes and writing two float32 and one int32 plane, with next to no arithmetic."""
-    planes = _seven_planes()
-    t = fastest(lambda: _stream7(*planes), max(repeat, 5))
-    return 7 * 4 * _N7 * _N7 / t / 1e9
-
-
-def stream7_new_gbps(repeat: int) -> float:
-    """The same loop writing three new planes each run (the worker's allocator setting: each a new mapping,
-    whose pages the kernel zeroes on first touch, as ``run_isr``'s in the chain): what one pass with ISR's
-    traffic reaches into new memory on this core."""
-    raw, b, d, f = _seven_planes()[:4]
-    n = _N7
-    t = fastest(lambda: _stream7(raw, b, d, f, np.empty((n, n), np.float32), np.empty((n, n), np.float32),
-                                 np.empty((n, n), np.int32)), max(repeat, 5))  # fmt: skip
-    return 7 * 4 * n * n / t / 1e9
+    float32 4k×4k planes and writing two float32 and one int32 plane, with next to no arithmetic — into the
+    given planes (touched), and into three new planes each run (the worker's allocator setting: each a new
+    mapping, whose pages the kernel zeroes on first touch, as ``run_isr``'s in the chain). GB/s of each."""
+    raw, b, d, f, img = planes[:5]
+    nbytes = 7 * 4 * raw.size
+    touched = fastest(lambda: _stream7(*planes), max(repeat, 5))
+    new = fastest(lambda: _stream7(raw, b, d, f, np.empty(img.shape, np.float32), np.empty(img.shape, np.float32),
+                                   np.empty(img.shape, np.int32)), max(repeat, 5))  # fmt: skip
+    return nbytes / touched / 1e9, nbytes / new / 1e9
 
 
 @njit
@@ -133,11 +127,10 @@ def _arith7(raw, b, d, f, img, var, msk):
                      np.int32(1), np.int32(2))  # fmt: skip
 
 
-def arith7_gbps(repeat: int) -> float:
+def arith7_gbps(planes: tuple, repeat: int) -> float:
     """The same seven planes in one pass with all of ISR's per-pixel arithmetic — :func:`kernels.isr.isr_ccd`'s
     own row kernel without crosstalk (overscan level, bias, gain, dark, flat division, variance, NaN/inf
     checks, saturation and NO_DATA bits) over contiguous planes: how much of ISR's cost the arithmetic is."""
-    planes = _seven_planes()
     t = fastest(lambda: _arith7(*planes), max(repeat, 5))
     return 7 * 4 * _N7 * _N7 / t / 1e9
 
@@ -233,9 +226,10 @@ def main(argv=None) -> dict:
     repeat = 2 if args.quick else args.repeat
     dets = DETECTORS[:1] if args.quick else DETECTORS
     return_large_frees()  # the worker's allocator setting: every image plane is new memory
-    stream = stream7_gbps(repeat)
-    stream_new = stream7_new_gbps(repeat)
-    arith = arith7_gbps(repeat)
+    planes = _seven_planes()  # rendered once for the three loops
+    stream, stream_new = stream7_gbps(planes, repeat)
+    arith = arith7_gbps(planes, repeat)
+    del planes
     per = [one_detector(d, repeat) for d in dets]
     isr_s = statistics.mean(p["run_isr_seconds"] for p in per)
     np_s = statistics.mean(p["numpy_isr_seconds"] for p in per)
