@@ -297,6 +297,70 @@ def test_dispatch_gives_a_ccd_back_to_the_worker_that_ran_it_last(tmp_path):
                       ("R10_S11", 6)]  # fmt: skip
 
 
+def test_focal_plane_values_count_the_ccds_run_outside_the_visits_string(tmp_path):
+    """A spare that ran some of a visit's CCDs is in no collective of the visit's string: the DMCS asks it for
+    its own sums and records the values once the string's total and every such part are in (on a 16-rank
+    night the spare's 2-3 CCDs of each visit were missing from them)."""
+    from lsstpipe.runtime import focal_plane
+    from lsstpipe.runtime.messages import FocalPlaneReduce, TelemetryReport
+    from lsstpipe.runtime.postman import Envelope
+
+    dets = ("R10_S00", "R10_S01", "R10_S02")
+    dmcs, post, (v1, _, _) = _dispatch_night(tmp_path, dets)
+    published = []
+    dmcs.publish = lambda name, value: published.append((name, value))
+    dmcs._next_visit(v1)
+    dmcs.dispatch()  # string 0 = (5, 6) takes two CCDs, the spare 9 the third
+    assert sorted(w for _, w in post.sent) == [5, 6, 9]
+    for job in dmcs.busy.values():
+        job.record.status, job.record.rank = "processed", job.rank
+    dmcs.busy.clear()
+    n = len(post.sent)
+    assert dmcs.reduce_visit(v1) and dmcs.reductions_pending == {v1.visit}
+    assert sorted((w, p.direct) for p, w in post.sent[n:] if isinstance(p, FocalPlaneReduce)) == [
+        (5, False), (6, False), (9, True)]  # fmt: skip
+
+    def part(rows):
+        sums = sum(focal_plane.ccd_row(r) for r in rows)
+        return Envelope(TelemetryReport(v1.visit, focal_plane.SUMS_REPORT, tuple(zip(focal_plane.SUMS, sums))), 5,
+                        Tag.TELEMETRY)  # fmt: skip
+
+    ccd = {"seeing_arcsec": 0.8, "zero_point": 31.0, "background_level": 100.0, "n_dia_sources": 10,
+           "n_psf_stars": 50}  # fmt: skip
+    assert dmcs.handle(part([ccd, {**ccd, "seeing_arcsec": 1.0}]))  # the string's total: its two CCDs
+    assert dmcs.reductions_pending == {v1.visit} and "focal_plane" not in dmcs.manifest.to_json()["visits"][0]
+    assert published == []
+    assert dmcs.handle(part([{**ccd, "seeing_arcsec": 1.2, "n_dia_sources": 4}]))  # the spare's own CCD
+    assert not dmcs.reductions_pending
+    values = dmcs.manifest.to_json()["visits"][0]["focal_plane"]
+    assert values["n_ccds"] == 3 and values["seeing_arcsec"] == pytest.approx(1.0)
+    assert values["n_dia_sources"] == 24 and values["n_psf_stars"] == 150 and values["zero_point"] == 31.0
+    assert dict(published) == {f"focal_plane.{k}": v for k, v in values.items()}
+    assert focal_plane.ccd_row({"seeing_arcsec": float("nan"), "zero_point": 31.0}) is None
+    assert focal_plane.values([0, 0, 0, 0, 0, 0]) == ()
+
+
+def test_a_worker_outside_the_visits_string_reports_its_own_sums(tmp_path):
+    """``FocalPlaneReduce(direct=True)``, or any on a spare: no collective, the worker's sums go to the DMCS."""
+    import numpy as np
+
+    from lsstpipe.runtime import focal_plane
+    from lsstpipe.runtime.messages import FocalPlaneReduce, TelemetryReport
+    from lsstpipe.runtime.postman import Envelope
+    from lsstpipe.runtime.worker import Worker
+
+    for string in (None, SimpleNamespace(Iallreduce=None)):  # a spare; another string's worker
+        worker = object.__new__(Worker)  # only what the focal-plane messages touch
+        worker.post, worker.dmcs, worker.string, worker.visit_sums = _RecordingPost(), 0, string, {}
+        worker._add_to_visit(7, {"seeing_arcsec": 0.9, "zero_point": 31.5, "n_dia_sources": 3})
+        assert worker.handle(Envelope(FocalPlaneReduce(7, direct=True), 0, Tag.REDUCE))
+        ((report, dest),) = worker.post.sent
+        assert dest == 0 and isinstance(report, TelemetryReport) and report.detector == focal_plane.SUMS_REPORT
+        assert dict(report.values) == pytest.approx(dict(zip(focal_plane.SUMS, [1, 0.9, 31.5, 0, 3, 0])))
+        assert worker.visit_sums == {}  # nothing left behind for a visit no collective will ever sum
+    assert np.array_equal(focal_plane.ccd_row({"seeing_arcsec": 1, "zero_point": 2}), [1, 1, 2, 0, 0, 0])
+
+
 def test_ccd_jobs_carry_the_alert_production_clusters_pipeline_parameters(tmp_path):
     """The installed configuration's pipeline section reaches the workers with each CCD job; isr: false
     launches none (each CCD recorded skipped, with the reason)."""

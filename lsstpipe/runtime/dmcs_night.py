@@ -37,6 +37,7 @@ from lsstpipe.control.cluster import batch_label
 from lsstpipe.control.config import PipelineParameters
 from lsstpipe.control.states import EntityName, OCSEvent
 from lsstpipe.runtime.dmcs_archive import ArchiveScheduling
+from lsstpipe.runtime.focal_plane import SUMS_REPORT, FocalPlaneTally
 from lsstpipe.runtime.layout import NightLayout, Role
 from lsstpipe.runtime.manifest import TERMINAL, CcdRecord, Manifest
 from lsstpipe.runtime.messages import (
@@ -120,7 +121,7 @@ class NightDMCS(ArchiveScheduling):
         self.last_ran: dict[tuple[int, str], int] = {}
         """The worker each detector's last job of each string's visits went to (:meth:`dispatch`'s CCD
         affinity; the strings take turns with the visits)."""
-        self.reductions_pending: set[int] = set()
+        self.focal_plane = FocalPlaneTally()
         # replicators whose distributor is this rank: their heartbeats are the distributor's, not the DMCS's
         self._local_partners = {p.replicator for p in self.pairs + self.catchup_pairs
                                 if p.distributor == postman.rank}  # fmt: skip
@@ -247,7 +248,8 @@ class NightDMCS(ArchiveScheduling):
                 self._arm_kill(visit, string)
 
     def reduce_visit(self, visit: Visit) -> bool:
-        """Ask the visit's string to combine its focal-plane values (an MPI collective among its workers);
+        """Ask the visit's string to combine its focal-plane values (an MPI collective among its workers), and
+        each other live worker that ran some of its CCDs for its own sums (:mod:`lsstpipe.runtime.focal_plane`);
         not when a member is dead (the collective could never complete)."""
         string = self.visit_string.get(visit.visit)
         if string is None or visit.number < 0:
@@ -255,10 +257,19 @@ class NightDMCS(ArchiveScheduling):
         members = self.strings[string]
         if any(w in self.dead for w in members) or self.post.rank in members:
             return False
+        others = sorted({r.rank for r in self.manifest.ccds_of(visit.visit) if r.status == "processed"}
+                        - set(members) - self.dead - {None, self.post.rank})  # fmt: skip
+        self.focal_plane.expect(visit.visit, 1 + len(others))
         for worker in members:
             self._send(FocalPlaneReduce(visit.visit), worker)
-        self.reductions_pending.add(visit.visit)
+        for worker in others:
+            self._send(FocalPlaneReduce(visit.visit, direct=True), worker)
         return True
+
+    @property
+    def reductions_pending(self) -> set[int]:
+        """The visits whose focal-plane values are not all in."""
+        return self.focal_plane.waiting()
 
     def requeue_visit(self, visit: Visit) -> None:
         """Queue again every CCD of an announced visit that has no result (a standby DMCS taking over)."""
@@ -315,14 +326,15 @@ class NightDMCS(ArchiveScheduling):
         elif isinstance(p, LinkStatus):
             self._link(p)
         elif isinstance(p, TelemetryReport):
-            if p.detector == "focal_plane":
-                self.reductions_pending.discard(p.visit)
+            values = p.values
+            if p.detector == SUMS_REPORT:  # a part of a visit's focal-plane values: published once all are in
+                values = self.focal_plane.add(p.visit, p.values) or ()
                 visit = next((v for v in self.plan.visits if v.visit == p.visit), None)
-                if visit is not None:
-                    self.manifest.focal_plane(visit, dict(p.values))
+                if visit is not None and values:
+                    self.manifest.focal_plane(visit, dict(values))
             if self.publish is not None:
-                for name, value in p.values:
-                    self.publish(f"{p.detector}.{name}", value)
+                for name, value in values:
+                    self.publish(f"{'focal_plane' if p.detector == SUMS_REPORT else p.detector}.{name}", value)
         else:
             return False
         return True

@@ -379,9 +379,12 @@ class FaultOrder:
 
 @dataclass(frozen=True)
 class FocalPlaneReduce:
-    """Every CCD of ``visit`` is done: the string's workers combine their values with an MPI collective."""
+    """Every CCD of ``visit`` is done: the string's workers combine their values with an MPI collective;
+    ``direct``: to a worker outside the visit's string that ran some of its CCDs, which reports its own sums
+    (:mod:`lsstpipe.runtime.focal_plane`)."""
 
     visit: int
+    direct: bool = False
 
 
 Payload = (FocalPlaneReduce | LinkStatus | FaultOrder | ImageTransfer | JobAssignment | JobResult | Heartbeat | Stop | Expect | ReadoutStarted | ImageData | Archived

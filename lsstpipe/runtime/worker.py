@@ -31,6 +31,7 @@ from lsstpipe.archive.blobs import ImageKey, decode_image
 from lsstpipe.archive.storage import RawImageCache
 from lsstpipe.camera.geometry import DetectorType
 from lsstpipe.repo import Repository, write_json
+from lsstpipe.runtime import focal_plane
 from lsstpipe.runtime.memory import planes_reused, return_large_frees
 from lsstpipe.runtime.messages import (
     CcdData,
@@ -154,42 +155,38 @@ class Worker:
                 return
             time.sleep(self.settings.heartbeat_s)
 
-    # ---- focal-plane values: an MPI collective among the visit's workers -----------------------------------------
-    #: What each worker adds up over its CCDs of a visit (science CCDs with a calibration only).
-    SUMS = ("n_ccds", "seeing_arcsec", "zero_point", "background_level", "n_dia_sources", "n_psf_stars")
-
+    # ---- focal-plane values: an MPI collective among the visit's workers (lsstpipe.runtime.focal_plane) --------
     def _add_to_visit(self, visit: int, sdqa: dict) -> None:
-        seeing, zp = sdqa.get("seeing_arcsec"), sdqa.get("zero_point")
-        if not all(isinstance(v, float | int) and math.isfinite(v) for v in (seeing, zp)):
-            return
-        row = np.array([1.0, seeing, zp, float(sdqa.get("background_level", 0.0) or 0.0),
-                        float(sdqa.get("n_dia_sources", 0)), float(sdqa.get("n_psf_stars", 0))])  # fmt: skip
-        self.visit_sums[visit] = self.visit_sums.get(visit, np.zeros(len(self.SUMS))) + row
+        row = focal_plane.ccd_row(sdqa)
+        if row is not None:
+            self.visit_sums[visit] = self.visit_sums.get(visit, np.zeros(len(focal_plane.SUMS))) + row
+
+    def _sums_report(self, visit: int, sums: np.ndarray) -> None:
+        self.post.send(TelemetryReport(visit, focal_plane.SUMS_REPORT, tuple(zip(focal_plane.SUMS, sums.tolist()))),
+                       self.dmcs)  # fmt: skip
 
     def _reduce(self, visit: int) -> None:
         """Start the string's non-blocking sum of the visit's values (every member gets the same order)."""
-        local = self.visit_sums.pop(visit, np.zeros(len(self.SUMS)))
+        local = self.visit_sums.pop(visit, np.zeros(len(focal_plane.SUMS)))
         total = np.zeros_like(local)
         request = self.string.Iallreduce(local, total)
         self._reductions.append((visit, local, total, request))
 
     def tick(self) -> None:
-        """Finish the collectives that completed; the string's first worker reports the visit's values."""
+        """Finish the collectives that completed; the string's first worker reports the visit's total."""
         for item in list(self._reductions):
             visit, _, total, request = item
             if request.Test():
                 self._reductions.remove(item)
-                if self.string.Get_rank() == 0 and total[0] > 0:
-                    n = total[0]
-                    values = (("n_ccds", n), ("seeing_arcsec", total[1] / n), ("zero_point", total[2] / n),
-                              ("background_level", total[3] / n), ("n_dia_sources", total[4]),
-                              ("n_psf_stars", total[5]))  # fmt: skip
-                    self.post.send(TelemetryReport(visit, "focal_plane", values), self.dmcs)
+                if self.string.Get_rank() == 0:
+                    self._sums_report(visit, total)
 
     def handle(self, env: Envelope) -> bool:
         p = env.payload
         if isinstance(p, FocalPlaneReduce):
-            if self.string is not None:
+            if p.direct or self.string is None:  # CCDs of a visit not of this worker's string: in no collective
+                self._sums_report(p.visit, self.visit_sums.pop(p.visit, np.zeros(len(focal_plane.SUMS))))
+            else:
                 self._reduce(p.visit)
             return True
         if isinstance(p, RaftLocation | CcdData):
@@ -295,7 +292,7 @@ class Worker:
                                                    "prefetch_inputs": t_inputs - t0,
                                                    "prefetch_apdb": t_prefetch - t_inputs})  # fmt: skip
         self._telemetry(job, det.name, result)
-        if det.type is DetectorType.SCIENCE and self.string is not None and not job.from_raw_cache:
+        if det.type is DetectorType.SCIENCE and not job.from_raw_cache:
             self._add_to_visit(job.visit, result.sdqa)
         counts = {"diasources": len(result.dia_sources), "alerts": l1.alerts if l1 else 0,
                   "forced": len(result.forced), "new_objects": l1.new_objects if l1 else 0,
