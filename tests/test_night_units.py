@@ -340,6 +340,27 @@ def test_focal_plane_values_count_the_ccds_run_outside_the_visits_string(tmp_pat
     assert focal_plane.values([0, 0, 0, 0, 0, 0]) == ()
 
 
+def test_focal_plane_values_ask_only_this_layouts_workers(tmp_path):
+    """A record carried over from an earlier run of the night names that run's rank, here a catch-up rank:
+    it is not asked (it is no worker of this layout), and the string's total alone completes the visit."""
+    from lsstpipe.runtime import focal_plane
+    from lsstpipe.runtime.messages import FocalPlaneReduce, TelemetryReport
+    from lsstpipe.runtime.postman import Envelope
+
+    dmcs, post, (v1, _, _) = _dispatch_night(tmp_path, ("R10_S00", "R10_S01", "R10_S02"))
+    dmcs._next_visit(v1)
+    dmcs.dispatch()
+    for job in dmcs.busy.values():
+        job.record.status, job.record.rank = "processed", 3 if job.rank == 9 else job.rank
+    dmcs.busy.clear()
+    n = len(post.sent)
+    assert dmcs.reduce_visit(v1)
+    assert sorted(w for p, w in post.sent[n:] if isinstance(p, FocalPlaneReduce)) == [5, 6]
+    sums = tuple(zip(focal_plane.SUMS, [2.0, 1.6, 62.0, 0.0, 5.0, 9.0]))
+    dmcs.handle(Envelope(TelemetryReport(v1.visit, focal_plane.SUMS_REPORT, sums), 5, Tag.TELEMETRY))
+    assert not dmcs.reductions_pending and dmcs.manifest.to_json()["visits"][0]["focal_plane"]["n_ccds"] == 2
+
+
 def test_a_worker_outside_the_visits_string_reports_its_own_sums(tmp_path):
     """``FocalPlaneReduce(direct=True)``, or any on a spare: no collective, the worker's sums go to the DMCS."""
     import numpy as np

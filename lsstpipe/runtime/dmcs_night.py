@@ -257,8 +257,9 @@ class NightDMCS(ArchiveScheduling):
         members = self.strings[string]
         if any(w in self.dead for w in members) or self.post.rank in members:
             return False
-        others = sorted({r.rank for r in self.manifest.ccds_of(visit.visit) if r.status == "processed"}
-                        - set(members) - self.dead - {None, self.post.rank})  # fmt: skip
+        ran = {r.rank for r in self.manifest.ccds_of(visit.visit) if r.status == "processed"}  # (records carried
+        # over from an earlier run of the night name that run's ranks: only this layout's workers are asked)
+        others = sorted(ran & set(self._all_workers()) - set(members) - self.dead - {self.post.rank})
         self.focal_plane.expect(visit.visit, 1 + len(others))
         for worker in members:
             self._send(FocalPlaneReduce(visit.visit), worker)
