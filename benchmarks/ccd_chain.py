@@ -46,6 +46,7 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -265,7 +266,15 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _stopped(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
+    # A stop (``timeout``, the batch system) ends the run as an error does: the simulation's subprocess is
+    # killed (``subprocess.run`` kills its child when interrupted) and the temporary repository (~2 GB) removed.
+    # Python's default SIGTERM would leave both behind, the simulation running on and slowing what comes next.
+    signal.signal(signal.SIGTERM, _stopped)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each (median reported)")
     parser.add_argument("--json", default=None, help="also write the results here")

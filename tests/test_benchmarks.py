@@ -101,6 +101,40 @@ def test_ccd_chain_quick_run_writes_the_issue_keys(tmp_path):
     assert "whole chain" in proc.stdout
 
 
+def test_ccd_chain_stopped_while_simulating_leaves_no_simulation_or_repository(tmp_path):
+    """SIGTERM (``timeout``, a batch system) during the simulation: the simulation process is killed and the
+    temporary repository removed, not left running and on disk."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "ccd_chain.py"), "--quick", "--repeat", "1"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def simulations():
+        found = []
+        for pid in os.listdir("/proc"):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"simulate" in cmd and any(str(tmp_path).encode() in c for c in cmd):
+                found.append(int(pid))
+        return found
+
+    deadline = time.monotonic() + 120
+    while not simulations() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert simulations(), "the benchmark never started its simulation"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    time.sleep(0.5)
+    assert simulations() == []
+    assert not list(tmp_path.glob("ccd_chain_*"))  # the temporary repository is gone
+
+
 def test_cutouts_quick_run_compares_with_astropy(tmp_path):
     out = tmp_path / "cutouts.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cutouts.py"), "--quick", "--json", str(out)],
