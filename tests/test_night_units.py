@@ -297,28 +297,37 @@ def test_dispatch_gives_a_ccd_back_to_the_worker_that_ran_it_last(tmp_path):
                       ("R10_S11", 6)]  # fmt: skip
 
 
+def _visit_reduced(tmp_path, recorded_rank=lambda rank: rank):
+    """A three-CCD visit dispatched to string 0 = (5, 6) and the spare 9, every CCD recorded processed (on the
+    rank ``recorded_rank`` gives for the one it ran on), then the DMCS's focal-plane request; returns the DMCS,
+    the visit and the ``(worker, direct)`` of every FocalPlaneReduce sent."""
+    from lsstpipe.runtime.messages import FocalPlaneReduce
+
+    dmcs, post, (v1, _, _) = _dispatch_night(tmp_path, ("R10_S00", "R10_S01", "R10_S02"))
+    dmcs._next_visit(v1)
+    dmcs.dispatch()
+    assert sorted(w for _, w in post.sent) == [5, 6, 9]
+    for job in dmcs.busy.values():
+        job.record.status, job.record.rank = "processed", recorded_rank(job.rank)
+    dmcs.busy.clear()
+    n = len(post.sent)
+    assert dmcs.reduce_visit(v1)
+    return dmcs, v1, sorted((w, p.direct) for p, w in post.sent[n:] if isinstance(p, FocalPlaneReduce))
+
+
 def test_focal_plane_values_count_the_ccds_run_outside_the_visits_string(tmp_path):
     """A spare that ran some of a visit's CCDs is in no collective of the visit's string: the DMCS asks it for
     its own sums and records the values once the string's total and every such part are in (on a 16-rank
     night the spare's 2-3 CCDs of each visit were missing from them)."""
     from lsstpipe.runtime import focal_plane
-    from lsstpipe.runtime.messages import FocalPlaneReduce, TelemetryReport
+    from lsstpipe.runtime.messages import TelemetryReport
     from lsstpipe.runtime.postman import Envelope
 
-    dets = ("R10_S00", "R10_S01", "R10_S02")
-    dmcs, post, (v1, _, _) = _dispatch_night(tmp_path, dets)
+    dmcs, v1, asked = _visit_reduced(tmp_path)  # string 0 = (5, 6) ran two CCDs, the spare 9 the third
     published = []
     dmcs.publish = lambda name, value: published.append((name, value))
-    dmcs._next_visit(v1)
-    dmcs.dispatch()  # string 0 = (5, 6) takes two CCDs, the spare 9 the third
-    assert sorted(w for _, w in post.sent) == [5, 6, 9]
-    for job in dmcs.busy.values():
-        job.record.status, job.record.rank = "processed", job.rank
-    dmcs.busy.clear()
-    n = len(post.sent)
-    assert dmcs.reduce_visit(v1) and dmcs.reductions_pending == {v1.visit}
-    assert sorted((w, p.direct) for p, w in post.sent[n:] if isinstance(p, FocalPlaneReduce)) == [
-        (5, False), (6, False), (9, True)]  # fmt: skip
+    assert dmcs.reductions_pending == {v1.visit}
+    assert asked == [(5, False), (6, False), (9, True)]
 
     def part(rows):
         sums = sum(focal_plane.ccd_row(r) for r in rows)
@@ -344,18 +353,11 @@ def test_focal_plane_values_ask_only_this_layouts_workers(tmp_path):
     """A record carried over from an earlier run of the night names that run's rank, here a catch-up rank:
     it is not asked (it is no worker of this layout), and the string's total alone completes the visit."""
     from lsstpipe.runtime import focal_plane
-    from lsstpipe.runtime.messages import FocalPlaneReduce, TelemetryReport
+    from lsstpipe.runtime.messages import TelemetryReport
     from lsstpipe.runtime.postman import Envelope
 
-    dmcs, post, (v1, _, _) = _dispatch_night(tmp_path, ("R10_S00", "R10_S01", "R10_S02"))
-    dmcs._next_visit(v1)
-    dmcs.dispatch()
-    for job in dmcs.busy.values():
-        job.record.status, job.record.rank = "processed", 3 if job.rank == 9 else job.rank
-    dmcs.busy.clear()
-    n = len(post.sent)
-    assert dmcs.reduce_visit(v1)
-    assert sorted(w for p, w in post.sent[n:] if isinstance(p, FocalPlaneReduce)) == [5, 6]
+    dmcs, v1, asked = _visit_reduced(tmp_path, lambda rank: 3 if rank == 9 else rank)
+    assert [w for w, _ in asked] == [5, 6]
     sums = tuple(zip(focal_plane.SUMS, [2.0, 1.6, 62.0, 0.0, 5.0, 9.0]))
     dmcs.handle(Envelope(TelemetryReport(v1.visit, focal_plane.SUMS_REPORT, sums), 5, Tag.TELEMETRY))
     assert not dmcs.reductions_pending and dmcs.manifest.to_json()["visits"][0]["focal_plane"]["n_ccds"] == 2

@@ -327,15 +327,15 @@ class NightDMCS(ArchiveScheduling):
         elif isinstance(p, LinkStatus):
             self._link(p)
         elif isinstance(p, TelemetryReport):
-            values = p.values
+            entity, values = p.detector, p.values
             if p.detector == SUMS_REPORT:  # a part of a visit's focal-plane values: published once all are in
-                values = self.focal_plane.add(p.visit, p.values) or ()
+                entity, values = "focal_plane", self.focal_plane.add(p.visit, p.values) or ()
                 visit = next((v for v in self.plan.visits if v.visit == p.visit), None)
                 if visit is not None and values:
                     self.manifest.focal_plane(visit, dict(values))
             if self.publish is not None:
                 for name, value in values:
-                    self.publish(f"{'focal_plane' if p.detector == SUMS_REPORT else p.detector}.{name}", value)
+                    self.publish(f"{entity}.{name}", value)
         else:
             return False
         return True

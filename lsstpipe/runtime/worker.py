@@ -161,13 +161,17 @@ class Worker:
         if row is not None:
             self.visit_sums[visit] = self.visit_sums.get(visit, np.zeros(len(focal_plane.SUMS))) + row
 
+    def _take_sums(self, visit: int) -> np.ndarray:
+        """This worker's sums of ``visit`` (zeros when it counted none of its CCDs), no longer kept."""
+        return self.visit_sums.pop(visit, np.zeros(len(focal_plane.SUMS)))
+
     def _sums_report(self, visit: int, sums: np.ndarray) -> None:
         self.post.send(TelemetryReport(visit, focal_plane.SUMS_REPORT, tuple(zip(focal_plane.SUMS, sums.tolist()))),
                        self.dmcs)  # fmt: skip
 
     def _reduce(self, visit: int) -> None:
         """Start the string's non-blocking sum of the visit's values (every member gets the same order)."""
-        local = self.visit_sums.pop(visit, np.zeros(len(focal_plane.SUMS)))
+        local = self._take_sums(visit)
         total = np.zeros_like(local)
         request = self.string.Iallreduce(local, total)
         self._reductions.append((visit, local, total, request))
@@ -185,7 +189,7 @@ class Worker:
         p = env.payload
         if isinstance(p, FocalPlaneReduce):
             if p.direct or self.string is None:  # CCDs of a visit not of this worker's string: in no collective
-                self._sums_report(p.visit, self.visit_sums.pop(p.visit, np.zeros(len(focal_plane.SUMS))))
+                self._sums_report(p.visit, self._take_sums(p.visit))
             else:
                 self._reduce(p.visit)
             return True
