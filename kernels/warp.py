@@ -144,6 +144,29 @@ def _bad_integral(image, variance, mask, no_data, ii):
 
 
 @njit
+def _source_flags(image, variance, mask):
+    """Which summed-area tables a source needs: ``(any mask bit set, any mask bit set or any non-finite image
+    or variance pixel)``, in one pass without temporaries (``mask`` of shape (1, 1): no mask); stops at the
+    first mask bit, which needs both."""
+    ny, nx = image.shape
+    with_mask = mask.shape == image.shape
+    inf = np.inf
+    finite = True
+    for y in range(ny):
+        ok = True
+        for x in range(nx):  # no branch inside: the row's test vectorises
+            ok &= (abs(image[y, x]) < inf) & (abs(variance[y, x]) < inf)
+        finite &= ok
+        if with_mask:
+            bits = 0
+            for x in range(nx):
+                bits |= mask[y, x]
+            if bits != 0:
+                return True, True
+    return False, not finite
+
+
+@njit
 def _mask_integral(mask, ii):
     ny, nx = mask.shape
     for y in range(ny):
@@ -365,8 +388,7 @@ def warp_image(image, variance, mask, src_x, src_y, step: int, shape: tuple[int,
                 raise ValueError(f"out planes must be writeable {shape} float32, float32, int32 arrays")
     # Summed-area tables answer "any unusable / flagged pixel among the 36 taps?" in four look-ups; they are
     # built only when the source has such pixels at all (a clean template patch needs neither).
-    check_mask = bool(msk.any())
-    check_bad = check_mask or not (np.isfinite(img).all() and np.isfinite(var).all())
+    check_mask, check_bad = _source_flags(img, var, msk)
     bad_ii = mask_ii = None
     if check_bad:
         bad_ii = np.zeros((img.shape[0] + 1, img.shape[1] + 1), np.int32)

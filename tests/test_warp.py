@@ -6,7 +6,15 @@ import pytest
 from naive_warp import warp as naive_warp
 
 from kernels.arrays import readonly
-from kernels.warp import NO_DATA, _target_box, grid_nodes, lanczos_noise_power, lanczos_weights, warp_image
+from kernels.warp import (
+    NO_DATA,
+    _source_flags,
+    _target_box,
+    grid_nodes,
+    lanczos_noise_power,
+    lanczos_weights,
+    warp_image,
+)
 
 
 def affine_grid(shape, step, a, b, c, d, x0, y0, quad=0.0):
@@ -44,6 +52,41 @@ def test_against_reference_with_edges_nan_inf_and_mask(mode, conserve):
     np.testing.assert_allclose(got.image, ref_i, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(got.variance, ref_v, rtol=2e-5, atol=2e-5)
     assert ((got.mask & 4) != 0).sum() > 0 and ((got.mask & NO_DATA) != 0).sum() > 0
+
+
+@pytest.mark.parametrize("dtypes", [(np.float32, np.float32), (np.float64, np.float32), (np.float32, np.float64)])
+def test_source_flags_match_numpy(dtypes):
+    """The one-pass scan that decides which summed-area tables a source needs says what numpy says: any mask
+    bit (both tables), any non-finite image or variance pixel (NaN, +inf, -inf, in either plane, anywhere: the
+    unusable-pixel table), on inputs it leaves untouched."""
+    rng = np.random.default_rng(11)
+    shape = (37, 53)  # rows of odd length: the vectorised loop's remainder is exercised
+    for trial in range(60):
+        img = rng.normal(0, 3, shape).astype(dtypes[0])
+        var = rng.uniform(0.5, 2, shape).astype(dtypes[1])
+        msk = np.zeros(shape, np.int32)
+        kind = trial % 6
+        y, x = rng.integers(shape[0]), rng.integers(shape[1])
+        if kind == 1:
+            img[y, x] = [np.nan, np.inf, -np.inf][trial % 3]
+        elif kind == 2:
+            var[y, x] = [np.nan, np.inf, -np.inf][trial % 3]
+        elif kind == 3:
+            msk[y, x] = 1 << int(rng.integers(0, 31))
+        elif kind == 4:
+            img[y, x], msk[shape[0] - 1, shape[1] - 1] = np.nan, 4
+        elif kind == 5:
+            img[:] = np.finfo(dtypes[0]).max  # huge but finite
+        before = (img.copy(), var.copy(), msk.copy())
+        want_bad = not (np.isfinite(img).all() and np.isfinite(var).all())
+        assert _source_flags(*readonly_all(img, var, msk)) == (bool(msk.any()), want_bad or bool(msk.any()))
+        assert _source_flags(*readonly_all(img, var, np.zeros((1, 1), np.int32))) == (False, want_bad)
+        for a, b in zip((img, var, msk), before):
+            np.testing.assert_array_equal(a, b)
+
+
+def readonly_all(*arrays):
+    return tuple(readonly(a) for a in arrays)
 
 
 @pytest.mark.parametrize(
