@@ -120,9 +120,11 @@ def test_clean_night_certifies_masters_archives_everything_and_alerts(night):
     t = json.loads((out / "ccds" / str(m["visits"][0]["visit"]) / "R10_S11.json").read_text())["timings"]
     assert min(t[k] for k in ("prefetch", "prefetch_inputs", "prefetch_apdb", "fetch", "process", "isr")) >= 0
     assert t["prefetch_inputs"] + t["prefetch_apdb"] == pytest.approx(t["prefetch"], abs=1e-3)
-    # focal-plane values combined by each visit's string of workers (an MPI collective)
+    # focal-plane values combined by each visit's string of workers (an MPI collective); only the last visit's
+    # could come from the CCDs' telemetry, if its answer missed the wrap-up's deadline
     planes = [v["focal_plane"] for v in m["visits"] if "focal_plane" in v]
     assert planes and all(p["n_ccds"] >= 1 and 0.3 < p["seeing_arcsec"] < 3 for p in planes)
+    assert not any("focal_plane_from" in v for v in m["visits"][:-1]), [v.get("focal_plane_from") for v in m["visits"]]
     # daytime: the APDB snapshot and the MOPS over the night's unclaimed DIASources
     day = m["night"]["daytime"]
     assert "error" not in day and Path(day["snapshot"]).is_file() and (out / "mops" / "ssobjects.npy").is_file()
@@ -159,6 +161,8 @@ def test_night_survives_fault(night, tmp_path, fault, ranks):
     if kind == "kill-worker":
         hit = [c for c in m["visits"][1]["ccds"] if c["attempt"] > 1]
         assert hit and all(c["status"] == "processed" and "died" in c["reason"] for c in hit), m["visits"][1]
+        # its string's collective could not run: the visit's values were added up from its CCDs' telemetry
+        assert "telemetry" in m["visits"][1]["focal_plane_from"] and m["visits"][1]["focal_plane"]["n_ccds"] >= 1
     if kind == "link-cut":
         # the cut visit's images went through the Catch-Up Archiver
         assert any(im["catchup"] for im in m["visits"][1]["images"])

@@ -237,6 +237,7 @@ class _RecordingPost:
 
     def __init__(self) -> None:
         self.sent: list[tuple[object, int]] = []
+        self.dead: set[int] = set()
 
     def send(self, payload, dest: int) -> None:
         self.sent.append((payload, dest))
@@ -297,10 +298,10 @@ def test_dispatch_gives_a_ccd_back_to_the_worker_that_ran_it_last(tmp_path):
                       ("R10_S11", 6)]  # fmt: skip
 
 
-def _visit_reduced(tmp_path, recorded_rank=lambda rank: rank):
+def _visit_reduced(tmp_path, recorded_rank=lambda rank: rank, before=None):
     """A three-CCD visit dispatched to string 0 = (5, 6) and the spare 9, every CCD recorded processed (on the
-    rank ``recorded_rank`` gives for the one it ran on), then the DMCS's focal-plane request; returns the DMCS,
-    the visit and the ``(worker, direct)`` of every FocalPlaneReduce sent."""
+    rank ``recorded_rank`` gives for the one it ran on), ``before(dmcs, visit)``, then the DMCS's focal-plane
+    request; returns the DMCS, the visit and the ``(worker, direct)`` of every FocalPlaneReduce sent."""
     from lsstpipe.runtime.messages import FocalPlaneReduce
 
     dmcs, post, (v1, _, _) = _dispatch_night(tmp_path, ("R10_S00", "R10_S01", "R10_S02"))
@@ -310,6 +311,8 @@ def _visit_reduced(tmp_path, recorded_rank=lambda rank: rank):
     for job in dmcs.busy.values():
         job.record.status, job.record.rank = "processed", recorded_rank(job.rank)
     dmcs.busy.clear()
+    if before is not None:
+        before(dmcs, v1)
     n = len(post.sent)
     assert dmcs.reduce_visit(v1)
     return dmcs, v1, sorted((w, p.direct) for p, w in post.sent[n:] if isinstance(p, FocalPlaneReduce))
@@ -361,6 +364,100 @@ def test_focal_plane_values_ask_only_this_layouts_workers(tmp_path):
     sums = tuple(zip(focal_plane.SUMS, [2.0, 1.6, 62.0, 0.0, 5.0, 9.0]))
     dmcs.handle(Envelope(TelemetryReport(v1.visit, focal_plane.SUMS_REPORT, sums), 5, Tag.TELEMETRY))
     assert not dmcs.reductions_pending and dmcs.manifest.to_json()["visits"][0]["focal_plane"]["n_ccds"] == 2
+
+
+_CCD_SDQA = {"seeing_arcsec": 0.8, "zero_point": 31.0, "background_level": 100.0, "n_dia_sources": 10,
+             "n_psf_stars": 50}  # fmt: skip
+
+
+def _ccd_telemetry(dmcs, visit, detector, **changes):
+    """One CCD's SDQA telemetry, as its worker sends it to the DMCS with each processed CCD."""
+    from lsstpipe.runtime.messages import TelemetryReport
+    from lsstpipe.runtime.postman import Envelope
+
+    values = tuple({**_CCD_SDQA, **changes}.items())
+    assert dmcs.handle(Envelope(TelemetryReport(visit.visit, detector, values), 5, Tag.TELEMETRY))
+
+
+def _every_ccds_telemetry(dmcs, visit):
+    _ccd_telemetry(dmcs, visit, "R10_S00", seeing_arcsec=5.0)  # replaced by its rerun's report, next
+    _ccd_telemetry(dmcs, visit, "R10_S00")
+    _ccd_telemetry(dmcs, visit, "R10_S01", seeing_arcsec=1.0)
+    _ccd_telemetry(dmcs, visit, "R10_S02", seeing_arcsec=1.2, n_dia_sources=4)
+    _ccd_telemetry(dmcs, visit, "R10_S10", seeing_arcsec=9.0)  # recorded nowhere as processed: not counted
+    _ccd_telemetry(dmcs, visit, "R10_S11", seeing_arcsec=float("nan"))  # no seeing: not kept
+
+
+def _assert_values_of_the_three_ccds(dmcs, published, why):
+    entry = dmcs.manifest.to_json()["visits"][0]
+    values = entry["focal_plane"]
+    assert values["n_ccds"] == 3 and values["seeing_arcsec"] == pytest.approx(1.0)
+    assert values["n_dia_sources"] == 24 and values["n_psf_stars"] == 150 and values["zero_point"] == 31.0
+    assert why in entry["focal_plane_from"] and "telemetry" in entry["focal_plane_from"]
+    assert {k: v for k, v in published if k.startswith("focal_plane.")} == {
+        f"focal_plane.{k}": v for k, v in values.items()
+    }
+    assert not dmcs.reductions_pending
+
+
+def test_a_visit_whose_string_lost_a_member_gets_its_values_from_the_ccds_telemetry(tmp_path):
+    """A dead member of the visit's string: no collective can complete, so none is asked for; the DMCS adds up
+    the processed CCDs' own SDQA telemetry (a rerun's report replacing the first) and says so in the manifest.
+    Before, the visit's values were not recorded."""
+    published = []
+
+    def before(dmcs, visit):
+        dmcs.publish = lambda name, value: published.append((name, value))
+        _every_ccds_telemetry(dmcs, visit)
+        dmcs.dead.add(6)
+
+    dmcs, _, asked = _visit_reduced(tmp_path, before=before)
+    assert asked == []
+    _assert_values_of_the_three_ccds(dmcs, published, "rank(s) [6] of its string dead")
+    assert ("R10_S01.seeing_arcsec", 1.0) in published  # each CCD's telemetry is still published as it comes
+
+
+def test_a_worker_dying_before_its_part_came_in_leaves_the_values_to_the_ccds_telemetry(tmp_path):
+    """The spare asked for its own sums dies before answering: the parts already in are set aside and the
+    DMCS adds up every processed CCD's telemetry (none counted twice); a late part, or late telemetry, changes
+    nothing once the visit is recorded. Before, the night's wrap-up waited for its deadline and recorded
+    nothing."""
+    from lsstpipe.runtime import focal_plane
+    from lsstpipe.runtime.messages import TelemetryReport
+    from lsstpipe.runtime.postman import Envelope
+
+    published = []
+
+    def before(dmcs, visit):
+        dmcs.publish = lambda name, value: published.append((name, value))
+        _every_ccds_telemetry(dmcs, visit)
+
+    dmcs, v1, asked = _visit_reduced(tmp_path, before=before)
+    assert asked == [(5, False), (6, False), (9, True)]
+    string_total = sum(focal_plane.ccd_row({**_CCD_SDQA, "seeing_arcsec": s}) for s in (0.8, 1.0))
+    report = TelemetryReport(v1.visit, focal_plane.SUMS_REPORT, tuple(zip(focal_plane.SUMS, string_total)))
+    assert dmcs.handle(Envelope(report, 5, Tag.TELEMETRY))
+    assert dmcs.reductions_pending == {v1.visit}
+    dmcs._declare_dead(9, "no heartbeat for 5 s")
+    _assert_values_of_the_three_ccds(dmcs, published, "rank 9 died before its part came in")
+    recorded = dmcs.manifest.to_json()["visits"][0]
+    assert dmcs.handle(Envelope(report, 9, Tag.TELEMETRY))  # a late part: the visit is closed
+    _ccd_telemetry(dmcs, v1, "R10_S02", seeing_arcsec=3.0)
+    assert dmcs.manifest.to_json()["visits"][0] == recorded and dmcs.focal_plane._rows == {}
+
+
+def test_values_still_awaited_at_the_end_of_the_night_come_from_the_ccds_telemetry(tmp_path):
+    """What the night's wrap-up does for a visit whose part never came and whose rank was never declared dead."""
+    published = []
+
+    def before(dmcs, visit):
+        dmcs.publish = lambda name, value: published.append((name, value))
+        _every_ccds_telemetry(dmcs, visit)
+
+    dmcs, v1, _ = _visit_reduced(tmp_path, before=before)
+    assert dmcs.reductions_pending == {v1.visit}
+    dmcs.settle_focal_plane(v1.visit, "no answer by the end of the night")
+    _assert_values_of_the_three_ccds(dmcs, published, "no answer by the end of the night")
 
 
 def test_a_worker_outside_the_visits_string_reports_its_own_sums(tmp_path):

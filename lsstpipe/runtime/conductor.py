@@ -231,9 +231,11 @@ def conduct(post, args, config: NightConfig, repo, plan, layout, faults, handler
             elif phase == "reprocess" and dmcs.idle():
                 phase, final_deadline = "wrap-up", time.monotonic() + 5.0
             elif phase == "wrap-up" and (not dmcs.reductions_pending or time.monotonic() > final_deadline):
-                break  # the last visits' focal-plane values are in (or a string member could not answer)
+                break  # the last visits' focal-plane values are in (the rest: from telemetry, below)
             if not busy:
                 time.sleep(0.001)
+        for visit_id in sorted(dmcs.reductions_pending):  # an answer lost without its rank declared dead
+            dmcs.settle_focal_plane(visit_id, "no answer by the end of the night")
         for rec_visit in plan.calibrations + plan.visits:
             for rec in manifest.ccds_of(rec_visit.visit):
                 if rec.status not in TERMINAL:

@@ -37,13 +37,12 @@ from lsstpipe.control.cluster import batch_label
 from lsstpipe.control.config import PipelineParameters
 from lsstpipe.control.states import EntityName, OCSEvent
 from lsstpipe.runtime.dmcs_archive import ArchiveScheduling
-from lsstpipe.runtime.focal_plane import SUMS_REPORT, FocalPlaneTally
+from lsstpipe.runtime.focal_plane import SUMS_REPORT, FocalPlaneScheduling, FocalPlaneTally
 from lsstpipe.runtime.layout import NightLayout, Role
 from lsstpipe.runtime.manifest import TERMINAL, CcdRecord, Manifest
 from lsstpipe.runtime.messages import (
     Archived,
     FaultOrder,
-    FocalPlaneReduce,
     Heartbeat,
     ImageTransfer,
     JobAssignment,
@@ -90,8 +89,9 @@ class _Ccd:
     """The Alert Production Cluster's pipeline parameters when the job was launched."""
 
 
-class NightDMCS(ArchiveScheduling):
-    """The night's scheduler on rank 0 (module docstring); its archiving side is :class:`ArchiveScheduling`."""
+class NightDMCS(ArchiveScheduling, FocalPlaneScheduling):
+    """The night's scheduler on rank 0 (module docstring); its archiving side is :class:`ArchiveScheduling`, its
+    side of the visits' focal-plane values :class:`FocalPlaneScheduling`."""
 
     def __init__(self, postman: Postman, layout: NightLayout, plan: NightPlan, manifest: Manifest,
                  settings: SchedulerSettings, faults: tuple = (), recorder: Any = None,
@@ -247,31 +247,6 @@ class NightDMCS(ArchiveScheduling):
             if fault.kind == "kill-worker" and fault.covers(visit.number):
                 self._arm_kill(visit, string)
 
-    def reduce_visit(self, visit: Visit) -> bool:
-        """Ask the visit's string to combine its focal-plane values (an MPI collective among its workers), and
-        each other live worker that ran some of its CCDs for its own sums (:mod:`lsstpipe.runtime.focal_plane`);
-        not when a member is dead (the collective could never complete)."""
-        string = self.visit_string.get(visit.visit)
-        if string is None or visit.number < 0:
-            return False
-        members = self.strings[string]
-        if any(w in self.dead for w in members) or self.post.rank in members:
-            return False
-        ran = {r.rank for r in self.manifest.ccds_of(visit.visit) if r.status == "processed"}  # (records carried
-        # over from an earlier run of the night name that run's ranks: only this layout's workers are asked)
-        others = sorted(ran & set(self._all_workers()) - set(members) - self.dead - {self.post.rank})
-        self.focal_plane.expect(visit.visit, 1 + len(others))
-        for worker in members:
-            self._send(FocalPlaneReduce(visit.visit), worker)
-        for worker in others:
-            self._send(FocalPlaneReduce(visit.visit, direct=True), worker)
-        return True
-
-    @property
-    def reductions_pending(self) -> set[int]:
-        """The visits whose focal-plane values are not all in."""
-        return self.focal_plane.waiting()
-
     def requeue_visit(self, visit: Visit) -> None:
         """Queue again every CCD of an announced visit that has no result (a standby DMCS taking over)."""
         string = self._next_string
@@ -327,15 +302,13 @@ class NightDMCS(ArchiveScheduling):
         elif isinstance(p, LinkStatus):
             self._link(p)
         elif isinstance(p, TelemetryReport):
-            entity, values = p.detector, p.values
-            if p.detector == SUMS_REPORT:  # a part of a visit's focal-plane values: published once all are in
-                entity, values = "focal_plane", self.focal_plane.add(p.visit, p.values) or ()
-                visit = next((v for v in self.plan.visits if v.visit == p.visit), None)
-                if visit is not None and values:
-                    self.manifest.focal_plane(visit, dict(values))
-            if self.publish is not None:
-                for name, value in values:
-                    self.publish(f"{entity}.{name}", value)
+            if p.detector == SUMS_REPORT:  # a part of a visit's focal-plane values: recorded once all are in
+                self._record_focal_plane(p.visit, self.focal_plane.add(p.visit, p.values) or ())
+            else:
+                self.focal_plane.ccd_telemetry(p.visit, p.detector, p.values)
+                if self.publish is not None:
+                    for name, value in p.values:
+                        self.publish(f"{p.detector}.{name}", value)
         else:
             return False
         return True
@@ -486,6 +459,8 @@ class NightDMCS(ArchiveScheduling):
             job.record.reason = f"rank {rank} died ({why}); rescheduled on a spare from the raw image cache"
             job.record.rescheduled_at = time.time()
             self.queue.append(job)
+        for visit_id in self.focal_plane.lost(rank):
+            self.settle_focal_plane(visit_id, f"rank {rank} died before its part came in")
         self._pair_lost(rank)
 
     # ---- end of night -------------------------------------------------------------------------------------

@@ -12,13 +12,29 @@ covered 15–16 CCDs.)
 
 Each part travels as a :class:`~lsstpipe.runtime.messages.TelemetryReport` named :data:`SUMS_REPORT`
 whose values are the sums of :data:`SUMS`.
+
+When a part can never come — a member of the visit's string is dead when the values are due (its collective
+could never complete), a worker asked dies before it answers, or no answer came by the end of the night —
+the DMCS adds up the visit's CCDs itself, from the SDQA telemetry each worker sent with each processed CCD
+(:meth:`FocalPlaneTally.ccd_telemetry`), and says so in the manifest (``focal_plane_from``). Before, such a
+visit's values were not recorded at all.
+
+:class:`FocalPlaneScheduling` is the DMCS's part (of :class:`~lsstpipe.runtime.dmcs_night.NightDMCS`) that
+asks, records and falls back. It uses these of the scheduler: ``post``, ``plan``, ``manifest``, ``publish``,
+``strings``, ``visit_string``, ``dead``, ``focal_plane`` (a :class:`FocalPlaneTally`), ``_send`` and
+``_all_workers``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
+
+from lsstpipe.runtime.messages import FocalPlaneReduce
+
+log = logging.getLogger(__name__)
 
 #: What each worker adds up over its science CCDs of a visit (those with a finite seeing and zero point).
 SUMS = ("n_ccds", "seeing_arcsec", "zero_point", "background_level", "n_dia_sources", "n_psf_stars")
@@ -47,14 +63,27 @@ def values(sums) -> tuple[tuple[str, float], ...]:
 
 
 class FocalPlaneTally:
-    """The DMCS's side: for each visit, how many parts it still waits for and their sum so far."""
+    """The DMCS's side: for each visit, the ranks it asked and how many parts it still waits for, their sum so
+    far, and each CCD's own row from its SDQA telemetry (the fallback when a part is lost)."""
 
     def __init__(self) -> None:
         self._open: dict[int, list] = {}
+        self._asked: dict[int, frozenset[int]] = {}
+        self._rows: dict[int, dict[str, np.ndarray]] = {}
+        self._done: set[int] = set()
 
-    def expect(self, visit: int, parts: int) -> None:
-        """``visit``'s values come in ``parts`` reports (the string's total, plus one per worker outside it)."""
+    def ccd_telemetry(self, visit: int, detector: str, report_values) -> None:
+        """Keep one CCD's row of :data:`SUMS` from its SDQA telemetry (a later report of the same CCD, from a
+        rerun, replaces it) until the visit's values are in."""
+        row = ccd_row(dict(report_values))
+        if row is not None and visit not in self._done:
+            self._rows.setdefault(visit, {})[detector] = row
+
+    def expect(self, visit: int, parts: int, asked=()) -> None:
+        """``visit``'s values come in ``parts`` reports (the string's total, plus one per worker outside it)
+        from the ranks ``asked`` (any of whom dying loses a part: :meth:`lost`)."""
         self._open[visit] = [parts, np.zeros(len(SUMS))]
+        self._asked[visit] = frozenset(asked)
 
     def add(self, visit: int, report_values) -> tuple[tuple[str, float], ...] | None:
         """Count one part's report; the visit's :func:`values` once its last part is in, else None (also for
@@ -67,9 +96,80 @@ class FocalPlaneTally:
         entry[0] -= 1
         if entry[0] > 0:
             return None
-        del self._open[visit]
+        self._close(visit)
         return values(entry[1])
+
+    def lost(self, rank: int) -> list[int]:
+        """The visits still waiting for an answer from ``rank`` (which died): no longer waited for."""
+        visits = [v for v in self._open if rank in self._asked.get(v, ())]
+        for visit in visits:
+            del self._open[visit]
+        return visits
+
+    def from_telemetry(self, visit: int, processed) -> tuple[tuple[str, float], ...]:
+        """``visit``'s :func:`values` from the telemetry rows of its CCDs named in ``processed`` (those
+        recorded processed: a CCD whose late result was dropped and whose rerun failed is not counted); the
+        visit is closed."""
+        rows = self._rows.get(visit, {})
+        total = sum((rows[d] for d in processed if d in rows), np.zeros(len(SUMS)))
+        self._close(visit)
+        return values(total)
+
+    def _close(self, visit: int) -> None:
+        self._done.add(visit)
+        self._open.pop(visit, None)
+        self._asked.pop(visit, None)
+        self._rows.pop(visit, None)
 
     def waiting(self) -> set[int]:
         """The visits whose values are not all in."""
         return set(self._open)
+
+
+class FocalPlaneScheduling:
+    """The DMCS's side of the visits' focal-plane values (module docstring)."""
+
+    def reduce_visit(self, visit) -> bool:
+        """Ask the visit's string to combine its focal-plane values (an MPI collective among its workers), and
+        each other live worker that ran some of its CCDs for its own sums (:mod:`lsstpipe.runtime.focal_plane`);
+        when a member is dead (the collective could never complete), add up the CCDs' telemetry instead."""
+        string = self.visit_string.get(visit.visit)
+        if string is None or visit.number < 0:
+            return False
+        members = self.strings[string]
+        gone = sorted(set(members) & self.dead)
+        if gone or self.post.rank in members:
+            self.settle_focal_plane(visit.visit, f"rank(s) {gone} of its string dead" if gone else
+                                    "this DMCS (a standby) is a member of its string")  # fmt: skip
+            return True
+        ran = {r.rank for r in self.manifest.ccds_of(visit.visit) if r.status == "processed"}  # (records carried
+        # over from an earlier run of the night name that run's ranks: only this layout's workers are asked)
+        others = sorted(ran & set(self._all_workers()) - set(members) - self.dead - {self.post.rank})
+        self.focal_plane.expect(visit.visit, 1 + len(others), asked=[*members, *others])
+        for worker in members:
+            self._send(FocalPlaneReduce(visit.visit), worker)
+        for worker in others:
+            self._send(FocalPlaneReduce(visit.visit, direct=True), worker)
+        return True
+
+    def settle_focal_plane(self, visit_id: int, why: str) -> None:
+        """Record ``visit_id``'s focal-plane values from its processed CCDs' SDQA telemetry, a part of them
+        being lost (``why``)."""
+        processed = [r.detector for r in self.manifest.ccds_of(visit_id) if r.status == "processed"]
+        values = self.focal_plane.from_telemetry(visit_id, processed)
+        log.warning("visit %d: focal-plane values added up from its CCDs' telemetry (%s): %d CCD(s) counted",
+                    visit_id, why, int(dict(values).get("n_ccds", 0)))  # fmt: skip
+        self._record_focal_plane(visit_id, values, f"the CCDs' SDQA telemetry ({why})")
+
+    def _record_focal_plane(self, visit_id: int, values, source: str | None = None) -> None:
+        visit = next((v for v in self.plan.visits if v.visit == visit_id), None)
+        if visit is not None and values:
+            self.manifest.focal_plane(visit, dict(values), source)
+        if self.publish is not None:
+            for name, value in values:
+                self.publish(f"focal_plane.{name}", value)
+
+    @property
+    def reductions_pending(self) -> set[int]:
+        """The visits whose focal-plane values are not all in."""
+        return self.focal_plane.waiting()

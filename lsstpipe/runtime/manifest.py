@@ -127,9 +127,13 @@ class Manifest:
             recs[detector] = CcdRecord(**old) if old and old.get("status") == "processed" else CcdRecord(detector)
         return recs[detector]
 
-    def focal_plane(self, visit, values: dict[str, float]) -> None:
-        """The visit's focal-plane values (mean seeing and zero point, …) combined by its workers."""
-        self._visit(visit)["focal_plane"] = {k: float(v) for k, v in values.items()}
+    def focal_plane(self, visit, values: dict[str, float], source: str | None = None) -> None:
+        """The visit's focal-plane values (mean seeing and zero point, …) combined by its workers, or, when a
+        part was lost, by the DMCS from what ``source`` says."""
+        entry = self._visit(visit)
+        entry["focal_plane"] = {k: float(v) for k, v in values.items()}
+        if source is not None:
+            entry["focal_plane_from"] = source
 
     def ccds_of(self, visit_id: int) -> list[CcdRecord]:
         return list(self._ccds.get(visit_id, {}).values())
