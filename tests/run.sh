@@ -35,7 +35,10 @@ export NUMBA_CACHE_DIR="$numba_cache" LSSTPIPE_NUMBA_CACHE=1
 workers=$(python -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')
 python -m pytest -q -rs -m "not slow" --durations=15 -n "$workers" --dist loadfile tests
 echo "== full-size (slow) cases"
-python -m pytest -q -m slow --durations=25 tests
+# also a test file per worker: test_night.py's nights (one shared simulated night) on one, the full-size CCDs,
+# the latency run and the Slurm night on the other (measured on this 2-core VM, without the Slurm night:
+# 11:50 one at a time, 8:25 side by side; the nights use ~1.3 cores of their own)
+python -m pytest -q -m slow --durations=25 -n "$workers" --dist loadfile tests
 for n in 2 4; do
     echo "== MPI tests on $n ranks"
     mpiexec -n "$n" python -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
