@@ -243,6 +243,34 @@ def _dmcs(url: str, root: Path, sender: str = "ocs") -> tuple[InProcessTransport
     return transport, dmcs, OCSClient(transport, codec, sender=sender), database
 
 
+def test_a_batch_is_recorded_before_the_cluster_has_it(url: str, tmp_path: Path) -> None:
+    """The Base DMCS records a batch's submission before it hands the batch to the cluster: a night's scheduler
+    records each job's start as soon as the cluster has its batch, from another thread, and a start recorded
+    before its batch is lost as "not submitted" (once, in a README night, for the first calibration exposure)."""
+    transport, codec, database = InProcessTransport("test"), Codec(SECRET), ControlDatabase(url)
+    recorded_when_submitted = []
+
+    class Cluster(SimulatedCluster):
+        def submit(self, entity, label, n_jobs, event=None):
+            recorded_when_submitted.append(database.count("job_submissions"))
+            return super().submit(entity, label, n_jobs, event)
+
+    dmcs = BaseDMCS(transport, codec, Cluster(job_seconds=0.01), config_root=config_root(tmp_path), recorder=database)
+    dmcs.boot()
+    client = OCSClient(transport, codec, sender="ocs")
+    try:
+        for entity in (APC, ARCHIVER):
+            for command, arg in ((Command.INIT, None), (Command.CONFIGURE, "fast"), (Command.ENABLE, None)):
+                assert client.wait(client.send(entity, command, arg), 5.0)[-1].result is CommandResult.COMPLETE
+        for event in (OCSEvent.START_INTEGRATION, OCSEvent.NEXT_VISIT):
+            client.publish_event(event, visit=7)
+        assert wait_for(lambda: database.count("ocs_events") == 2, 5.0)
+        n = database.count("job_submissions")
+        assert n >= 2 and recorded_when_submitted == list(range(1, n + 1))
+    finally:
+        client.close(), dmcs.close(), transport.close(), database.close()
+
+
 def test_restarted_dmcs_comes_up_offline_with_its_history(url: str, tmp_path: Path) -> None:
     root = config_root(tmp_path)
     transport, dmcs, client, database = _dmcs(url, root)

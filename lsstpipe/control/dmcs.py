@@ -352,8 +352,10 @@ class BaseDMCS:
                 if msg.event in entity.subscriptions():
                     n = entity.jobs_for(msg.event)
                     label = batch_label(msg.event.value, msg.visit, msg.exposure)
-                    self.cluster.submit(entity.name, label, n, event=msg)
+                    # recorded first: a night's scheduler records each job's start as soon as the cluster has the
+                    # batch, and a start whose batch is not recorded yet is lost ("not submitted")
                     self.recorder.jobs_submitted(entity.name, label, n)
+                    self.cluster.submit(entity.name, label, n, event=msg)
                     self.telemetry(entity.name, "jobs_launched", float(n))
                     handled.append(entity.name)
             self.recorder.event_received(msg, handled)
