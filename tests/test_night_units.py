@@ -388,6 +388,20 @@ def _every_ccds_telemetry(dmcs, visit):
     _ccd_telemetry(dmcs, visit, "R10_S11", seeing_arcsec=float("nan"))  # no seeing: not kept
 
 
+def _reduced_with_telemetry(tmp_path, dead=None):
+    """:func:`_visit_reduced` with every CCD's telemetry in (and rank ``dead`` dead) before the request; also
+    returns what the DMCS published."""
+    published = []
+
+    def before(dmcs, visit):
+        dmcs.publish = lambda name, value: published.append((name, value))
+        _every_ccds_telemetry(dmcs, visit)
+        if dead is not None:
+            dmcs.dead.add(dead)
+
+    return (*_visit_reduced(tmp_path, before=before), published)
+
+
 def _assert_values_of_the_three_ccds(dmcs, published, why):
     entry = dmcs.manifest.to_json()["visits"][0]
     values = entry["focal_plane"]
@@ -404,14 +418,7 @@ def test_a_visit_whose_string_lost_a_member_gets_its_values_from_the_ccds_teleme
     """A dead member of the visit's string: no collective can complete, so none is asked for; the DMCS adds up
     the processed CCDs' own SDQA telemetry (a rerun's report replacing the first) and says so in the manifest.
     Before, the visit's values were not recorded."""
-    published = []
-
-    def before(dmcs, visit):
-        dmcs.publish = lambda name, value: published.append((name, value))
-        _every_ccds_telemetry(dmcs, visit)
-        dmcs.dead.add(6)
-
-    dmcs, _, asked = _visit_reduced(tmp_path, before=before)
+    dmcs, _, asked, published = _reduced_with_telemetry(tmp_path, dead=6)
     assert asked == []
     _assert_values_of_the_three_ccds(dmcs, published, "rank(s) [6] of its string dead")
     assert ("R10_S01.seeing_arcsec", 1.0) in published  # each CCD's telemetry is still published as it comes
@@ -426,13 +433,7 @@ def test_a_worker_dying_before_its_part_came_in_leaves_the_values_to_the_ccds_te
     from lsstpipe.runtime.messages import TelemetryReport
     from lsstpipe.runtime.postman import Envelope
 
-    published = []
-
-    def before(dmcs, visit):
-        dmcs.publish = lambda name, value: published.append((name, value))
-        _every_ccds_telemetry(dmcs, visit)
-
-    dmcs, v1, asked = _visit_reduced(tmp_path, before=before)
+    dmcs, v1, asked, published = _reduced_with_telemetry(tmp_path)
     assert asked == [(5, False), (6, False), (9, True)]
     string_total = sum(focal_plane.ccd_row({**_CCD_SDQA, "seeing_arcsec": s}) for s in (0.8, 1.0))
     report = TelemetryReport(v1.visit, focal_plane.SUMS_REPORT, tuple(zip(focal_plane.SUMS, string_total)))
@@ -448,13 +449,7 @@ def test_a_worker_dying_before_its_part_came_in_leaves_the_values_to_the_ccds_te
 
 def test_values_still_awaited_at_the_end_of_the_night_come_from_the_ccds_telemetry(tmp_path):
     """What the night's wrap-up does for a visit whose part never came and whose rank was never declared dead."""
-    published = []
-
-    def before(dmcs, visit):
-        dmcs.publish = lambda name, value: published.append((name, value))
-        _every_ccds_telemetry(dmcs, visit)
-
-    dmcs, v1, _ = _visit_reduced(tmp_path, before=before)
+    dmcs, v1, _, published = _reduced_with_telemetry(tmp_path)
     assert dmcs.reductions_pending == {v1.visit}
     dmcs.settle_focal_plane(v1.visit, "no answer by the end of the night")
     _assert_values_of_the_three_ccds(dmcs, published, "no answer by the end of the night")

@@ -100,11 +100,8 @@ class FocalPlaneTally:
         return values(entry[1])
 
     def lost(self, rank: int) -> list[int]:
-        """The visits still waiting for an answer from ``rank`` (which died): no longer waited for."""
-        visits = [v for v in self._open if rank in self._asked.get(v, ())]
-        for visit in visits:
-            del self._open[visit]
-        return visits
+        """The visits still waiting for an answer from ``rank`` (which died): for :meth:`from_telemetry`."""
+        return [v for v in self._open if rank in self._asked.get(v, ())]
 
     def from_telemetry(self, visit: int, processed) -> tuple[tuple[str, float], ...]:
         """``visit``'s :func:`values` from the telemetry rows of its CCDs named in ``processed`` (those
