@@ -188,6 +188,8 @@ def test_a_standby_does_not_record_a_job_the_database_has_ended(tmp_path, night)
     assert got[0] == before, "its result was recorded before the crash and stays"
     assert [got[k][4] for k in (1, 2)] == ["processed", "processed"]
     assert db.write_failures == 0, "no start or second result refused"
+    # the requeued visit has a string again, whose collective gives its focal-plane values (before: none asked)
+    assert v.visit in standby.visit_string and standby.reduce_visit(v)
 
 
 def test_replicator_jobs_are_recorded(tmp_path, night):

@@ -251,6 +251,7 @@ class NightDMCS(ArchiveScheduling, FocalPlaneScheduling):
         """Queue again every CCD of an announced visit that has no result (a standby DMCS taking over)."""
         string = self._next_string
         self._next_string = (self._next_string + 1) % len(self.strings)
+        self.visit_string[visit.visit] = string  # whose collective gives its focal-plane values
         label = batch_label(OCSEvent.NEXT_VISIT.value, visit.visit, 0)
         ended = self._ended_in_database(visit.visit, label)  # its rerun only rebuilds the manifest's record
         for index, det_name in enumerate(self.plan.detectors):
