@@ -179,6 +179,8 @@ def test_night_survives_fault(night, tmp_path, fault, ranks):
         assert "replicator rank" in run.stderr and any(im["catchup"] for v in m["visits"][1:] for im in v["images"])
     if kind == "restart-dmcs":
         assert "a standby takes over" in run.stdout
+        # every visit's values recorded, those asked for by the crashed DMCS too (from its CCDs' SDQA)
+        assert all(v["focal_plane"]["n_ccds"] >= 1 for v in m["visits"]), [v.get("focal_plane") for v in m["visits"]]
     if kind == "fill-buffer":  # the visit's images could not go into the full outage buffer, and are archived
         with sqlite3.connect(out / "control.sqlite3") as db:
             full = db.execute("SELECT count(*) FROM image_transfers WHERE ok = 0 AND error LIKE '%is full (injected%'")
@@ -195,12 +197,19 @@ def test_restart_skips_completed_work(night, tmp_path):
     config = _no_calibration_exposures(tmp_path)
     first = _night(repo, out, 3, cache, "--max-visits", "2", *config)
     assert first.returncode == 0, first.stderr[-3000:]
-    before = {(v["visit"], c["detector"]): c for v in _manifest(out)["visits"] for c in v["ccds"]}
+    m = _manifest(out)
+    before = {(v["visit"], c["detector"]): c for v in m["visits"] for c in v["ccds"]}
+    values = {v["visit"]: v["focal_plane"] for v in m["visits"] if "focal_plane" in v}
+    processed = [c for c in before.values() if c["status"] == "processed"]
+    assert len(values) == 2 and processed and all(c["run"] == m["night"]["run"] for c in processed)
+    assert any(c["sdqa"] for c in processed)  # each CCD's SDQA values of the focal-plane sums, from its telemetry
     again = _night(repo, out, 3, cache, *config)
     m = _check_night(out, again)
     for v in m["visits"][:2]:
         for c in v["ccds"]:
             assert c == before[(v["visit"], c["detector"])]  # carried over, not run again
+        assert v["focal_plane"] == values[v["visit"]]  # and so are the visit's values (before: none recorded)
+    assert all(v["focal_plane"]["n_ccds"] >= 1 for v in m["visits"])
 
 
 def _ompi_prefix() -> Path | None:

@@ -243,7 +243,7 @@ class _RecordingPost:
         self.sent.append((payload, dest))
 
 
-def _dispatch_night(tmp_path, detectors):
+def _dispatch_night(tmp_path, detectors, run=None):
     from lsstpipe.camera import get_camera
     from lsstpipe.runtime.dmcs_night import NightDMCS, SchedulerSettings
     from lsstpipe.runtime.layout import layout_for_world
@@ -254,7 +254,8 @@ def _dispatch_night(tmp_path, detectors):
     plan = NightPlan(repo=None, camera=get_camera("mini"), visits=visits, rafts=("R10",), wavefront_rafts=(),
                      detectors=detectors, time_scale=0.1, cadence=4.0)  # fmt: skip
     post = _RecordingPost()
-    return NightDMCS(post, layout, plan, Manifest(tmp_path), SchedulerSettings()), post, visits
+    manifest = Manifest(tmp_path, {"run": run} if run else None)
+    return NightDMCS(post, layout, plan, manifest, SchedulerSettings()), post, visits
 
 
 def _run_visit(dmcs, post, visit, frees):
@@ -444,7 +445,7 @@ def test_a_worker_dying_before_its_part_came_in_leaves_the_values_to_the_ccds_te
     recorded = dmcs.manifest.to_json()["visits"][0]
     assert dmcs.handle(Envelope(report, 9, Tag.TELEMETRY))  # a late part: the visit is closed
     _ccd_telemetry(dmcs, v1, "R10_S02", seeing_arcsec=3.0)
-    assert dmcs.manifest.to_json()["visits"][0] == recorded and dmcs.focal_plane._rows == {}
+    assert dmcs.manifest.to_json()["visits"][0] == recorded
 
 
 def test_values_still_awaited_at_the_end_of_the_night_come_from_the_ccds_telemetry(tmp_path):
@@ -453,6 +454,81 @@ def test_values_still_awaited_at_the_end_of_the_night_come_from_the_ccds_telemet
     assert dmcs.reductions_pending == {v1.visit}
     dmcs.settle_focal_plane(v1.visit, "no answer by the end of the night")
     _assert_values_of_the_three_ccds(dmcs, published, "no answer by the end of the night")
+
+
+def _string_total(dmcs, visit, seeings):
+    """The string's answer for ``visit``: the sums of CCDs of these seeings."""
+    from lsstpipe.runtime import focal_plane
+    from lsstpipe.runtime.messages import TelemetryReport
+    from lsstpipe.runtime.postman import Envelope
+
+    total = sum(focal_plane.ccd_row({**_CCD_SDQA, "seeing_arcsec": s}) for s in seeings)
+    report = TelemetryReport(visit.visit, focal_plane.SUMS_REPORT, tuple(zip(focal_plane.SUMS, total)))
+    return dmcs.handle(Envelope(report, 5, Tag.TELEMETRY))
+
+
+def test_a_restarted_night_keeps_and_completes_the_values_of_the_visits_it_carries_over(tmp_path):
+    """A night started again on the same OUT. The CCDs the earlier run processed are in no worker's sums now;
+    their SDQA from that run's telemetry is on their records. Visit 1, none of whose CCDs runs again, keeps
+    the values that run recorded; visit 2, one of whose CCDs runs again, gets the string's total plus the other
+    two CCDs' recorded SDQA; visit 3, carried over without values, gets them from its CCDs' records. Before,
+    the restarted night recorded no values for visits 1 and 3, and only the rerun CCD's for visit 2."""
+    dets = ("R10_S00", "R10_S01", "R10_S02")
+    first, _, visits = _dispatch_night(tmp_path, dets, run="first")
+    for v in visits:
+        for det, seeing in zip(dets, (0.8, 1.0, 1.2)):
+            rec = first.manifest.ccd(v, det)
+            rec.set("processed")
+            rec.run = "first"
+            _ccd_telemetry(first, v, det, seeing_arcsec=seeing, n_dia_sources=8 if seeing == 1.2 else 10)
+    first.manifest.focal_plane(visits[0], {"n_ccds": 3.0, "seeing_arcsec": 1.0})
+    first.manifest.record(visits[1].visit, "R10_S02").set("failed", "a crash of its worker")
+    first.manifest.write()
+
+    again, post, (v1, v2, v3) = _dispatch_night(tmp_path, dets, run="second")
+    for v in (v1, v2, v3):
+        again._next_visit(v)  # queues only visit 2's R10_S02
+    assert [(j.visit.visit, j.detector) for j in again.queue] == [(v2.visit, "R10_S02")]
+    rec = again.queue.pop().record
+    rec.set("processed")
+    rec.run = "second"
+    n = len(post.sent)
+    assert again.reduce_visit(v1) and len(post.sent) == n and not again.reductions_pending
+    entries = {e["visit"]: e for e in again.manifest.to_json()["visits"]}
+    assert entries[v1.visit]["focal_plane"] == {"n_ccds": 3.0, "seeing_arcsec": 1.0}  # as recorded by the first run
+    assert again.manifest.record(v1.visit, "R10_S01").sdqa["seeing_arcsec"] == 1.0
+
+    assert again.reduce_visit(v2) and again.reductions_pending == {v2.visit}
+    assert _string_total(again, v2, [1.2])  # the string ran R10_S02 again
+    values = again.manifest.to_json()["visits"][1]
+    assert values["focal_plane"]["n_ccds"] == 3 and values["focal_plane"]["seeing_arcsec"] == pytest.approx(1.0)
+    assert values["focal_plane"]["n_dia_sources"] == 30 and "focal_plane_from" not in values
+
+    assert again.reduce_visit(v3) and len(post.sent) == n + 2  # (visit 2's string) — visit 3 asks nobody
+    entry = again.manifest.to_json()["visits"][2]
+    assert entry["focal_plane"]["n_ccds"] == 3 and entry["focal_plane"]["n_dia_sources"] == 28
+    assert "earlier run of the night" in entry["focal_plane_from"]
+
+
+def test_a_standby_records_the_values_the_crashed_dmcs_asked_for(tmp_path):
+    """The DMCS asked for visit 1's values and crashed before the answer came: the answer goes to the dead
+    DMCS, and the workers have given their sums away. The standby adds up the CCDs' SDQA from the manifest on
+    disk; a late answer changes nothing. Before, the visit's values were lost."""
+    dmcs, v1, asked, _ = _reduced_with_telemetry(tmp_path)
+    assert asked and dmcs.reductions_pending == {v1.visit}
+    dmcs.manifest.write()  # what the crashed DMCS left on disk
+    standby, _, (v1, v2, _) = _dispatch_night(tmp_path, ("R10_S00", "R10_S01", "R10_S02"))
+    for v in (v1, v2):
+        for det in standby.plan.detectors:
+            standby.manifest.ccd(v, det)
+    standby.settle_after_takeover([v1.visit])
+    entry = standby.manifest.to_json()["visits"][0]
+    assert entry["focal_plane"]["n_ccds"] == 3 and entry["focal_plane"]["seeing_arcsec"] == pytest.approx(1.0)
+    assert "asked for by the DMCS that crashed" in entry["focal_plane_from"]
+    assert _string_total(standby, v1, [0.8, 1.0])  # the string's late answer
+    assert standby.manifest.to_json()["visits"][0] == entry
+    standby.settle_after_takeover([v1.visit])  # recorded: settled once
+    assert standby.manifest.to_json()["visits"][0] == entry
 
 
 def test_a_worker_outside_the_visits_string_reports_its_own_sums(tmp_path):
@@ -466,14 +542,39 @@ def test_a_worker_outside_the_visits_string_reports_its_own_sums(tmp_path):
 
     for string in (None, SimpleNamespace(Iallreduce=None)):  # a spare; another string's worker
         worker = object.__new__(Worker)  # only what the focal-plane messages touch
-        worker.post, worker.dmcs, worker.string, worker.visit_sums = _RecordingPost(), 0, string, {}
-        worker._add_to_visit(7, {"seeing_arcsec": 0.9, "zero_point": 31.5, "n_dia_sources": 3})
+        worker.post, worker.dmcs, worker.string, worker.visit_rows = _RecordingPost(), 0, string, {}
+        worker._add_to_visit(7, "R10_S00", {"seeing_arcsec": 0.9, "zero_point": 31.5, "n_dia_sources": 3})
         assert worker.handle(Envelope(FocalPlaneReduce(7, direct=True), 0, Tag.REDUCE))
         ((report, dest),) = worker.post.sent
         assert dest == 0 and isinstance(report, TelemetryReport) and report.detector == focal_plane.SUMS_REPORT
         assert dict(report.values) == pytest.approx(dict(zip(focal_plane.SUMS, [1, 0.9, 31.5, 0, 3, 0])))
-        assert worker.visit_sums == {}  # nothing left behind for a visit no collective will ever sum
+        assert worker.visit_rows == {}  # nothing left behind for a visit no collective will ever sum
     assert np.array_equal(focal_plane.ccd_row({"seeing_arcsec": 1, "zero_point": 2}), [1, 1, 2, 0, 0, 0])
+
+
+def test_a_worker_counts_only_the_ccds_whose_results_the_dmcs_took_from_it(tmp_path):
+    """A CCD can run on two workers: given up on by the DMCS and run elsewhere while its first worker still
+    finished it, or run again after a DMCS takeover. Each worker kept a row per CCD it ran (a rerun on the same
+    worker replacing the first), and counts only the CCDs the DMCS names for it: the result it took. Before,
+    every worker summed every CCD it ran, and such a CCD counted twice."""
+    from lsstpipe.runtime import focal_plane
+    from lsstpipe.runtime.messages import FocalPlaneReduce
+    from lsstpipe.runtime.postman import Envelope
+    from lsstpipe.runtime.worker import Worker
+
+    worker = object.__new__(Worker)
+    worker.post, worker.dmcs, worker.string, worker.visit_rows = _RecordingPost(), 0, None, {}
+    for det, seeing in (("R10_S00", 0.5), ("R10_S00", 0.9), ("R10_S01", 1.1), ("R10_S02", 3.0)):
+        worker._add_to_visit(7, det, {"seeing_arcsec": seeing, "zero_point": 31.0})
+    assert worker.handle(Envelope(FocalPlaneReduce(7, detectors=("R10_S00", "R10_S01", "R10_S99")), 0, Tag.REDUCE))
+    ((report, _),) = worker.post.sent
+    assert dict(report.values) == pytest.approx(dict(zip(focal_plane.SUMS, [2, 2.0, 62.0, 0, 0, 0])))
+    assert worker.visit_rows == {}
+
+    # the DMCS names, for each worker it asks, the CCDs recorded processed on it in this run
+    dmcs, v1, asked = _visit_reduced(tmp_path)
+    sent = [(w, p.detectors) for p, w in dmcs.post.sent if isinstance(p, FocalPlaneReduce)]
+    assert sorted(sent) == [(5, ("R10_S00",)), (6, ("R10_S01",)), (9, ("R10_S02",))]
 
 
 def test_ccd_jobs_carry_the_alert_production_clusters_pipeline_parameters(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 
 from lsstpipe.control.states import Command, EntityName, OCSEvent
@@ -54,13 +55,15 @@ class _Control:
         self.base = self.ocs = self.dmcs = None
         self.catchup_scan_s = 1.0
         """Real seconds between two scans of the Catch-Up Archiver (its configuration's interval, scaled)."""
+        self.run = uuid.uuid4().hex[:16]
+        """This run of the night (a standby taking over goes on with it): the manifest's ``night.run``."""
 
     def boot(self, announced: int = 0, mode: str = "science") -> None:
         """Start (or take over, from the control database, the manifest on disk and the Archive)."""
         plan, layout = self.plan, self.layout
         manifest = Manifest(self.out, {"repo": str(self.repo.root), "camera": plan.camera.name, "ranks": layout.size,
                                        "layout": layout.describe(), "faults": [str(f) for f in self.faults],
-                                       "time_scale": plan.time_scale, "cadence": plan.cadence})  # fmt: skip
+                                       "time_scale": plan.time_scale, "cadence": plan.cadence, "run": self.run})  # fmt: skip
         for visit in plan.calibrations + plan.visits:
             for det in plan.detectors:
                 manifest.ccd(visit, det)
@@ -187,6 +190,7 @@ def conduct(post, args, config: NightConfig, repo, plan, layout, faults, handler
                     control.crash()
                     control.boot(announced=ev.visit.number - 1)
                     dmcs, manifest, cluster, ocs = control.dmcs, control.manifest, control.cluster, control.ocs
+                    dmcs.settle_after_takeover(sorted(reported))
                 if ev.kind is EventKind.START_INTEGRATION:
                     control.record_exposure(ev.visit, ev.exposure)
                 if ev.kind is EventKind.START_READOUT:

@@ -306,7 +306,7 @@ class NightDMCS(ArchiveScheduling, FocalPlaneScheduling):
             if p.detector == SUMS_REPORT:  # a part of a visit's focal-plane values: recorded once all are in
                 self._record_focal_plane(p.visit, self.focal_plane.add(p.visit, p.values) or ())
             else:
-                self.focal_plane.ccd_telemetry(p.visit, p.detector, p.values)
+                self.ccd_telemetry(p.visit, p.detector, p.values)
                 if self.publish is not None:
                     for name, value in p.values:
                         self.publish(f"{p.detector}.{name}", value)
@@ -329,6 +329,7 @@ class NightDMCS(ArchiveScheduling, FocalPlaneScheduling):
         if r.ok:
             rec.set("processed", rec.reason if job.attempt > 1 else "", diasources=r.count("diasources"),
                     alerts=r.count("alerts"))  # fmt: skip
+            rec.run = self.manifest.run
             last = r.count("last_alert_ms")
             rec.last_alert_time = last / 1000.0 if last else None
             rec.catchup = job.from_raw_cache

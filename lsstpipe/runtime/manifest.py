@@ -6,7 +6,9 @@
      "visits": [{"visit": 2023093000001, "number": 1, "band": "i",
                  "ccds": [{"detector": "R10_S00", "status": "processed", "reason": "", "diasources": 3,
                            "alerts": 3, "rank": 3, "attempt": 1, "seconds": 1.2, "readout_end": …,
-                           "last_alert_time": …, "catchup": false}],
+                           "last_alert_time": …, "catchup": false, "run": "…",
+                           "sdqa": {"seeing_arcsec": 0.8, …}}],
+                 "focal_plane": {"n_ccds": 18, "seeing_arcsec": 0.8, …},
                  "images": [{"image_id": "MC_O_…", "raft": "R10", "kind": "raw", "checksum": "…",
                              "tape": true, "raw_cache": false, "outage_buffer": true, "catchup": false}]}]}
 
@@ -17,11 +19,15 @@ the stored copy at the Archive was read back and its checksum verified (:meth:`M
 raw images belong on tape, crosstalk-corrected ones in the raw image cache. ``outage_buffer`` says the
 Base kept a copy in the network outage buffer until the Archive confirmed it. ``lost_records`` counts, per
 store (``control database``, ``Summit EFD``), the records whose write failed during the night
-(:meth:`Manifest.count_lost_records`).
+(:meth:`Manifest.count_lost_records`). ``focal_plane`` holds the visit's focal-plane values
+(:mod:`lsstpipe.runtime.focal_plane`), with ``focal_plane_from`` when the DMCS added them up from its CCDs'
+``sdqa`` (the SDQA values each CCD's telemetry brought) instead of having them from the workers; ``run`` names
+the run of the night (``night.run``) that processed the CCD.
 
 The manifest is rewritten atomically as the night goes on; a night started again on the same ``OUT``
-reads it and skips every CCD already processed; the others run again (the restart is idempotent: the
-APDB, the alerts and the archive take a CCD's or an image's second copy as the first).
+reads it and skips every CCD already processed, keeping its record and its visit's focal-plane values; the
+others run again (the restart is idempotent: the APDB, the alerts and the archive take a CCD's or an image's
+second copy as the first).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from lsstpipe.repo import atomic_write_text
 __all__ = ["CcdRecord", "ImageRecord", "Manifest"]
 
 TERMINAL = ("processed", "failed", "skipped", "late")
+#: A visit's focal-plane entries, carried over from the manifest of an earlier run of the night.
+_VALUES = ("focal_plane", "focal_plane_from")
 
 
 @dataclass
@@ -57,6 +65,11 @@ class CcdRecord:
     catchup: bool = False
     """Processed after the night's last visit (reprocessing, catch-up processing) or from the raw cache."""
     rescheduled_at: float | None = None
+    run: str | None = None
+    """The run of the night (:attr:`Manifest.run`) that processed it: a record carried over names its own."""
+    sdqa: dict[str, float] | None = None
+    """Its SDQA values that go into the visit's focal-plane values (:data:`lsstpipe.runtime.focal_plane.SUMS`),
+    from its telemetry: what the DMCS adds up itself when it cannot have them from the workers."""
 
     def set(self, status: str, reason: str = "", **counts: int) -> None:
         self.status, self.reason = status, reason
@@ -96,6 +109,7 @@ class Manifest:
         self._images: dict[tuple[str, str, str], ImageRecord] = {}
         self.complete = False
         self.previous: dict[tuple[int, str], dict] = {}
+        self._previous_values: dict[int, dict[str, Any]] = {}
         self._lost_sources: list[Callable[[], Mapping[str, int]]] = []
         path = self.path
         if path.is_file():
@@ -103,6 +117,13 @@ class Manifest:
             for v in old.get("visits", []) + [{**c, "visit": c["seq_num"]} for c in old.get("calibrations", [])]:
                 for c in v.get("ccds", []):
                     self.previous[(int(v["visit"]), c["detector"])] = c
+                if "focal_plane" in v:
+                    self._previous_values[int(v["visit"])] = {k: v[k] for k in _VALUES if k in v}
+
+    @property
+    def run(self) -> str | None:
+        """The run of the night writing it (``night["run"]``; the same for a standby DMCS taking over)."""
+        return self.night.get("run")
 
     @property
     def path(self) -> Path:
@@ -114,7 +135,8 @@ class Manifest:
                 self.visits[visit.visit] = {"seq_num": visit.visit, "imgtype": visit.band,
                                             "image_id": visit.snaps[0].image_id}  # fmt: skip
             else:
-                self.visits[visit.visit] = {"visit": visit.visit, "number": visit.number, "band": visit.band}
+                self.visits[visit.visit] = {"visit": visit.visit, "number": visit.number, "band": visit.band,
+                                            **self._previous_values.get(visit.visit, {})}  # fmt: skip
             self._ccds[visit.visit] = {}
         return self.visits[visit.visit]
 
@@ -132,11 +154,20 @@ class Manifest:
         part was lost, by the DMCS from what ``source`` says."""
         entry = self._visit(visit)
         entry["focal_plane"] = {k: float(v) for k, v in values.items()}
+        entry.pop("focal_plane_from", None)  # (values carried over from an earlier run say their own source)
         if source is not None:
             entry["focal_plane_from"] = source
 
+    def has_focal_plane(self, visit_id: int) -> bool:
+        """Whether the visit's focal-plane values are recorded (in this run, or carried over)."""
+        return "focal_plane" in self.visits.get(visit_id, {})
+
     def ccds_of(self, visit_id: int) -> list[CcdRecord]:
         return list(self._ccds.get(visit_id, {}).values())
+
+    def record(self, visit_id: int, detector: str) -> CcdRecord | None:
+        """The record of ``detector`` in visit ``visit_id``, if the visit has one."""
+        return self._ccds.get(visit_id, {}).get(detector)
 
     def image(self, visit, image_id: str, raft: str, kind: str) -> ImageRecord:
         self._visit(visit)

@@ -381,10 +381,12 @@ class FaultOrder:
 class FocalPlaneReduce:
     """Every CCD of ``visit`` is done: the string's workers combine their values with an MPI collective;
     ``direct``: to a worker outside the visit's string that ran some of its CCDs, which reports its own sums
-    (:mod:`lsstpipe.runtime.focal_plane`)."""
+    (:mod:`lsstpipe.runtime.focal_plane`). ``detectors``: the CCDs whose results the DMCS took from this
+    worker, the only ones it counts (None: every CCD of the visit it ran)."""
 
     visit: int
     direct: bool = False
+    detectors: tuple[str, ...] | None = None
 
 
 Payload = (FocalPlaneReduce | LinkStatus | FaultOrder | ImageTransfer | JobAssignment | JobResult | Heartbeat | Stop | Expect | ReadoutStarted | ImageData | Archived

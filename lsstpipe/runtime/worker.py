@@ -122,7 +122,8 @@ class Worker:
         self.raw_cache = RawImageCache(out / "archive" / "raw_cache")
         self.string = string
         """The communicator of this worker's string (None: a spare, which takes part in no collective)."""
-        self.visit_sums: dict[int, np.ndarray] = {}
+        self.visit_rows: dict[int, dict[str, np.ndarray]] = {}
+        """Per visit, each of its CCDs this worker ran: its row of the focal-plane sums (a rerun's replaces it)."""
         self._reductions: list[tuple[int, np.ndarray, np.ndarray, Any]] = []
         self._active = threading.Event()
         if self.dmcs != self.post.rank:
@@ -156,22 +157,27 @@ class Worker:
             time.sleep(self.settings.heartbeat_s)
 
     # ---- focal-plane values: an MPI collective among the visit's workers (lsstpipe.runtime.focal_plane) --------
-    def _add_to_visit(self, visit: int, sdqa: dict) -> None:
+    def _add_to_visit(self, visit: int, detector: str, sdqa: dict) -> None:
         row = focal_plane.ccd_row(sdqa)
         if row is not None:
-            self.visit_sums[visit] = self.visit_sums.get(visit, np.zeros(len(focal_plane.SUMS))) + row
+            self.visit_rows.setdefault(visit, {})[detector] = row
 
-    def _take_sums(self, visit: int) -> np.ndarray:
-        """This worker's sums of ``visit`` (zeros when it counted none of its CCDs), no longer kept."""
-        return self.visit_sums.pop(visit, np.zeros(len(focal_plane.SUMS)))
+    def _take_sums(self, visit: int, detectors=None) -> np.ndarray:
+        """This worker's sums of ``visit`` over its CCDs named in ``detectors`` (None: all it ran; zeros when it
+        counted none), no longer kept. The DMCS names the CCDs whose results it took from this worker: one it
+        ran whose result was dropped (given up on and run elsewhere, or run again after a DMCS takeover) is
+        counted by the worker whose result was taken, and only there."""
+        rows = self.visit_rows.pop(visit, {})
+        wanted = rows.keys() if detectors is None else [d for d in detectors if d in rows]
+        return sum((rows[d] for d in wanted), np.zeros(len(focal_plane.SUMS)))
 
     def _sums_report(self, visit: int, sums: np.ndarray) -> None:
         self.post.send(TelemetryReport(visit, focal_plane.SUMS_REPORT, tuple(zip(focal_plane.SUMS, sums.tolist()))),
                        self.dmcs)  # fmt: skip
 
-    def _reduce(self, visit: int) -> None:
+    def _reduce(self, visit: int, detectors=None) -> None:
         """Start the string's non-blocking sum of the visit's values (every member gets the same order)."""
-        local = self._take_sums(visit)
+        local = self._take_sums(visit, detectors)
         total = np.zeros_like(local)
         request = self.string.Iallreduce(local, total)
         self._reductions.append((visit, local, total, request))
@@ -189,9 +195,9 @@ class Worker:
         p = env.payload
         if isinstance(p, FocalPlaneReduce):
             if p.direct or self.string is None:  # CCDs of a visit not of this worker's string: in no collective
-                self._sums_report(p.visit, self._take_sums(p.visit))
+                self._sums_report(p.visit, self._take_sums(p.visit, p.detectors))
             else:
-                self._reduce(p.visit)
+                self._reduce(p.visit, p.detectors)
             return True
         if isinstance(p, RaftLocation | CcdData):
             return True  # a late answer to a question asked again (or of a job given up): nothing to do
@@ -297,7 +303,7 @@ class Worker:
                                                    "prefetch_apdb": t_prefetch - t_inputs})  # fmt: skip
         self._telemetry(job, det.name, result)
         if det.type is DetectorType.SCIENCE and not job.from_raw_cache:
-            self._add_to_visit(job.visit, result.sdqa)
+            self._add_to_visit(job.visit, det.name, result.sdqa)
         counts = {"diasources": len(result.dia_sources), "alerts": l1.alerts if l1 else 0,
                   "forced": len(result.forced), "new_objects": l1.new_objects if l1 else 0,
                   "ss_matched": l1.ss_matched if l1 else 0,
