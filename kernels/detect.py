@@ -38,18 +38,31 @@ def gaussian_kernel1d(fwhm: float, truncate: float = 4.0) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- cores
 @njit
 def _hconv(out, pad, k):
-    """out[x] = sum_j k[j] * pad[x + j] (pad has len(out) + len(k) - 1 values)."""
+    """out[x] = sum_j k[j] * pad[x + j] (pad has len(out) + len(k) - 1 values), summed in the order of j.
+
+    Four taps per sweep over the row: the partial sum stays in a register across them instead of being
+    stored and loaded again after each tap (the same sums in the same order: the same bits)."""
     n = out.shape[0]
+    taps = k.shape[0]
     for x in range(n):
         out[x] = 0.0
-    for j in range(k.shape[0]):
-        kj = k[j]
+    j = 0
+    while j + 4 <= taps:
+        k0, k1, k2, k3 = k[j], k[j + 1], k[j + 2], k[j + 3]
+        p0, p1, p2, p3 = pad[j:], pad[j + 1 :], pad[j + 2 :], pad[j + 3 :]
         for x in range(n):
-            out[x] += kj * pad[x + j]
+            out[x] = (((out[x] + k0 * p0[x]) + k1 * p1[x]) + k2 * p2[x]) + k3 * p3[x]
+        j += 4
+    for i in range(j, taps):
+        ki = k[i]
+        for x in range(n):
+            out[x] += ki * pad[x + i]
 
 
 # The division is guarded; with Python's error model its zero-division check kept the last loop scalar
-# (full-size CCD: 72 → 46 ms, the same bits).
+# (full-size CCD: 72 → 46 ms, the same bits). Four taps per sweep in both passes and a branch-free copy into
+# the padded rows: 106 → 79 ms with a 15-tap kernel on a 4000×4072 image, the same bits (timed ad hoc, fastest
+# of 3, on a later and slower VM).
 @njit(error_model="numpy")
 def _matched_filter(sn, image, variance, mask, k):
     """S/N map of the module docstring, streaming rows through ring buffers (memory ~ (2h+1) rows)."""
@@ -65,17 +78,15 @@ def _matched_filter(sn, image, variance, mask, k):
     pad_v = np.zeros(nx + 2 * h, np.float32)
     num = np.empty(nx, np.float32)
     den = np.empty(nx, np.float32)
+    inf = np.inf
     for y_in in range(ny + h):
         if y_in < ny:
             for x in range(nx):
                 d = image[y_in, x]
                 v = variance[y_in, x]
-                if mask[y_in, x] == 0 and np.isfinite(d) and np.isfinite(v) and v >= 0:
-                    pad_d[x + h] = d
-                    pad_v[x + h] = v
-                else:
-                    pad_d[x + h] = 0.0
-                    pad_v[x + h] = 0.0
+                ok = (mask[y_in, x] == 0) & (abs(d) < inf) & (abs(v) < inf) & (v >= 0)
+                pad_d[x + h] = d if ok else 0.0
+                pad_v[x + h] = v if ok else 0.0
             r = y_in % L
             _hconv(ring_d[r], pad_d, kf)
             _hconv(ring_v[r], pad_v, k2f)
@@ -85,12 +96,20 @@ def _matched_filter(sn, image, variance, mask, k):
         for x in range(nx):
             num[x] = 0.0
             den[x] = 0.0
-        for j in range(L):
-            yy = y + j - h
-            if yy < 0 or yy >= ny:
-                continue
-            r = yy % L
-            kj, k2j = kf[j], k2f[j]
+        j, j_end = max(0, h - y), min(L, ny + h - y)  # the kernel rows that fall on image rows
+        while j + 4 <= j_end:  # four at a time, in the order of j (as _hconv)
+            r0, r1, r2, r3 = (y + j - h) % L, (y + j + 1 - h) % L, (y + j + 2 - h) % L, (y + j + 3 - h) % L
+            a0, a1, a2, a3 = kf[j], kf[j + 1], kf[j + 2], kf[j + 3]
+            b0, b1, b2, b3 = k2f[j], k2f[j + 1], k2f[j + 2], k2f[j + 3]
+            d0, d1, d2, d3 = ring_d[r0], ring_d[r1], ring_d[r2], ring_d[r3]
+            v0, v1, v2, v3 = ring_v[r0], ring_v[r1], ring_v[r2], ring_v[r3]
+            for x in range(nx):
+                num[x] = (((num[x] + a0 * d0[x]) + a1 * d1[x]) + a2 * d2[x]) + a3 * d3[x]
+                den[x] = (((den[x] + b0 * v0[x]) + b1 * v1[x]) + b2 * v2[x]) + b3 * v3[x]
+            j += 4
+        for i in range(j, j_end):
+            r = (y + i - h) % L
+            kj, k2j = kf[i], k2f[i]
             rd, rv = ring_d[r], ring_v[r]
             for x in range(nx):
                 num[x] += kj * rd[x]
