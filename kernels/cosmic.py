@@ -28,32 +28,32 @@ from kernels.config import njit
 __all__ = ["find_snap_cosmic_rays", "combine_snaps"]
 
 
+# The three passes over the planes below are branch-free (selects instead of early exits, `abs(v) < inf` for
+# isfinite), so that they vectorise; _grow scans its seeds row by row instead of dividing each pixel's flat
+# index. The same bits as before; timed ad hoc on a 4000×4072 snap pair with rays, NaN/inf and masked pixels
+# (fastest of 4, this VM): _significance 114 → 80 ms, _grow 91 → 51 ms, _combine 160 → 87 ms.
 @njit(error_model="numpy")
 def _significance(im0, var0, m0, im1, var1, m1, r, bad_bits, nsigma, grow_nsigma, contrast, z, seed):
     """``z`` (NaN where unusable) and ``seed`` (1: ray in snap 0, 2: in snap 1, 0: none)."""
     ny, nx = im0.shape
     has_mask = m0.shape[0] == ny
+    inf = np.inf
+    nan = np.float32(np.nan)
+    none, in0, in1 = np.uint8(0), np.uint8(1), np.uint8(2)
     for y in range(ny):
         for x in range(nx):
-            seed[y, x] = 0
             a = im0[y, x]
             b = im1[y, x]
-            va = var0[y, x]
-            vb = var1[y, x]
-            v = va + r * r * vb
-            usable = math.isfinite(a) and math.isfinite(b) and math.isfinite(v) and v > 0
-            if has_mask and ((m0[y, x] | m1[y, x]) & bad_bits) != 0:
-                usable = False
-            if not usable:
-                z[y, x] = np.nan
-                continue
+            v = var0[y, x] + r * r * var1[y, x]
+            usable = (abs(a) < inf) & (abs(b) < inf) & (abs(v) < inf) & (v > 0)
+            if has_mask:
+                usable &= ((m0[y, x] | m1[y, x]) & bad_bits) == 0
             d = a - r * b
-            zz = d / math.sqrt(v)
-            z[y, x] = zz
-            if zz > nsigma and d > contrast * max(r * b, 0.0):
-                seed[y, x] = 1
-            elif zz < -nsigma and -d > contrast * max(a, 0.0):
-                seed[y, x] = 2
+            zz = d / math.sqrt(v)  # (NaN where v ≤ 0: not usable anyway)
+            z[y, x] = zz if usable else nan
+            ray0 = usable & (zz > nsigma) & (d > contrast * max(r * b, 0.0))
+            ray1 = usable & (zz < -nsigma) & (-d > contrast * max(a, 0.0))
+            seed[y, x] = in0 if ray0 else (in1 if ray1 else none)
 
 
 @njit
@@ -75,27 +75,28 @@ def _grow(z, seed, grow_nsigma, label):
         for x in range(nx):
             label[y, x] = seed[y, x]
     stack = np.empty(4096, np.int64)
-    for p0 in range(ny * nx):
-        lab = seed[p0 // nx, p0 % nx]
-        if lab == 0:
-            continue
-        sign = 1.0 if lab == 1 else -1.0
-        stack[0] = p0
-        top = 1
-        while top > 0:
-            top -= 1
-            p = stack[top]
-            cy = p // nx
-            cx = p - cy * nx
-            for yy in range(max(cy - 1, 0), min(cy + 2, ny)):
-                for xx in range(max(cx - 1, 0), min(cx + 2, nx)):
-                    if label[yy, xx] != 0:
-                        continue
-                    zz = z[yy, xx]
-                    if sign * zz > grow_nsigma:  # False for NaN
-                        label[yy, xx] = lab
-                        stack = _push(stack, top, yy * nx + xx)
-                        top += 1
+    for y0 in range(ny):
+        for x0 in range(nx):
+            lab = seed[y0, x0]
+            if lab == 0:
+                continue
+            sign = 1.0 if lab == 1 else -1.0
+            stack[0] = y0 * nx + x0
+            top = 1
+            while top > 0:
+                top -= 1
+                p = stack[top]
+                cy = p // nx
+                cx = p - cy * nx
+                for yy in range(max(cy - 1, 0), min(cy + 2, ny)):
+                    for xx in range(max(cx - 1, 0), min(cx + 2, nx)):
+                        if label[yy, xx] != 0:
+                            continue
+                        zz = z[yy, xx]
+                        if sign * zz > grow_nsigma:  # False for NaN
+                            label[yy, xx] = lab
+                            stack = _push(stack, top, yy * nx + xx)
+                            top += 1
 
 
 @njit
@@ -197,26 +198,20 @@ def find_snap_cosmic_rays(im0, var0, im1, var1, t0: float = 1.0, t1: float = 1.0
 def _combine(im0, var0, m0, im1, var1, m1, cr0, cr1, r, cr_bit, intrp_bit, image, variance, mask):
     ny, nx = im0.shape
     r2 = r * r
+    inf = np.inf
     for y in range(ny):
         for x in range(nx):
             a, va = im0[y, x], var0[y, x]
             b, vb = im1[y, x], var1[y, x]
-            ok0 = math.isfinite(a) and math.isfinite(va)
-            ok1 = math.isfinite(b) and math.isfinite(vb)
+            ok0 = (abs(a) < inf) & (abs(va) < inf)
+            ok1 = (abs(b) < inf) & (abs(vb) < inf)
             c0 = cr0[y, x] != 0
             c1 = cr1[y, x] != 0
-            m = m0[y, x] | m1[y, x]
-            if c0 or c1:
-                m |= cr_bit
-            if (c0 or not ok0) and not c1 and ok1:
-                a, va = r * b, r2 * vb
-                m |= intrp_bit
-            elif (c1 or not ok1) and not c0 and ok0:
-                b, vb = a / r, va / r2
-                m |= intrp_bit
-            image[y, x] = a + b
-            variance[y, x] = va + vb
-            mask[y, x] = m
+            from1 = (c0 | ~ok0) & ~c1 & ok1  # snap 0's pixel repaired from snap 1
+            from0 = (c1 | ~ok1) & ~c0 & ok0  # and the other way (the two exclude each other)
+            image[y, x] = (r * b if from1 else a) + (a / r if from0 else b)
+            variance[y, x] = (r2 * vb if from1 else va) + (va / r2 if from0 else vb)
+            mask[y, x] = m0[y, x] | m1[y, x] | (cr_bit if c0 | c1 else 0) | (intrp_bit if from1 | from0 else 0)
 
 
 def combine_snaps(im0, var0, mask0, im1, var1, mask1, cr0, cr1, t0: float = 1.0, t1: float = 1.0, *, cr_bit: int,
