@@ -184,13 +184,17 @@ def find_snap_cosmic_rays(im0, var0, im1, var1, t0: float = 1.0, t1: float = 1.0
     label = np.empty(shape, np.uint8)
     _grow(z, seed, float(grow_nsigma), label)
     out = []
-    for value in (1, 2):
-        cur = (label == value).astype(np.uint8)
-        tmp = np.empty(shape, np.uint8)
-        for _ in range(dilate):
+    for value in (1, 2):  # the first dilation reads the labels, the result (0 or 1) is the boolean mask itself
+        if dilate == 0:
+            out.append(label == value)
+            continue
+        cur = np.empty(shape, np.uint8)
+        _dilate(label, cur, value)
+        tmp = np.empty(shape, np.uint8) if dilate > 1 else cur
+        for _ in range(dilate - 1):
             _dilate(cur, tmp, 1)
             cur, tmp = tmp, cur
-        out.append(cur.astype(bool))
+        out.append(cur.view(np.bool_))
     return out[0], out[1]
 
 
