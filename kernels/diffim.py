@@ -116,18 +116,25 @@ def al_basis(sigmas, degrees, half: int) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------- stars
 @njit
 def _peaks(image, variance, mask, threshold, border, xs, ys, vals):
-    """Local maxima (3×3, strict on one side) with image/sqrt(variance) ≥ threshold, away from the border."""
+    """Local maxima (3×3, strict on one side) with image/sqrt(variance) ≥ threshold, away from the border.
+
+    Each row's candidates first, in a branch-free pass that vectorises (half the sky pixels are positive: a
+    branch per pixel was mispredicted half the time), then the few candidates' neighbourhoods. Timed ad hoc on
+    a 4000×4072 image of noise and 3000 stars (this VM, fastest of 5): 128 → 72 ms, the same peaks."""
     ny, nx = image.shape
     n = 0
     cap = xs.shape[0]
+    t2 = threshold * threshold
+    candidate = np.zeros(nx, np.bool_)
     for y in range(border, ny - border):
         for x in range(border, nx - border):
             v = image[y, x]
-            if not (v > 0.0) or mask[y, x] != 0:
-                continue
             var = variance[y, x]
-            if not (var > 0.0) or v * v < threshold * threshold * var:
+            candidate[x] = (v > 0.0) & (mask[y, x] == 0) & (var > 0.0) & ~(v * v < t2 * var)
+        for x in range(border, nx - border):
+            if not candidate[x]:
                 continue
+            v = image[y, x]
             peak = True
             for dy in range(-1, 2):
                 for dx in range(-1, 2):
