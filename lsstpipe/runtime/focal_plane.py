@@ -146,7 +146,11 @@ class FocalPlaneScheduling:
         members = self.strings[string]
         processed = [r for r in self.manifest.ccds_of(visit.visit) if r.status == "processed"]
         earlier = [r for r in processed if r.run != self.manifest.run]  # carried over: in no live worker's sums
-        if earlier and len(earlier) == len(processed):
+        taken: dict[int, list[str]] = {}  # this run's: each worker counts the CCDs whose results were taken from it
+        for r in processed:
+            if r.run == self.manifest.run:
+                taken.setdefault(r.rank, []).append(r.detector)
+        if earlier and not taken:
             if not self.manifest.has_focal_plane(visit.visit):  # (else: the values that run recorded stay)
                 self.settle_focal_plane(visit.visit, "every CCD processed by an earlier run of the night")
             return True
@@ -156,13 +160,8 @@ class FocalPlaneScheduling:
                                     "this DMCS (a standby) is a member of its string")  # fmt: skip
             return True
         # (records carried over from an earlier run name that run's ranks: only this layout's workers are asked)
-        ran = {r.rank for r in processed if r.run == self.manifest.run}
-        others = sorted(ran & set(self._all_workers()) - set(members) - self.dead - {self.post.rank})
+        others = sorted(set(taken) & set(self._all_workers()) - set(members) - self.dead - {self.post.rank})
         self.focal_plane.expect(visit.visit, 1 + len(others), asked=[*members, *others], base=records_sum(earlier))
-        taken = {}  # each worker counts the CCDs whose results were taken from it, and only those
-        for r in processed:
-            if r.run == self.manifest.run:
-                taken.setdefault(r.rank, []).append(r.detector)
         for worker in members:
             self._send(FocalPlaneReduce(visit.visit, detectors=tuple(taken.get(worker, ()))), worker)
         for worker in others:
@@ -181,9 +180,9 @@ class FocalPlaneScheduling:
     def settle_after_takeover(self, asked) -> None:
         """A standby DMCS: record the values of the visits in ``asked`` (ids of visits whose values the crashed
         DMCS asked for) that are not on record: their answers went to it."""
+        science = {v.visit for v in self.plan.visits}  # (calibration exposures have no focal-plane values)
         for visit_id in asked:
-            visit = next((v for v in self.plan.visits if v.visit == visit_id), None)
-            if visit is not None and not self.manifest.has_focal_plane(visit_id):
+            if visit_id in science and not self.manifest.has_focal_plane(visit_id):
                 self.settle_focal_plane(visit_id, "asked for by the DMCS that crashed")
 
     def settle_focal_plane(self, visit_id: int, why: str) -> None:
