@@ -36,27 +36,32 @@ def gaussian_kernel1d(fwhm: float, truncate: float = 4.0) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- cores
+@njit(inline="always")
+def _add4(out, w0, r0, w1, r1, w2, r2, w3, r3):
+    """``out += w0 r0 + w1 r1 + w2 r2 + w3 r3``, added one term at a time in that order (the bits of four
+    ``out += w r`` sweeps) with the partial sum in a register instead of stored and loaded after each term."""
+    for x in range(out.shape[0]):
+        out[x] = (((out[x] + w0 * r0[x]) + w1 * r1[x]) + w2 * r2[x]) + w3 * r3[x]
+
+
+@njit(inline="always")
+def _add1(out, w, r):
+    for x in range(out.shape[0]):
+        out[x] += w * r[x]
+
+
 @njit
 def _hconv(out, pad, k):
-    """out[x] = sum_j k[j] * pad[x + j] (pad has len(out) + len(k) - 1 values), summed in the order of j.
-
-    Four taps per sweep over the row: the partial sum stays in a register across them instead of being
-    stored and loaded again after each tap (the same sums in the same order: the same bits)."""
-    n = out.shape[0]
+    """out[x] = sum_j k[j] * pad[x + j] (pad has len(out) + len(k) - 1 values), summed in the order of j, four
+    taps per sweep over the row (:func:`_add4`)."""
     taps = k.shape[0]
-    for x in range(n):
-        out[x] = 0.0
+    out[:] = 0.0
     j = 0
     while j + 4 <= taps:
-        k0, k1, k2, k3 = k[j], k[j + 1], k[j + 2], k[j + 3]
-        p0, p1, p2, p3 = pad[j:], pad[j + 1 :], pad[j + 2 :], pad[j + 3 :]
-        for x in range(n):
-            out[x] = (((out[x] + k0 * p0[x]) + k1 * p1[x]) + k2 * p2[x]) + k3 * p3[x]
+        _add4(out, k[j], pad[j:], k[j + 1], pad[j + 1 :], k[j + 2], pad[j + 2 :], k[j + 3], pad[j + 3 :])
         j += 4
     for i in range(j, taps):
-        ki = k[i]
-        for x in range(n):
-            out[x] += ki * pad[x + i]
+        _add1(out, k[i], pad[i:])
 
 
 # The division is guarded; with Python's error model its zero-division check kept the last loop scalar
@@ -93,27 +98,18 @@ def _matched_filter(sn, image, variance, mask, k):
         y = y_in - h
         if y < 0:
             continue
-        for x in range(nx):
-            num[x] = 0.0
-            den[x] = 0.0
-        j, j_end = max(0, h - y), min(L, ny + h - y)  # the kernel rows that fall on image rows
-        while j + 4 <= j_end:  # four at a time, in the order of j (as _hconv)
+        num[:] = 0.0
+        den[:] = 0.0
+        j, j_end = max(0, h - y), min(L, ny + h - y)  # the kernel rows that fall on image rows, in order
+        while j + 4 <= j_end:
             r0, r1, r2, r3 = (y + j - h) % L, (y + j + 1 - h) % L, (y + j + 2 - h) % L, (y + j + 3 - h) % L
-            a0, a1, a2, a3 = kf[j], kf[j + 1], kf[j + 2], kf[j + 3]
-            b0, b1, b2, b3 = k2f[j], k2f[j + 1], k2f[j + 2], k2f[j + 3]
-            d0, d1, d2, d3 = ring_d[r0], ring_d[r1], ring_d[r2], ring_d[r3]
-            v0, v1, v2, v3 = ring_v[r0], ring_v[r1], ring_v[r2], ring_v[r3]
-            for x in range(nx):
-                num[x] = (((num[x] + a0 * d0[x]) + a1 * d1[x]) + a2 * d2[x]) + a3 * d3[x]
-                den[x] = (((den[x] + b0 * v0[x]) + b1 * v1[x]) + b2 * v2[x]) + b3 * v3[x]
+            _add4(num, kf[j], ring_d[r0], kf[j + 1], ring_d[r1], kf[j + 2], ring_d[r2], kf[j + 3], ring_d[r3])
+            _add4(den, k2f[j], ring_v[r0], k2f[j + 1], ring_v[r1], k2f[j + 2], ring_v[r2], k2f[j + 3], ring_v[r3])
             j += 4
         for i in range(j, j_end):
             r = (y + i - h) % L
-            kj, k2j = kf[i], k2f[i]
-            rd, rv = ring_d[r], ring_v[r]
-            for x in range(nx):
-                num[x] += kj * rd[x]
-                den[x] += k2j * rv[x]
+            _add1(num, kf[i], ring_d[r])
+            _add1(den, k2f[i], ring_v[r])
         for x in range(nx):
             dv = den[x]
             sn[y, x] = num[x] / np.sqrt(dv) if dv > 0 else 0.0
