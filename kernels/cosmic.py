@@ -190,7 +190,7 @@ def find_snap_cosmic_rays(im0, var0, im1, var1, t0: float = 1.0, t1: float = 1.0
             continue
         cur = np.empty(shape, np.uint8)
         _dilate(label, cur, value)
-        tmp = np.empty(shape, np.uint8) if dilate > 1 else cur
+        tmp = np.empty(shape, np.uint8) if dilate > 1 else None  # (a second plane only to swap with)
         for _ in range(dilate - 1):
             _dilate(cur, tmp, 1)
             cur, tmp = tmp, cur
