@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 import pytest
 
@@ -230,6 +232,35 @@ def test_in_process_transport_order_isolation_and_self_test():
     assert t.flush() and got[-1] == b"99"
     with pytest.raises(TypeError):
         t.publish("telemetry", b"x")  # type: ignore[arg-type]
+    t.close()
+
+
+def test_flush_waits_for_what_deliveries_publish_in_turn():
+    """The replay test's race: the DMCS's error event is published while the command is delivered, behind the
+    flush marker; flush must come back only once that event has been delivered too."""
+    t = InProcessTransport()
+    gate = threading.Event()
+    errors: list[bytes] = []
+
+    def dmcs(data: bytes) -> None:
+        gate.wait(5)  # the delivery thread is busy until flush has queued its marker
+        t.publish(Topic.ERROR, b"rejected " + data)
+
+    def ocs(data: bytes) -> None:
+        time.sleep(0.05)  # a slow subscriber: an early return from flush would find nothing yet
+        errors.append(data)
+
+    t.subscribe(Topic.COMMAND, dmcs)
+    t.subscribe(Topic.ERROR, ocs)
+    t.publish(Topic.COMMAND, b"1")
+    t.publish(Topic.COMMAND, b"2")
+    threading.Timer(0.2, gate.set).start()
+    other = threading.Thread(target=t.flush)  # a second flush at the same time ends too, and does not livelock
+    other.start()
+    assert t.flush(5.0)
+    assert errors == [b"rejected 1", b"rejected 2"]
+    other.join(5)
+    assert not other.is_alive()
     t.close()
 
 

@@ -175,11 +175,27 @@ class InProcessTransport(Transport):
                 self._thread.join(timeout=5)
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything published so far has been delivered (tests)."""
+        """Wait until everything published so far has been delivered, and everything its delivery published in
+        turn (a rejected command's error event, say), until the queue runs dry (tests).
+
+        Work that a subscriber hands to threads of its own is not waited for.
+        """
         done = threading.Event()
-        sub = self.subscribe(Topic.SELF_TEST, lambda data: done.set() if data == b"flush" else None)
+        token = b"flush " + os.urandom(8).hex().encode()
+
+        def marker(data: bytes) -> None:
+            if data != token:
+                return
+            with self._queue.mutex:  # subscribers run on this thread: all they published is queued by now
+                pending = any(item is not None and item[0] is not Topic.SELF_TEST for item in self._queue.queue)
+            if pending:
+                self._queue.put((Topic.SELF_TEST, token))
+            else:
+                done.set()
+
+        sub = self.subscribe(Topic.SELF_TEST, marker)
         try:
-            self._queue.put((Topic.SELF_TEST, b"flush"))
+            self._queue.put((Topic.SELF_TEST, token))
             return done.wait(timeout)
         finally:
             sub.cancel()
