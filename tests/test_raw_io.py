@@ -4,11 +4,13 @@ import gzip
 import os
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
+import lsstpipe.io.raw as raw_io
 from lsstpipe.camera import SEGMENT_ORDER, get_camera
 from lsstpipe.io import REQUIRED_KEYWORDS, RawExposure, RawFormatError, read_raw, write_raw
 from lsstpipe.isr import assemble_ccd, disassemble_ccd
@@ -142,11 +144,13 @@ def test_overwrite_and_atomic_write(tmp_path, det, monkeypatch):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         write_raw(path, det, segs, _header(SEQNUM=7))
 
-    def crash(self, fileobj, **kwargs):
-        fileobj.write(b"SIMPLE  =" + b" " * 2000)  # a partial file, then the process "dies"
+    real_chunks = raw_io.raw_chunks
+
+    def crash(*args, **kwargs):
+        yield real_chunks(*args, **kwargs)[0]  # a partial file, then the process "dies"
         raise OSError("disk full")
 
-    monkeypatch.setattr(fits.HDUList, "writeto", crash)
+    monkeypatch.setattr(raw_io, "raw_chunks", crash)
     with pytest.raises(OSError, match="disk full"):
         write_raw(path, det, segs, _header(SEQNUM=7), overwrite=True)
     with pytest.raises(OSError, match="disk full"):
@@ -379,3 +383,40 @@ def test_rice_compressed_raws_round_trip_exactly_and_deterministically(tmp_path)
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(RawFormatError, match="cut.fits"):
         read_raw(cut)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_written_by_blocks_read_the_same_by_astropy(tmp_path, det, compress):
+    """The block writer's files are FITS as astropy (cfitsio's conventions) reads them: the same pixels and
+    keywords, every CHECKSUM/DATASUM verified; and the block reader agrees with the astropy reader."""
+    segs = _segments(det, high=2**31 - 1)
+    header = fits.Header([(k, v, f"the {k}") for k, v in _header().items()])
+    header["HISTORY"] = "simulated"
+    header["LONGSTR"] = "x" * 100  # a CONTINUE card
+    path = write_raw(tmp_path / "r.fits", det, segs, header, compress=compress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # astropy reports checksum failures as warnings
+        with fits.open(path, checksum=True) as hdul:
+            hdul.verify("exception")
+            assert [h.name for h in hdul[1:]] == list(SEGMENT_ORDER)
+            for i, hdu in enumerate(hdul[1:]):
+                np.testing.assert_array_equal(hdu.data, segs[i])
+            assert hdul[0].header["LONGSTR"] == "x" * 100 and list(hdul[0].header["HISTORY"]) == ["simulated"]
+    fast = read_raw(path)
+    primary, found = raw_io._read_astropy(path)
+    assert fast.header["LONGSTR"] == primary["LONGSTR"] and fast.header["OBSID"] == primary["OBSID"]
+    for name, hdr, data in found:
+        np.testing.assert_array_equal(fast.segments[name], data)
+        for key in ("EXTNAME", "DATASEC", "DETSEC", "BIASSEC", "DTV1", "CHANNEL", "NAXIS1", "NAXIS2", "BITPIX"):
+            assert fast.segment_headers[name][key] == hdr[key], key
+
+
+def test_corrupt_compressed_tile_is_a_clear_error(tmp_path, det):
+    path = write_raw(tmp_path / "r.fits", det, _segments(det), _header(), compress=True)
+    data = bytearray(path.read_bytes())
+    heap = data.index(b"END" + b" " * 77, 2880) // 2880 * 2880 + 2880  # Segment10's data
+    data[heap : heap + 4] = (10**6).to_bytes(4, "big")  # its tile claims a million bytes
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(RawFormatError, match="CHECKSUM/DATASUM mismatch in Segment10"):
+        read_raw(bad)

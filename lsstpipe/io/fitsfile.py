@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from astropy.io import fits
 
-__all__ = ["write_fits_atomic"]
+__all__ = ["write_bytes_atomic", "write_fits_atomic"]
 
 
 def write_fits_atomic(path: Path, hdul: fits.HDUList, checksum_comment: str) -> None:
@@ -18,10 +19,24 @@ def write_fits_atomic(path: Path, hdul: fits.HDUList, checksum_comment: str) -> 
     hdul.update_extend()  # astropy would add EXTEND while writing, after the checksum was computed
     for hdu in hdul:
         hdu.add_checksum(when=checksum_comment)
+    _atomically(path, lambda f: hdul.writeto(f, checksum=False))  # keep the deterministic checksums added above
+
+
+def write_bytes_atomic(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` one after the other to ``path`` the same way: never seen half-written."""
+
+    def write(f) -> None:
+        for chunk in chunks:
+            f.write(chunk)
+
+    _atomically(path, write)
+
+
+def _atomically(path: Path, write: Callable) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            hdul.writeto(f, checksum=False)  # keep the deterministic checksums added above
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

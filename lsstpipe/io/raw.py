@@ -32,7 +32,9 @@ import numpy as np
 from astropy.io import fits
 
 from lsstpipe.camera.geometry import E2V, ITL, SEGMENT_ORDER, Detector
-from lsstpipe.io.fitsfile import write_fits_atomic
+from lsstpipe.io.fitsblocks import FitsLayoutError
+from lsstpipe.io.fitsfile import write_bytes_atomic
+from lsstpipe.io.raw_blocks import RawBlocksError, raw_chunks, read_blocks
 
 __all__ = ["REQUIRED_KEYWORDS", "RawExposure", "RawFormatError", "parse_section", "read_raw", "write_raw"]
 
@@ -265,35 +267,13 @@ def write_raw(
     """
     path = Path(path)
     segments = _checked_segments(segments, detector)
-    primary = fits.PrimaryHDU(header=_primary_header(detector, header))
+    primary = _primary_header(detector, header)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write raw {path}: directory {path.parent} does not exist")
     if path.exists() and not overwrite:
         raise FileExistsError(f"raw {path} already exists; remove it or pass overwrite=True")
-    ny, nx = detector.shape
-    hdus = [primary]
-    for amp in detector.amps:
-        hdr = fits.Header()
-        hdr["EXTNAME"] = (amp.segment, "amplifier segment")  # via the header: name= would upper-case it
-        hdr["DATASEC"] = (amp.datasec, "data section in the segment")
-        hdr["DETSEC"] = (amp.detsec, "place in the CCD before the final y flip")
-        hdr["DTV1"] = (amp.dtv[0], "detector transform vector")
-        hdr["DTV2"] = (amp.dtv[1], "detector transform vector")
-        hdr["DTM1_1"] = (amp.dtm[0], "detector transform matrix")
-        hdr["DTM2_2"] = (amp.dtm[1], "detector transform matrix")
-        hdr["DTM1_2"] = (0.0, "detector transform matrix")
-        hdr["DTM2_1"] = (0.0, "detector transform matrix")
-        hdr["DETSIZE"] = (f"[1:{nx},1:{ny}]", "assembled CCD size")
-        hdr["CHANNEL"] = (amp.hdu, "readout channel")
-        if biassec:
-            hdr["BIASSEC"] = (_section_of(*amp.raw_serial_overscan), "serial overscan section")
-        if compress:
-            seg = segments[amp.hdu - 1]
-            hdus.append(fits.CompImageHDU(data=seg, header=hdr, compression_type="RICE_1", tile_shape=seg.shape))
-            continue
-        data = segments[amp.hdu - 1].astype(">i4")  # a big-endian copy: astropy writes it without swapping
-        hdus.append(fits.ImageHDU(data=data, header=hdr))
-    write_fits_atomic(path, fits.HDUList(hdus), _CHECKSUM_COMMENT)
+    write_bytes_atomic(path, raw_chunks(primary, detector, segments, biassec=biassec, compress=compress,
+                                        comment=_CHECKSUM_COMMENT, section_of=_section_of))  # fmt: skip
     return path
 
 
@@ -396,6 +376,37 @@ def check_section(path: Path, name: str, hdr: fits.Header, key: str) -> tuple:
         raise RawFormatError(f"{path}: {name} {key}: {exc}") from exc
 
 
+def _read_blocks(path: Path) -> tuple[fits.Header, list[tuple[str, fits.Header, np.ndarray]]] | None:
+    """The file read by :mod:`lsstpipe.io.raw_blocks`, or None where astropy must read it."""
+    if not path.exists():
+        raise RawFormatError(f"{path}: no such raw file")
+    if not path.is_file():
+        raise RawFormatError(f"{path}: not a regular file")
+    if _check_structure(path):
+        return None  # gzipped
+    buf = path.read_bytes()
+    try:
+        found = read_blocks(buf)
+    except (FitsLayoutError, RawBlocksError) as exc:
+        raise RawFormatError(f"{path}: {exc}") from exc
+    if found is None:
+        return None
+    primary, segments, failed = found
+    if failed:
+        raise RawFormatError(f"{path}: file is corrupt: CHECKSUM/DATASUM mismatch in {', '.join(failed)}; "
+                             "the bytes changed after writing, fetch a good copy")  # fmt: skip
+    return primary, segments
+
+
+def _read_astropy(path: Path) -> tuple[fits.Header, list[tuple[str, fits.Header, np.ndarray]]]:
+    """The file read by astropy (gzip, other tile compressions, scaled pixels): the primary header and the
+    segments ``(EXTNAME, header, pixels)``."""
+    with _open_checked(path) as hdul:
+        found = [(hdu.name.strip(), hdu.header.copy(), _segment_array(path, hdu)) for hdu in hdul[1:]
+                 if hdu.name.strip().upper().startswith("SEGMENT")]  # fmt: skip
+        return hdul[0].header.copy(), found
+
+
 def read_raw(path: str | os.PathLike) -> RawExposure:
     """Read a raw file written by :func:`write_raw` or by LSSTCam.
 
@@ -418,21 +429,21 @@ def read_raw(path: str | os.PathLike) -> RawExposure:
         non-finite pixels. The message names the file.
     """
     path = Path(path)
+    found = _read_blocks(path)
+    if found is None:
+        primary, found = _read_astropy(path)
+    else:
+        primary, found = found
     segments: dict[str, np.ndarray] = {}
     segment_headers: dict[str, fits.Header] = {}
-    with _open_checked(path) as hdul:
-        primary = hdul[0].header.copy()
-        for hdu in hdul[1:]:
-            name = hdu.name.strip()
-            if not name.upper().startswith("SEGMENT"):
-                continue
-            name = "Segment" + name[7:]
-            if name not in SEGMENT_ORDER:
-                raise RawFormatError(f"{path}: unexpected segment HDU {name}; segments are {', '.join(SEGMENT_ORDER)}")
-            if name in segments:
-                raise RawFormatError(f"{path}: segment {name} appears twice")
-            segments[name] = _segment_array(path, hdu)
-            segment_headers[name] = hdu.header.copy()
+    for name, hdr, data in found:
+        name = "Segment" + name[7:]
+        if name not in SEGMENT_ORDER:
+            raise RawFormatError(f"{path}: unexpected segment HDU {name}; segments are {', '.join(SEGMENT_ORDER)}")
+        if name in segments:
+            raise RawFormatError(f"{path}: segment {name} appears twice")
+        segments[name] = data
+        segment_headers[name] = hdr
     missing = [s for s in SEGMENT_ORDER if s not in segments]
     if missing:
         raise RawFormatError(
