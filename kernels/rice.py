@@ -27,6 +27,30 @@ class RiceError(ValueError):
 
 
 @njit
+def _put(out, pos, acc, nacc):
+    """Move the whole bytes of the bit accumulator to ``out``; returns the new ``pos`` and ``nacc``."""
+    while nacc >= 8:
+        nacc -= 8
+        out[pos] = np.uint8((acc >> np.uint64(nacc)) & np.uint64(0xFF))
+        pos += 1
+    return pos, nacc
+
+
+@njit
+def _take(buf, pos, acc, nacc, nbits):
+    """The next ``nbits`` (<= 32) of the stream: ``(value, pos, acc, nacc)``, ``nacc`` -1 where it ends."""
+    while nacc < nbits:
+        if pos >= buf.shape[0]:
+            return np.int64(0), pos, acc, -1
+        acc = (acc << np.uint64(8)) | np.uint64(buf[pos])
+        pos += 1
+        nacc += 8
+    nacc -= nbits
+    value = np.int64((acc >> np.uint64(nacc)) & np.uint64((1 << nbits) - 1))
+    return value, pos, acc & np.uint64((1 << nacc) - 1), nacc
+
+
+@njit
 def _encode(a, blocksize, out):
     """Encode ``a`` (int32, 1-D, at least one pixel) into ``out``; returns the number of bytes, or -1 if
     ``out`` is too small (it never is at :func:`rice_encode_int32`'s size)."""
@@ -69,10 +93,7 @@ def _encode(a, blocksize, out):
             for j in range(m):
                 acc = (acc << np.uint64(_BBITS)) | np.uint64(diff[j])
                 nacc += _BBITS
-                while nacc >= 8:
-                    nacc -= 8
-                    out[pos] = np.uint8((acc >> np.uint64(nacc)) & np.uint64(0xFF))
-                    pos += 1
+                pos, nacc = _put(out, pos, acc, nacc)
         elif fs == 0 and pixelsum == 0:
             acc = acc << np.uint64(_FSBITS)
             nacc += _FSBITS
@@ -88,22 +109,13 @@ def _encode(a, blocksize, out):
                     acc = acc << np.uint64(z)
                     nacc += z
                     top -= z
-                    while nacc >= 8:
-                        nacc -= 8
-                        out[pos] = np.uint8((acc >> np.uint64(nacc)) & np.uint64(0xFF))
-                        pos += 1
+                    pos, nacc = _put(out, pos, acc, nacc)
                     if pos + 8 > cap:
                         return -1
                 acc = (acc << np.uint64(1 + fs)) | (np.uint64(1) << np.uint64(fs)) | (v & mask)
                 nacc += 1 + fs
-                while nacc >= 8:
-                    nacc -= 8
-                    out[pos] = np.uint8((acc >> np.uint64(nacc)) & np.uint64(0xFF))
-                    pos += 1
-        while nacc >= 8:
-            nacc -= 8
-            out[pos] = np.uint8((acc >> np.uint64(nacc)) & np.uint64(0xFF))
-            pos += 1
+                pos, nacc = _put(out, pos, acc, nacc)
+        pos, nacc = _put(out, pos, acc, nacc)
     if nacc > 0:
         out[pos] = np.uint8((acc << np.uint64(8 - nacc)) & np.uint64(0xFF))
         pos += 1
@@ -127,28 +139,17 @@ def _decode(buf, blocksize, out):
     nacc = 0
     for i in range(0, n, blocksize):
         m = min(blocksize, n - i)
-        while nacc < _FSBITS:
-            if pos >= nb:
-                return -1
-            acc = (acc << np.uint64(8)) | np.uint64(buf[pos])
-            pos += 1
-            nacc += 8
-        nacc -= _FSBITS
-        fs = np.int64((acc >> np.uint64(nacc)) & np.uint64((1 << _FSBITS) - 1)) - 1
-        acc &= np.uint64((1 << nacc) - 1)
+        code, pos, acc, nacc = _take(buf, pos, acc, nacc, _FSBITS)
+        if nacc < 0:
+            return -1
+        fs = code - 1
         for j in range(m):
             if fs < 0:
                 d = np.int64(0)
             elif fs == _FSMAX:
-                while nacc < _BBITS:
-                    if pos >= nb:
-                        return -1
-                    acc = (acc << np.uint64(8)) | np.uint64(buf[pos])
-                    pos += 1
-                    nacc += 8
-                nacc -= _BBITS
-                d = np.int64((acc >> np.uint64(nacc)) & np.uint64(0xFFFFFFFF))
-                acc &= np.uint64((1 << nacc) - 1)
+                d, pos, acc, nacc = _take(buf, pos, acc, nacc, _BBITS)
+                if nacc < 0:
+                    return -1
             else:
                 top = np.int64(0)  # count zeros up to the one
                 while True:
@@ -165,15 +166,9 @@ def _decode(buf, blocksize, out):
                     top += 1
                     if top > 0xFFFFFFFF:
                         return -1
-                while nacc < fs:
-                    if pos >= nb:
-                        return -1
-                    acc = (acc << np.uint64(8)) | np.uint64(buf[pos])
-                    pos += 1
-                    nacc += 8
-                nacc -= fs
-                low = np.int64((acc >> np.uint64(nacc)) & np.uint64((1 << fs) - 1))
-                acc &= np.uint64((1 << nacc) - 1)
+                low, pos, acc, nacc = _take(buf, pos, acc, nacc, fs)
+                if nacc < 0:
+                    return -1
                 d = ((top << fs) | low) & 0xFFFFFFFF
             p = (d >> 1) if (d & 1) == 0 else ~(d >> 1)
             v = (p + last) & 0xFFFFFFFF
