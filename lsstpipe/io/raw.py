@@ -17,6 +17,10 @@ File layout
 
 The reader also accepts real LSSTCam raws: tile-compressed segments (``CompImageHDU``), no BIASSEC, and
 extra HDUs (WREB, REB_COND, …), which it ignores.
+
+Both work on the file's bytes (:mod:`lsstpipe.io.raw_blocks`: plain segments, or one RICE_1 tile each), not
+through astropy's per-HDU objects; files in forms that module does not read (gzip, row tiles, other
+compressions, scaled pixels) are read with astropy, with the same checks.
 """
 
 from __future__ import annotations
