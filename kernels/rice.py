@@ -26,6 +26,19 @@ class RiceError(ValueError):
     """A Rice stream that does not decode to the expected number of pixels (corrupt or truncated)."""
 
 
+_BIT_LENGTH = np.array([i.bit_length() for i in range(256)], np.int64)
+
+
+@njit
+def _bit_length(x):
+    """The number of bits of ``x`` (uint64, > 0) up to its highest one."""
+    n = 0
+    while x >= np.uint64(256):
+        x >>= np.uint64(8)
+        n += 8
+    return n + _BIT_LENGTH[x]
+
+
 @njit
 def _put(out, pos, acc, nacc):
     """Move the whole bytes of the bit accumulator to ``out``; returns the new ``pos`` and ``nacc``."""
@@ -151,21 +164,18 @@ def _decode(buf, blocksize, out):
                 if nacc < 0:
                     return -1
             else:
-                top = np.int64(0)  # count zeros up to the one
-                while True:
-                    if nacc == 0:
-                        if pos >= nb:
-                            return -1
-                        acc = np.uint64(buf[pos])
-                        pos += 1
-                        nacc = 8
-                    nacc -= 1
-                    if (acc >> np.uint64(nacc)) & np.uint64(1):
-                        acc &= np.uint64((1 << nacc) - 1)
-                        break
-                    top += 1
-                    if top > 0xFFFFFFFF:
+                top = np.int64(0)  # count the zeros up to the one: the pending bits, then whole bytes
+                while acc == 0:
+                    top += nacc
+                    if pos >= nb or top > 0xFFFFFFFF:
                         return -1
+                    acc = np.uint64(buf[pos])
+                    pos += 1
+                    nacc = 8
+                k = _bit_length(acc)
+                top += nacc - k
+                nacc = k - 1
+                acc &= np.uint64((1 << nacc) - 1)
                 low, pos, acc, nacc = _take(buf, pos, acc, nacc, fs)
                 if nacc < 0:
                     return -1
