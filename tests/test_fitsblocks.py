@@ -109,3 +109,11 @@ def test_scan_and_verify_find_corruption_and_truncation():
         scan(bytes(data[: found[3].data_offset + 10]))
     with pytest.raises(FitsLayoutError, match="no END card"):
         scan(bytes(data[: found[3].header_offset + 100]))
+
+
+def test_blank_blocks_after_the_last_hdu_are_padding_and_other_bytes_an_error():
+    data = _astropy_file()
+    assert len(scan(data + b"\0" * BLOCK)) == len(scan(data)) == 4
+    assert len(scan(data + b" " * 2 * BLOCK)) == 4
+    with pytest.raises(FitsLayoutError, match="not an extension header"):
+        scan(data + b"garbage".ljust(BLOCK, b"\0"))

@@ -420,3 +420,10 @@ def test_corrupt_compressed_tile_is_a_clear_error(tmp_path, det):
     bad.write_bytes(bytes(data))
     with pytest.raises(RawFormatError, match="CHECKSUM/DATASUM mismatch in Segment10"):
         read_raw(bad)
+
+
+def test_zero_blocks_after_the_last_segment_are_ignored(raw_file, tmp_path):
+    path, det, segs = raw_file
+    padded = tmp_path / "padded.fits"
+    padded.write_bytes(path.read_bytes() + b"\0" * 2 * 2880)  # as some copy tools and writers leave
+    np.testing.assert_array_equal(read_raw(padded).stack(), segs)

@@ -146,6 +146,11 @@ def scan(buf: bytes) -> list[Hdu]:
     hdus: list[Hdu] = []
     pos, size = 0, len(buf)
     while pos < size:
+        if hdus and not buf.startswith(b"XTENSION=", pos):
+            if not bytes(buf[pos:]).strip(b"\0 "):
+                break  # blank or zero blocks after the last HDU: padding some writers leave
+            raise FitsLayoutError(f"not a readable FITS file: what follows HDU {len(hdus) - 1} at byte {pos} is not "
+                                  "an extension header (no XTENSION card)")  # fmt: skip
         start, cards, values = pos, [], {}
         while True:
             if pos + BLOCK > size:

@@ -112,8 +112,8 @@ def raw_chunks(primary: fits.Header, detector: Detector, segments: np.ndarray, *
         else:
             data = np.ascontiguousarray(seg, ">i4").tobytes()
             cards = _image_cards(rows, cols)
-        data += padding(len(data))
-        chunks += [header_block(checksum_cards(cards + list(extra), ones_complement_sum32(data), comment)), data]
+        data_sum = ones_complement_sum32(data)  # the zero padding adds nothing to it
+        chunks += [header_block(checksum_cards(cards + list(extra), data_sum, comment)), data, padding(len(data))]
     return chunks
 
 
