@@ -8,6 +8,7 @@ integers, booleans and strings is left to astropy (:func:`card_images`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from astropy.io import fits
@@ -170,15 +171,11 @@ def scan(buf: bytes) -> list[Hdu]:
                     values[key] = _value_text(image)
             if ended:
                 break
-        hdu = Hdu(tuple(cards), values, start, pos, 0)
-        naxis = hdu.get("NAXIS", 0)
-        count = 0
-        if naxis:
-            count = 1
-            for i in range(1, naxis + 1):
-                count *= hdu.get(f"NAXIS{i}", 0)
-        nbytes = abs(hdu.get("BITPIX", 8)) // 8 * hdu.get("GCOUNT", 1) * (hdu.get("PCOUNT", 0) + count)
-        hdu = Hdu(hdu.cards, values, start, pos, nbytes)
+        get = Hdu(tuple(cards), values, start, pos, 0).get  # the keywords that size the data
+        naxis = get("NAXIS", 0)
+        count = math.prod(get(f"NAXIS{i}", 0) for i in range(1, naxis + 1)) if naxis else 0
+        nbytes = abs(get("BITPIX", 8)) // 8 * get("GCOUNT", 1) * (get("PCOUNT", 0) + count)
+        hdu = Hdu(tuple(cards), values, start, pos, nbytes)
         end = pos + nbytes + (-nbytes % BLOCK)
         if pos + nbytes > size:
             raise FitsLayoutError(f"file is truncated: its headers describe {pos + nbytes} bytes but it has {size}")

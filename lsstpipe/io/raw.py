@@ -101,11 +101,6 @@ def parse_section(s: str) -> tuple[int, int, int, int, bool, bool]:
     return min(xa, xb) - 1, max(xa, xb), min(ya, yb) - 1, max(ya, yb), xa > xb, ya > yb
 
 
-def _section_of(rows: slice, cols: slice) -> str:
-    """IRAF section string of a 0-based (rows, cols) slice pair with explicit bounds."""
-    return f"[{cols.start + 1}:{cols.stop},{rows.start + 1}:{rows.stop}]"
-
-
 @dataclass(frozen=True)
 class RawExposure:
     """The contents of one raw file: primary header and the 16 amplifier segments.
@@ -277,7 +272,7 @@ def write_raw(
     if path.exists() and not overwrite:
         raise FileExistsError(f"raw {path} already exists; remove it or pass overwrite=True")
     write_bytes_atomic(path, raw_chunks(primary, detector, segments, biassec=biassec, compress=compress,
-                                        comment=_CHECKSUM_COMMENT, section_of=_section_of))  # fmt: skip
+                                        comment=_CHECKSUM_COMMENT))  # fmt: skip
     return path
 
 
@@ -314,16 +309,21 @@ def _check_extent(path: Path, hdul: fits.HDUList) -> None:
         raise RawFormatError(f"{path}: file is truncated: its headers describe {end} bytes but it has {size}")
 
 
-def _open_checked(path: Path) -> fits.HDUList:
-    """Open ``path`` after structural checks, verifying CHECKSUM/DATASUM where present.
-
-    Astropy reports truncation and checksum failures as warnings; here they are errors.
-    """
+def _checked_file(path: Path) -> bool:
+    """The structural checks before a raw is read (it exists, is a file, FITS or gzip); returns whether it is
+    gzipped."""
     if not path.exists():
         raise RawFormatError(f"{path}: no such raw file")
     if not path.is_file():
         raise RawFormatError(f"{path}: not a regular file")
-    gzipped = _check_structure(path)
+    return _check_structure(path)
+
+
+def _open_checked(path: Path, gzipped: bool) -> fits.HDUList:
+    """Open ``path`` (past :func:`_checked_file`), verifying CHECKSUM/DATASUM where present.
+
+    Astropy reports truncation and checksum failures as warnings; here they are errors.
+    """
     hdul, caught = _open_quietly(path, checksum=True)
     if not gzipped:
         _check_extent(path, hdul)
@@ -381,13 +381,8 @@ def check_section(path: Path, name: str, hdr: fits.Header, key: str) -> tuple:
 
 
 def _read_blocks(path: Path) -> tuple[fits.Header, list[tuple[str, fits.Header, np.ndarray]]] | None:
-    """The file read by :mod:`lsstpipe.io.raw_blocks`, or None where astropy must read it."""
-    if not path.exists():
-        raise RawFormatError(f"{path}: no such raw file")
-    if not path.is_file():
-        raise RawFormatError(f"{path}: not a regular file")
-    if _check_structure(path):
-        return None  # gzipped
+    """The file (past :func:`_checked_file`, not gzipped) read by :mod:`lsstpipe.io.raw_blocks`, or None where
+    astropy must read it."""
     buf = path.read_bytes()
     try:
         found = read_blocks(buf)
@@ -402,10 +397,10 @@ def _read_blocks(path: Path) -> tuple[fits.Header, list[tuple[str, fits.Header, 
     return primary, segments
 
 
-def _read_astropy(path: Path) -> tuple[fits.Header, list[tuple[str, fits.Header, np.ndarray]]]:
+def _read_astropy(path: Path, gzipped: bool) -> tuple[fits.Header, list[tuple[str, fits.Header, np.ndarray]]]:
     """The file read by astropy (gzip, other tile compressions, scaled pixels): the primary header and the
     segments ``(EXTNAME, header, pixels)``."""
-    with _open_checked(path) as hdul:
+    with _open_checked(path, gzipped) as hdul:
         found = [(hdu.name.strip(), hdu.header.copy(), _segment_array(path, hdu)) for hdu in hdul[1:]
                  if hdu.name.strip().upper().startswith("SEGMENT")]  # fmt: skip
         return hdul[0].header.copy(), found
@@ -433,9 +428,10 @@ def read_raw(path: str | os.PathLike) -> RawExposure:
         non-finite pixels. The message names the file.
     """
     path = Path(path)
-    found = _read_blocks(path)
+    gzipped = _checked_file(path)
+    found = None if gzipped else _read_blocks(path)
     if found is None:
-        primary, found = _read_astropy(path)
+        primary, found = _read_astropy(path, gzipped)
     else:
         primary, found = found
     segments: dict[str, np.ndarray] = {}

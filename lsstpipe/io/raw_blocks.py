@@ -10,8 +10,6 @@ pixels, astropy's ZHECKSUM convention), which :mod:`lsstpipe.io.raw` then reads 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 from astropy.io import fits
 
@@ -36,22 +34,27 @@ class RawBlocksError(ValueError):
     """A raw file whose bytes contradict its own headers (the message says how)."""
 
 
-def _segment_cards(detector: Detector, biassec: bool, section_of: Callable) -> tuple[tuple[str, ...], ...]:
+def _section_of(rows: slice, cols: slice) -> str:
+    """IRAF section string of a 0-based (rows, cols) slice pair with explicit bounds."""
+    return f"[{cols.start + 1}:{cols.stop},{rows.start + 1}:{rows.stop}]"
+
+
+def _segment_cards(detector: Detector, biassec: bool) -> tuple[tuple[str, ...], ...]:
     """The non-structural cards of each segment HDU of ``detector``, as astropy formats them (kept per
     detector: a Detector holds slices, which do not hash, so its repr is the key)."""
-    key = (repr(detector), biassec, section_of)
+    key = (repr(detector), biassec)
     cards = _CARDS.get(key)
     if cards is None:
         if len(_CARDS) >= 512:
             _CARDS.clear()
-        cards = _CARDS[key] = _make_cards(detector, biassec, section_of)
+        cards = _CARDS[key] = _make_cards(detector, biassec)
     return cards
 
 
 _CARDS: dict = {}
 
 
-def _make_cards(detector: Detector, biassec: bool, section_of: Callable) -> tuple[tuple[str, ...], ...]:
+def _make_cards(detector: Detector, biassec: bool) -> tuple[tuple[str, ...], ...]:
     ny, nx = detector.shape
     out = []
     for amp in detector.amps:
@@ -68,7 +71,7 @@ def _make_cards(detector: Detector, biassec: bool, section_of: Callable) -> tupl
         hdr["DETSIZE"] = (f"[1:{nx},1:{ny}]", "assembled CCD size")
         hdr["CHANNEL"] = (amp.hdu, "readout channel")
         if biassec:
-            hdr["BIASSEC"] = (section_of(*amp.raw_serial_overscan), "serial overscan section")
+            hdr["BIASSEC"] = (_section_of(*amp.raw_serial_overscan), "serial overscan section")
         out.append(tuple(card_images(hdr)))
     return tuple(out)
 
@@ -96,7 +99,7 @@ def _tile_cards(rows: int, cols: int, nbytes: int) -> list[str]:
 
 
 def raw_chunks(primary: fits.Header, detector: Detector, segments: np.ndarray, *, biassec: bool, compress: bool,
-               comment: str, section_of: Callable) -> list[bytes]:  # fmt: skip
+               comment: str) -> list[bytes]:  # fmt: skip
     """The bytes of a raw file, in pieces to write one after the other: the primary header (``primary``: the
     keywords after SIMPLE, BITPIX, NAXIS and EXTEND), then each segment (``segments``: int32-valued, HDU
     order) as a header and its data, with CHECKSUM/DATASUM whose comment is ``comment``."""
@@ -104,7 +107,7 @@ def raw_chunks(primary: fits.Header, detector: Detector, segments: np.ndarray, *
             card("NAXIS", 0, "number of array dimensions"), card("EXTEND", True)] + card_images(primary)  # fmt: skip
     chunks = [header_block(checksum_cards(head, 0, comment))]
     rows, cols = segments.shape[1:]
-    for seg, extra in zip(segments, _segment_cards(detector, biassec, section_of), strict=True):
+    for seg, extra in zip(segments, _segment_cards(detector, biassec), strict=True):
         if compress:
             stream = rice_encode_int32(seg, _BLOCKSIZE)
             data = np.array([len(stream), 0], ">i4").tobytes() + stream
@@ -155,9 +158,10 @@ def read_blocks(buf: bytes) -> tuple[fits.Header, list[tuple[str, fits.Header, n
     hdus = scan(buf)
     if hdus[0].get("NAXIS") != 0:
         return None
+    primary = fits.Header.fromstring("".join(hdus[0].cards))
     failed = [h.name or f"HDU {i}" for i, h in enumerate(hdus) if not verify(buf, h)]
     if failed:  # reported before any pixel is decoded from corrupt bytes
-        return fits.Header.fromstring("".join(hdus[0].cards)), [], failed
+        return primary, [], failed
     segments = []
     for hdu in hdus[1:]:
         name = hdu.name
@@ -175,4 +179,4 @@ def read_blocks(buf: bytes) -> tuple[fits.Header, list[tuple[str, fits.Header, n
             return None
         pixels.flags.writeable = False
         segments.append((name, fits.Header.fromstring("".join(cards)), pixels))
-    return fits.Header.fromstring("".join(hdus[0].cards)), segments, failed
+    return primary, segments, failed
