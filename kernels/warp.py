@@ -54,6 +54,9 @@ _PI = math.pi
 #: than row by row at its ~100° rotation, ad hoc).
 TILE_Y = 64
 TILE_X = 128
+#: Unsigned offsets 1 … 5: an array index of unsigned type needs no test for negative (wrap-around) values,
+#: which would cost three instructions per tap (the resampling loop is bound by its instruction count).
+_U1, _U2, _U3, _U4, _U5 = (np.uint64(k) for k in range(1, 6))
 _C3 = 0.5  # cos(π/3)
 _S3 = math.sqrt(3.0) / 2.0  # sin(π/3)
 
@@ -119,21 +122,24 @@ def _weights6(lut, t):
     k = min(int(u), n - 1)
     f = np.float32(u - k)
     g = np.float32(1.0) - f
-    a, b = lut[k], lut[k + 1]
+    ku = np.uint64(k)  # k >= 0: t >= 0
+    a, b = lut[ku], lut[ku + _U1]
     return (g * a[0] + f * b[0], g * a[1] + f * b[1], g * a[2] + f * b[2], g * a[3] + f * b[3],
             g * a[4] + f * b[4], g * a[5] + f * b[5])  # fmt: skip
 
 
 @njit(fastmath=_FAST)
 def _row6(r, x0, w):
-    return (w[0] * r[x0] + w[1] * r[x0 + 1] + w[2] * r[x0 + 2] + w[3] * r[x0 + 3] + w[4] * r[x0 + 4]
-            + w[5] * r[x0 + 5])  # fmt: skip
+    """``Σ w[i] r[x0 + i]``; ``x0`` unsigned (np.uint64)."""
+    return (w[0] * r[x0] + w[1] * r[x0 + _U1] + w[2] * r[x0 + _U2] + w[3] * r[x0 + _U3] + w[4] * r[x0 + _U4]
+            + w[5] * r[x0 + _U5])  # fmt: skip
 
 
 @njit
 def _row6sq(r, x0, w):
-    return (w[0] * w[0] * r[x0] + w[1] * w[1] * r[x0 + 1] + w[2] * w[2] * r[x0 + 2] + w[3] * w[3] * r[x0 + 3]
-            + w[4] * w[4] * r[x0 + 4] + w[5] * w[5] * r[x0 + 5])  # fmt: skip
+    """``Σ w[i]² r[x0 + i]``; ``x0`` unsigned (np.uint64)."""
+    return (w[0] * w[0] * r[x0] + w[1] * w[1] * r[x0 + _U1] + w[2] * w[2] * r[x0 + _U2] + w[3] * w[3] * r[x0 + _U3]
+            + w[4] * w[4] * r[x0 + _U4] + w[5] * w[5] * r[x0 + _U5])  # fmt: skip
 
 
 @njit
@@ -257,7 +263,8 @@ def _warp_row(image, variance, mask, xbeg, xend, sxr, syr, jacr, oi, ov, om, bad
     """Target pixels ``xbeg … xend - 1`` of one row (:func:`_warp_into`; ``oi``, ``ov``, ``om``: the row of each
     output plane), their source coordinates in ``sxr``, ``syr`` (and ``jacr``)."""
     ny_s, nx_s = image.shape
-    for x in range(xbeg, xend):
+    for k in range(xend - xbeg):
+        x = np.uint64(xbeg) + np.uint64(k)  # xbeg >= 0; unsigned indices throughout (_U1)
         if (om[x] & no_data) == 0:
             continue
         sx, sy = sxr[x], syr[x]
@@ -276,17 +283,19 @@ def _warp_row(image, variance, mask, xbeg, xend, sxr, syr, jacr, oi, ov, om, bad
         wx = _weights6(lut, tx)
         wy = _weights6(lut, ty)
         one, ftx, fty = np.float32(1.0), np.float32(tx), np.float32(ty)  # the bilinear variance in float32 too
-        acc = (wy[0] * _row6(image[y0], x0, wx) + wy[1] * _row6(image[y0 + 1], x0, wx)
-               + wy[2] * _row6(image[y0 + 2], x0, wx) + wy[3] * _row6(image[y0 + 3], x0, wx)
-               + wy[4] * _row6(image[y0 + 4], x0, wx) + wy[5] * _row6(image[y0 + 5], x0, wx))  # fmt: skip
+        xu, yu = np.uint64(x0), np.uint64(y0)  # both >= 0 (tested above)
+        acc = (wy[0] * _row6(image[yu], xu, wx) + wy[1] * _row6(image[yu + _U1], xu, wx)
+               + wy[2] * _row6(image[yu + _U2], xu, wx) + wy[3] * _row6(image[yu + _U3], xu, wx)
+               + wy[4] * _row6(image[yu + _U4], xu, wx) + wy[5] * _row6(image[yu + _U5], xu, wx))  # fmt: skip
         if pixel_variance is not None:
             pv = pixel_variance
-            accv = (wy[0] * wy[0] * _row6sq(pv[y0], x0, wx) + wy[1] * wy[1] * _row6sq(pv[y0 + 1], x0, wx)
-                    + wy[2] * wy[2] * _row6sq(pv[y0 + 2], x0, wx) + wy[3] * wy[3] * _row6sq(pv[y0 + 3], x0, wx)
-                    + wy[4] * wy[4] * _row6sq(pv[y0 + 4], x0, wx) + wy[5] * wy[5] * _row6sq(pv[y0 + 5], x0, wx))  # fmt: skip
+            accv = (wy[0] * wy[0] * _row6sq(pv[yu], xu, wx) + wy[1] * wy[1] * _row6sq(pv[yu + _U1], xu, wx)
+                    + wy[2] * wy[2] * _row6sq(pv[yu + _U2], xu, wx) + wy[3] * wy[3] * _row6sq(pv[yu + _U3], xu, wx)
+                    + wy[4] * wy[4] * _row6sq(pv[yu + _U4], xu, wx) + wy[5] * wy[5] * _row6sq(pv[yu + _U5], xu, wx))  # fmt: skip
         else:
-            accv = (one - fty) * ((one - ftx) * variance[iy, ix] + ftx * variance[iy, ix + 1]) + fty * (
-                (one - ftx) * variance[iy + 1, ix] + ftx * variance[iy + 1, ix + 1]
+            iu, ju = np.uint64(ix), np.uint64(iy)
+            accv = (one - fty) * ((one - ftx) * variance[ju, iu] + ftx * variance[ju, iu + _U1]) + fty * (
+                (one - ftx) * variance[ju + _U1, iu] + ftx * variance[ju + _U1, iu + _U1]
             )
         bits = 0
         if mask_ii is not None:
