@@ -284,7 +284,7 @@ class Camera:
         return r / self.focal_length_mm * 180.0 / np.pi
 
 
-def _section(x0: int, x1: int, y0: int, y1: int, flip_x: bool, flip_y: bool) -> str:
+def iraf_section(x0: int, x1: int, y0: int, y1: int, flip_x: bool = False, flip_y: bool = False) -> str:
     """IRAF section string (1-based, inclusive) for 0-based half-open ranges, reversed where flipped."""
     xs = f"{x1}:{x0 + 1}" if flip_x else f"{x0 + 1}:{x1}"
     ys = f"{y1}:{y0 + 1}" if flip_y else f"{y0 + 1}:{y1}"
@@ -312,9 +312,9 @@ def build_amps(vendor: VendorGeometry, detector_key: str) -> tuple[AmpInfo, ...]
         # Place in the DETSEC frame: row-block 1x is y in [h, 2h), 0x is [0, h).
         dx0, dx1 = ix * w, (ix + 1) * w
         dy0, dy1 = (h, 2 * h) if iy == 1 else (0, h)
-        detsec = _section(dx0, dx1, dy0, dy1, flip_x, flip_y)
+        detsec = iraf_section(dx0, dx1, dy0, dy1, flip_x, flip_y)
         px0 = vendor.prescan
-        datasec = _section(px0, px0 + w, 0, h, False, False)
+        datasec = iraf_section(px0, px0 + w, 0, h, False, False)
         # det = DTM * raw_pixel + DTV in 1-based coordinates.
         dtv1 = (dx1 + px0 + 1) if flip_x else (dx0 - px0)
         dtv2 = (dy1 + 1) if flip_y else dy0

@@ -100,7 +100,6 @@ class Hdu:
     values: dict
     header_offset: int
     data_offset: int
-    data_size: int
 
     def get(self, key: str, default=None):
         """A keyword's value: int, float, bool or str (quotes removed), or ``default``."""
@@ -119,6 +118,13 @@ class Hdu:
             return float(text.replace("D", "E"))
         except ValueError:
             raise FitsLayoutError(f"keyword {key} has a value that is not a FITS number: {text!r}") from None
+
+    @property
+    def data_size(self) -> int:
+        """Bytes of data (padding excluded) that the structural keywords describe."""
+        naxis = self.get("NAXIS", 0)
+        count = math.prod(self.get(f"NAXIS{i}", 0) for i in range(1, naxis + 1)) if naxis else 0
+        return abs(self.get("BITPIX", 8)) // 8 * self.get("GCOUNT", 1) * (self.get("PCOUNT", 0) + count)
 
     @property
     def name(self) -> str:
@@ -171,11 +177,8 @@ def scan(buf: bytes) -> list[Hdu]:
                     values[key] = _value_text(image)
             if ended:
                 break
-        get = Hdu(tuple(cards), values, start, pos, 0).get  # the keywords that size the data
-        naxis = get("NAXIS", 0)
-        count = math.prod(get(f"NAXIS{i}", 0) for i in range(1, naxis + 1)) if naxis else 0
-        nbytes = abs(get("BITPIX", 8)) // 8 * get("GCOUNT", 1) * (get("PCOUNT", 0) + count)
-        hdu = Hdu(tuple(cards), values, start, pos, nbytes)
+        hdu = Hdu(tuple(cards), values, start, pos)
+        nbytes = hdu.data_size
         end = pos + nbytes + (-nbytes % BLOCK)
         if pos + nbytes > size:
             raise FitsLayoutError(f"file is truncated: its headers describe {pos + nbytes} bytes but it has {size}")
@@ -186,7 +189,8 @@ def scan(buf: bytes) -> list[Hdu]:
 
 def verify(buf: bytes, hdu: Hdu) -> bool:
     """Whether the HDU's CHECKSUM and DATASUM, where present, hold."""
-    end = hdu.data_offset + hdu.data_size + (-hdu.data_size % BLOCK)
+    size = hdu.data_size
+    end = hdu.data_offset + size + (-size % BLOCK)
     data = memoryview(buf)[hdu.data_offset : min(end, len(buf))]
     data_sum = ones_complement_sum32(data)
     if "DATASUM" in hdu.values and str(hdu.get("DATASUM")).strip() != str(data_sum):

@@ -15,7 +15,7 @@ from astropy.io import fits
 
 from kernels.checksum import ones_complement_sum32
 from kernels.rice import RiceError, rice_decode_int32, rice_encode_int32
-from lsstpipe.camera.geometry import Detector
+from lsstpipe.camera.geometry import Detector, iraf_section
 from lsstpipe.io.fitsblocks import Hdu, card, card_images, checksum_cards, header_block, padding, scan, verify
 
 __all__ = ["raw_chunks", "read_blocks", "RawBlocksError"]
@@ -32,11 +32,6 @@ _ASTROPY_ONLY = ("ZSCALE", "ZZERO", "ZBLANK", "ZQUANTIZ", "ZDITHER0", "ZHECKSUM"
 
 class RawBlocksError(ValueError):
     """A raw file whose bytes contradict its own headers (the message says how)."""
-
-
-def _section_of(rows: slice, cols: slice) -> str:
-    """IRAF section string of a 0-based (rows, cols) slice pair with explicit bounds."""
-    return f"[{cols.start + 1}:{cols.stop},{rows.start + 1}:{rows.stop}]"
 
 
 def _segment_cards(detector: Detector, biassec: bool) -> tuple[tuple[str, ...], ...]:
@@ -71,7 +66,8 @@ def _make_cards(detector: Detector, biassec: bool) -> tuple[tuple[str, ...], ...
         hdr["DETSIZE"] = (f"[1:{nx},1:{ny}]", "assembled CCD size")
         hdr["CHANNEL"] = (amp.hdu, "readout channel")
         if biassec:
-            hdr["BIASSEC"] = (_section_of(*amp.raw_serial_overscan), "serial overscan section")
+            rows, cols = amp.raw_serial_overscan
+            hdr["BIASSEC"] = (iraf_section(cols.start, cols.stop, rows.start, rows.stop), "serial overscan section")
         out.append(tuple(card_images(hdr)))
     return tuple(out)
 
@@ -108,28 +104,30 @@ def raw_chunks(primary: fits.Header, detector: Detector, segments: np.ndarray, *
     chunks = [header_block(checksum_cards(head, 0, comment))]
     rows, cols = segments.shape[1:]
     for seg, extra in zip(segments, _segment_cards(detector, biassec), strict=True):
-        if compress:
+        if compress:  # the tile's descriptor (8 bytes: its sum carries on into the stream's) and the stream
             stream = rice_encode_int32(seg, _BLOCKSIZE)
-            data = np.array([len(stream), 0], ">i4").tobytes() + stream
+            data = [np.array([len(stream), 0], ">i4").tobytes(), stream]
             cards = _tile_cards(rows, cols, len(stream))
         else:
-            data = np.ascontiguousarray(seg, ">i4").tobytes()
+            data = [np.ascontiguousarray(seg, ">i4").tobytes()]
             cards = _image_cards(rows, cols)
-        data_sum = ones_complement_sum32(data)  # the zero padding adds nothing to it
-        chunks += [header_block(checksum_cards(cards + list(extra), data_sum, comment)), data, padding(len(data))]
+        data_sum = 0  # the zero padding adds nothing to it
+        for part in data:
+            data_sum = ones_complement_sum32(part, data_sum)
+        nbytes = sum(len(part) for part in data)
+        chunks += [header_block(checksum_cards(cards + list(extra), data_sum, comment)), *data, padding(nbytes)]
     return chunks
 
 
-def _plain(buf: bytes, hdu: Hdu) -> np.ndarray | None:
-    if hdu.get("BITPIX") != 32 or hdu.get("NAXIS") != 2 or hdu.get("BZERO", 0) != 0 or hdu.get("BSCALE", 1) != 1:
-        return None
-    rows, cols = hdu.get("NAXIS2"), hdu.get("NAXIS1")
-    return np.frombuffer(buf, ">i4", rows * cols, hdu.data_offset).reshape(rows, cols).astype(np.int32)
-
-
-def _tile(buf: bytes, hdu: Hdu, where: str) -> np.ndarray | None:
-    """The pixels of a one-tile RICE_1 HDU, or None where it is another kind (left to astropy)."""
+def _kind(hdu: Hdu) -> str | None:
+    """How a segment HDU is read here: ``"plain"`` (BITPIX 32, unscaled), ``"tile"`` (one RICE_1 tile of int32),
+    or None (any other kind: left to astropy). From its header alone."""
     g = hdu.get
+    if g("XTENSION") == "IMAGE":
+        plain = g("BITPIX") == 32 and g("NAXIS") == 2 and g("BZERO", 0) == 0 and g("BSCALE", 1) == 1
+        return "plain" if plain else None
+    if g("XTENSION") != "BINTABLE" or g("ZIMAGE") is not True:
+        return None
     rows, cols = g("ZNAXIS2"), g("ZNAXIS1")
     if (g("ZCMPTYPE") != "RICE_1" or g("ZBITPIX") != 32 or g("ZNAXIS") != 2 or g("ZTILE1", cols) != cols
             or g("ZTILE2", 1) != rows or g("NAXIS2") != 1 or g("NAXIS1") != 8 or g("TFIELDS") != 1
@@ -137,6 +135,18 @@ def _tile(buf: bytes, hdu: Hdu, where: str) -> np.ndarray | None:
             or g("ZVAL1", 32) not in (16, 32) or g("ZNAME2", "BYTEPIX") != "BYTEPIX" or g("ZVAL2", 4) != 4
             or any(k in hdu.values for k in _ASTROPY_ONLY)):  # fmt: skip
         return None
+    return "tile"
+
+
+def _plain(buf: bytes, hdu: Hdu) -> np.ndarray:
+    rows, cols = hdu.get("NAXIS2"), hdu.get("NAXIS1")
+    return np.frombuffer(buf, ">i4", rows * cols, hdu.data_offset).reshape(rows, cols).astype(np.int32)
+
+
+def _tile(buf: bytes, hdu: Hdu, where: str) -> np.ndarray:
+    """The pixels of a one-tile RICE_1 HDU (``_kind`` "tile")."""
+    g = hdu.get
+    rows, cols = g("ZNAXIS2"), g("ZNAXIS1")
     nelem, offset = (int(v) for v in np.frombuffer(buf, ">i4", 2, hdu.data_offset))
     heap = hdu.data_offset + g("THEAP", 8)
     if nelem < 0 or offset < 0 or heap + offset + nelem > hdu.data_offset + hdu.data_size:
@@ -158,25 +168,22 @@ def read_blocks(buf: bytes) -> tuple[fits.Header, list[tuple[str, fits.Header, n
     hdus = scan(buf)
     if hdus[0].get("NAXIS") != 0:
         return None
+    segs = [(hdu, _kind(hdu)) for hdu in hdus[1:] if hdu.name.upper().startswith("SEGMENT")]
+    if any(kind is None for _, kind in segs):  # decided before any checksum is computed: astropy verifies its own
+        return None
     primary = fits.Header.fromstring("".join(hdus[0].cards))
     failed = [h.name or f"HDU {i}" for i, h in enumerate(hdus) if not verify(buf, h)]
     if failed:  # reported before any pixel is decoded from corrupt bytes
         return primary, [], failed
     segments = []
-    for hdu in hdus[1:]:
+    for hdu, kind in segs:
         name = hdu.name
-        if not name.upper().startswith("SEGMENT"):
-            continue
-        if hdu.get("XTENSION") == "IMAGE":
+        if kind == "plain":
             pixels, cards = _plain(buf, hdu), list(hdu.cards)
-        elif hdu.get("XTENSION") == "BINTABLE" and hdu.get("ZIMAGE") is True:
-            pixels = _tile(buf, hdu, f"{name}")
+        else:
+            pixels = _tile(buf, hdu, name)
             rows, cols = hdu.get("ZNAXIS2"), hdu.get("ZNAXIS1")
             cards = _image_cards(rows, cols) + [c for c in hdu.cards if c[:8].rstrip() not in _TABLE_KEYS]
-        else:
-            return None
-        if pixels is None:
-            return None
         pixels.flags.writeable = False
         segments.append((name, fits.Header.fromstring("".join(cards)), pixels))
     return primary, segments, failed
