@@ -311,8 +311,8 @@ def test_read_template_patches_from_a_repository(tmp_path, pair):
 
 @pytest.mark.parametrize("layout", ["plain", "scaled-variance", "tiled-mask", "one-tile-mask"])
 def test_template_cut_is_the_same_pixels_whatever_the_storage(tmp_path, pair, layout):
-    # a CCD's footprint reads only part of a patch: through a memory map (plain planes), astropy's section
-    # (scaled planes, compressed planes of one or many tiles); the pixels must be the file's own
+    # a CCD's footprint reads only part of a patch: by plain reads of the cut's rows (plain planes), astropy's
+    # section (scaled planes, compressed planes of one or many tiles); the pixels must be the file's own
     p = pair.patches[0]
     ny, nx = p.image.shape
     rng = np.random.default_rng(4)

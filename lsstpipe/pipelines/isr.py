@@ -243,6 +243,7 @@ def isr_from_truth(repo: str | os.PathLike, detector_name: str, band: str, camer
     """
     from astropy.io import fits
 
+    from lsstpipe.io.fitsfile import read_image
     from lsstpipe.repo import Repository
 
     repository = Repository(repo)
@@ -251,16 +252,16 @@ def isr_from_truth(repo: str | os.PathLike, detector_name: str, band: str, camer
     path = Path(repository.instrument_truth_path(det.name))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no instrument truth for {det.name}; simulate it with --detectors {det.name}")
-    with fits.open(path) as hdul:
+    with fits.open(path, memmap=False) as hdul:
         names = {h.name.upper() for h in hdul}
         if f"FLAT_{band}".upper() not in names:
             have = ", ".join(sorted(n[5:].lower() for n in names if n.startswith("FLAT_")))
             raise ValueError(f"{path}: no flat in band {band!r} (bands simulated: {have or 'none'})")
-        flat = np.asarray(hdul[f"FLAT_{band}"].data, np.float32)
-        dark = np.asarray(hdul["DARK_RATE"].data, np.float32)
+        flat = read_image(hdul[f"FLAT_{band}"])  # the planes in bands of rows: no memory map held
+        dark = read_image(hdul["DARK_RATE"])
         cols = np.asarray(hdul["BIAS_COLS"].data, np.float64)
         xt = np.asarray(hdul["CROSSTALK"].data, np.float64)
-        fringe = np.asarray(hdul["FRINGE"].data, np.float32) if "FRINGE" in names and band in FRINGE_BANDS else None
+        fringe = read_image(hdul["FRINGE"]) if "FRINGE" in names and band in FRINGE_BANDS else None
         table = hdul["DEFECTS"].data
         defects = np.array([[y0, y1, x, x + 1] for x, y0, y1 in zip(table["x"], table["y0"], table["y1"])], np.int64)
     calibs = IsrCalibs(bias=bias_from_column_pattern(cols, det), dark=dark, flat=flat, defects=defects.reshape(-1, 4),

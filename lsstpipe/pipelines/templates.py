@@ -21,6 +21,7 @@ from astropy.wcs import WCS
 from kernels.astrometry import angular_separation_deg
 from kernels.warp import WarpResult, grid_nodes, warp_image
 from lsstpipe.io.filememo import FileMemo
+from lsstpipe.io.fitsfile import read_image
 from lsstpipe.pipelines.exposure import NJY_AB_ZP, MaskBit
 
 __all__ = ["TemplatePatch", "read_template_patches", "warp_template"]
@@ -96,23 +97,12 @@ def read_template_patches(repo_or_paths, band: str, ra: float, dec: float, radiu
             wcs = wcs.slice(cut)
         else:
             wcs = wcs.deepcopy()  # the caller's own: the cached one stays as read
-        with fits.open(path, memmap=True) as hdul:
-
-            def read(name, dtype, cut=cut, hdul=hdul, path=path):
-                hdu = hdul[name]
-                if isinstance(hdu, fits.CompImageHDU):  # only the tiles the cut covers, decompressed into a new array
-                    return np.asarray(hdu.section[cut], dtype=dtype)
-                try:  # a memory map: the cut's pages only (astropy's section reads it one row at a time)
-                    data = hdu.data[cut]
-                except ValueError:  # scaled integers (BSCALE/BZERO) cannot be memory-mapped: read the rows
-                    with fits.open(path, memmap=False) as plain:
-                        return np.array(plain[name].section[cut], dtype=dtype)
-                return np.array(data, dtype=dtype)  # a copy: the file is closed afterwards
-
-            mask = read("MASK", np.int32) if info.has_mask else None
+        with fits.open(path, memmap=False) as hdul:  # pixels by plain reads of the cut's rows (read_image)
+            mask = read_image(hdul["MASK"], cut, np.int32) if info.has_mask else None
             if mask is not None and not mask.any():
                 mask = None  # an all-good mask says nothing: a worker would hold (and warp) a plane of zeros
-            out.append(TemplatePatch(read("IMAGE", np.float32), read("VARIANCE", np.float32), wcs, info.fwhm, mask))
+            image, variance = read_image(hdul["IMAGE"], cut), read_image(hdul["VARIANCE"], cut)
+            out.append(TemplatePatch(image, variance, wcs, info.fwhm, mask))
     return out
 
 
