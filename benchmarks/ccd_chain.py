@@ -14,11 +14,13 @@ to 1 before numpy is imported):
    of the warped template with a kernel of the PSF-matching kernel's size; the ISR of one snap written as
    plain numpy expressions (``benchmarks/isr.py``) against ``run_isr`` and a plain numpy copy (bandwidth: ISR's
    minimal bytes — raw int32 segments, bias, dark and flat read; image, variance, mask written — over its
-   time, against the copy's read + written bytes; both into new memory, as the chain's ISR writes, and both
-   into memory already touched); SFFT when it is installed.
-3. the peak resident memory of a worker's cycle (with the worker's allocator settings,
-   :func:`lsstpipe.runtime.memory.return_large_frees` and, around the chain,
-   :func:`~lsstpipe.runtime.memory.planes_reused`): loading a CCD's inputs (whose readers hold transient
+   time, against the copy's read + written bytes; both into new arrays, as the chain's ISR writes, from the
+   worker's allocator, and both into arrays already touched); SFFT when it is installed.
+3. the peak resident memory of a worker's cycle (with the worker's allocator settings: by default, as
+   ``worker.keep_memory: true``, :func:`lsstpipe.runtime.memory.keep_freed_memory`, so that from the second
+   CCD on the cycle runs in memory the previous one touched; ``--return-memory`` as ``keep_memory: false``,
+   :func:`~lsstpipe.runtime.memory.return_large_frees` and, around the chain,
+   :func:`~lsstpipe.runtime.memory.planes_reused`, so that each CCD's pages are new): loading a CCD's inputs (whose readers hold transient
    buffers of their own) and running its chain, each with its own high-water mark (reset before each, Linux
    ``/proc/self/clear_refs``); ``peak_rss_mb`` is the larger over the counted runs. As a
    worker does, each run gets freshly loaded inputs (untimed) and hands their pixels over
@@ -104,9 +106,10 @@ def hwm_mb() -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from lsstpipe.runtime.memory import planes_reused, return_large_frees
+    from lsstpipe.runtime.memory import keep_freed_memory, planes_reused, return_large_frees
 
-    return_large_frees()  # as a worker rank does at start-up
+    return_large_frees()  # as a worker rank does at start-up (lsstpipe.runtime.worker.Worker)
+    kept = not args.return_memory and keep_freed_memory()
     camera, detector = QUICK if args.quick else FULL
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ccd_chain_"))
     try:
@@ -168,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
         )
         out = {
             "version": __version__, "camera": camera, "detector": detector, "shape": list(calexp.shape),
-            "snaps": n_snaps, "repeat": args.repeat, "chain_seconds": chain_wall,
+            "snaps": n_snaps, "repeat": args.repeat, "chain_seconds": chain_wall, "memory_kept": kept,
             "chain_cpu_seconds": chain_cpu, "stage_seconds": stages, "detect_seconds": detect_wall,
             "flags": list(res.flags), "sdqa": res.sdqa, "n_dia_sources": int(len(res.dia_sources)),
             "peak_rss_mb": rss_worker, "inputs_rss_mb": rss_inputs,
@@ -187,8 +190,9 @@ def run(args: argparse.Namespace) -> dict:
             out["sep_seconds"] = median_wall_cpu(lambda: run_sep(sep, image, calexp.variance, radius), args.repeat)[0]
             out["detect_over_sep"] = out["detect_seconds"] / out["sep_seconds"]
 
-        # ISR bandwidth on one snap, against a plain numpy copy and the numpy ISR: both write new memory, as
-        # the chain's ISR does; and both into memory already touched (benchmarks/isr.py). ISR and its anchors
+        # ISR bandwidth on one snap, against a plain numpy copy and the numpy ISR: both write new arrays, as
+        # the chain's ISR does (kept memory: pages the chains before touched; returned: fresh pages); and both
+        # into arrays already touched (benchmarks/isr.py). ISR and its anchors
         # by the same statistic as the copies: the fastest of max(repeat, 5) runs, in turn with them.
         raw, meta = inputs.raw_snaps[0], inputs.snap_metadata[0]
         prev = run_isr(raw, inputs.detector, inputs.calibs, meta, config.isr)
@@ -235,18 +239,20 @@ def run(args: argparse.Namespace) -> dict:
 
 def report(r: dict) -> str:
     s = r["stage_seconds"]
+    pages = "the worker's kept memory: pages touched before" if r.get("memory_kept") else "fresh pages"
     lines = [
         f"# python benchmarks/ccd_chain.py ({r['machine']['cores']} cores visible, one thread; median of {r['repeat']}, "
         f"ISR's bandwidth: fastest of {max(r['repeat'], 5)})",
-        f"{r['camera']} {r['detector']} {r['shape'][0]}×{r['shape'][1]}, {r['snaps']} snaps: whole chain "
+        f"{r['camera']} {r['detector']} {r['shape'][0]}×{r['shape'][1]}, {r['snaps']} snaps, worker memory "
+        f"{'kept' if r.get('memory_kept') else 'returned'} between CCDs: whole chain "
         f"{r['chain_seconds']:.2f} s wall ({r['chain_cpu_seconds']:.2f} s CPU; target ≤ 5 s)",
         "  " + ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "total"),
         f"detection+measurement {r['detect_seconds']:.2f} s"
         + (
             f" vs SEP {r['sep_seconds']:.2f} s = {r['detect_over_sep']:.2f}× SEP's time" if r.get("sep_seconds") else ""
         ),
-        f"ISR {r['isr_seconds'] * 1e3:.1f} ms per snap into new planes: {r['isr_gbps']:.1f} GB/s = "
-        f"{100 * r['isr_fraction_of_copy']:.0f}% of a plain numpy copy's {r['copy_gbps']:.1f} GB/s (np.copy, new memory too; "
+        f"ISR {r['isr_seconds'] * 1e3:.1f} ms per snap into new planes ({pages}): {r['isr_gbps']:.1f} GB/s = "
+        f"{100 * r['isr_fraction_of_copy']:.0f}% of a plain numpy copy's {r['copy_gbps']:.1f} GB/s (np.copy, a new array too; "
         f"target ≥ 80 %); into touched planes {r['isr_resident_gbps']:.1f} GB/s = "
         f"{100 * r['isr_resident_fraction_of_copy_resident']:.0f}% of np.copyto's {r['copy_resident_gbps']:.1f} GB/s"
         + (f"; numpy ISR {r['numpy_isr_over_ours']:.1f}× slower" if "numpy_isr_over_ours" in r else ""),
@@ -281,6 +287,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a mini-camera CCD (512 px): checks the harness")
     parser.add_argument("--keep", default=None, help="simulate into (or reuse) this repository and keep it")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--return-memory", action="store_true",
+                        help="as a worker with keep_memory: false (each CCD's pages new), not the default keep")  # fmt: skip
     parser.add_argument("--hold-inputs", action="store_true",
                         help="keep one set of inputs alive and reuse it (no release_inputs): the memory comparison")  # fmt: skip
     args = parser.parse_args(argv)

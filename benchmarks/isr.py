@@ -6,7 +6,10 @@ rendered in memory with the simulator's instrument signature, master calibration
 
 1. ``run_isr`` (overscan per row, crosstalk, assembly, bias, gain, dark, flat, variance, mask; r band, no
    fringes; default configuration) into new output planes, as the chain calls it (``process_ccd`` makes new
-   planes for each snap), and into planes already touched by an earlier call; the fused pass alone
+   planes for each snap), from the worker's allocator (by default as ``worker.keep_memory: true``,
+   :func:`lsstpipe.runtime.memory.keep_freed_memory`: a new plane is memory an earlier one used and freed;
+   ``--return-memory`` as ``keep_memory: false``: each a new mapping, whose pages the kernel zeroes on first
+   touch), and into planes already touched by an earlier call; the fused pass alone
    (:func:`kernels.isr.isr_ccd`, which measures the overscan levels where it reads each raw row) and the
    separate overscan pass it saves (:func:`kernels.overscan.overscan_levels`, still used for smoothed levels);
    the fused pass also with exact crosstalk (tolerance 0) and without crosstalk, and the unfused variant
@@ -15,8 +18,9 @@ rendered in memory with the simulator's instrument signature, master calibration
 2. the effective bandwidth of ISR: the minimal bytes it must move — the raw int32 segments, bias, dark and
    flat float32 read; image and variance float32 and mask int32 written — over its time;
 3. anchors: a plain numpy copy of a 4k×4k float32 image (``np.copy``, bytes read + written, as STREAM's
-   Copy: the issue's "~19 GB/s on one core here"), which like ``run_isr`` writes into new memory (the
-   kernel zeroes each new page on first touch: 2.2× the time of the same copy into touched memory here);
+   Copy: the issue's "~19 GB/s on one core here"), which like ``run_isr`` writes into a new array from the
+   same allocator (with ``--return-memory`` new pages, which the kernel zeroes on first touch: ~1.5–2× the
+   time of the same copy into touched memory here);
    the same copy into a destination already touched (``np.copyto``), the anchor for ISR into touched
    planes — the copies and ``run_isr`` run in turn, each the fastest of its runs
    (:func:`benchmarks.timing.fastest_interleaved`: on a shared node a ratio of blocks timed one after the
@@ -60,7 +64,7 @@ from kernels.overscan import overscan_levels  # noqa: E402
 from lsstpipe.camera import get_camera  # noqa: E402
 from lsstpipe.pipelines.exposure import MaskBit  # noqa: E402
 from lsstpipe.pipelines.isr import IsrCalibs, IsrConfig, amp_layout, bias_from_column_pattern, run_isr  # noqa: E402
-from lsstpipe.runtime.memory import return_large_frees  # noqa: E402
+from lsstpipe.runtime.memory import keep_freed_memory, return_large_frees  # noqa: E402
 from lsstpipe.sim import sky as skymod  # noqa: E402
 from lsstpipe.sim.exposure import render_exposure  # noqa: E402
 from lsstpipe.sim.instrument import make_signature  # noqa: E402
@@ -107,8 +111,8 @@ def _seven_planes():
 def stream7_gbps(planes: tuple, repeat: int) -> tuple[float, float]:
     """The ceiling of a single pass with ISR's traffic on this core: a numba loop reading an int32 and three
     float32 4k×4k planes and writing two float32 and one int32 plane, with next to no arithmetic — into the
-    given planes (touched), and into three new planes each run (the worker's allocator setting: each a new
-    mapping, whose pages the kernel zeroes on first touch, as ``run_isr``'s in the chain). GB/s of each."""
+    given planes (touched), and into three new planes each run (from the worker's allocator, as ``run_isr``'s
+    in the chain: kept memory, or new mappings whose pages the kernel zeroes on first touch). GB/s of each."""
     raw, b, d, f, img = planes[:5]
     nbytes = 7 * 4 * raw.size
     touched = fastest(lambda: _stream7(*planes), max(repeat, 5))
@@ -195,7 +199,7 @@ def one_detector(name: str, repeat: int) -> dict:
     reuse = run_isr(raw, det, calibs, meta)
     copy_new, copy_touched, copy_bytes = copy_anchors()
     t = fastest_interleaved({  # ISR and its anchors in turn: the same loads of a shared node on both
-        "isr": lambda: run_isr(raw, det, calibs, meta),  # new planes, as the chain
+        "isr": lambda: run_isr(raw, det, calibs, meta),  # new planes, as in the chain
         "copy": copy_new,
         "isr_resident": lambda: run_isr(raw, det, calibs, meta, out=reuse),
         "copy_resident": copy_touched,
@@ -222,10 +226,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=11)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="one detector, 2 repeats (for the test suite)")
+    ap.add_argument("--return-memory", action="store_true",
+                    help="as a worker with keep_memory: false (every new plane fresh pages), not the default keep")  # fmt: skip
     args = ap.parse_args(argv)
     repeat = 2 if args.quick else args.repeat
     dets = DETECTORS[:1] if args.quick else DETECTORS
-    return_large_frees()  # the worker's allocator setting: every image plane is new memory
+    return_large_frees()  # the worker's allocator settings (lsstpipe.runtime.worker.Worker)
+    kept = not args.return_memory and keep_freed_memory()
+    pages = "the worker's kept memory: pages touched before" if kept else "fresh pages"
     planes = _seven_planes()  # rendered once for the three loops
     stream, stream_new = stream7_gbps(planes, repeat)
     arith = arith7_gbps(planes, repeat)
@@ -247,20 +255,20 @@ def main(argv=None) -> dict:
         "stream7_gbps": stream, "stream7_fraction_of_copy_resident_bandwidth": stream / resident,
         "stream7_new_gbps": stream_new, "stream7_new_fraction_of_copy_bandwidth": stream_new / copy,
         "arith7_gbps": arith, "arith7_fraction_of_stream7": arith / stream,
-        "numba": numba.__version__, "numpy": np.__version__, "machine": platform.machine(),
+        "memory_kept": kept, "numba": numba.__version__, "numpy": np.__version__, "machine": platform.machine(),
         "processor": platform.processor(), "threads": numba.get_num_threads(),
     }  # fmt: skip
     print(f"numpy copy of 4k×4k float32 (read + write): {copy:.1f} GB/s into a new array (np.copy), {resident:.1f} GB/s "
           f"into touched memory (np.copyto); a bare one-pass loop with ISR's seven planes into touched memory: "
           f"{stream:.1f} GB/s = {stream / resident:.0%} of that copy (the ceiling of a fused ISR on this core), into "
-          f"new planes {stream_new:.1f} GB/s = {stream_new / copy:.0%} of np.copy (the ceiling there); the same "
+          f"new planes ({pages}) {stream_new:.1f} GB/s = {stream_new / copy:.0%} of np.copy (the ceiling there); the same "
           f"pass with all of ISR's per-pixel arithmetic (no crosstalk, contiguous planes): {arith:.1f} GB/s = "
           f"{arith / stream:.0%} of the bare loop (what ISR pays beyond it is its layout — 16 segments read, the CCD "
           f"assembled — crosstalk and the overscan levels)")  # fmt: skip
     for p in per:
         print(
             f"{p['detector']} ({p['vendor']}, {p['shape'][0]}×{p['shape'][1]}): run_isr {p['run_isr_seconds'] * 1e3:.1f} ms "
-            f"into new planes ({p['run_isr_resident_seconds'] * 1e3:.1f} into touched ones); fused pass "
+            f"into new planes ({pages}; {p['run_isr_resident_seconds'] * 1e3:.1f} into touched ones); fused pass "
             f"{p['fused_seconds'] * 1e3:.1f} ms with the overscan levels measured in it (a separate overscan pass: "
             f"{p['overscan_seconds'] * 1e3:.1f} ms) "
             f"(exact crosstalk {p['fused_exact_crosstalk_seconds'] * 1e3:.1f}; none "
@@ -272,8 +280,8 @@ def main(argv=None) -> dict:
             f"fused pass alone {p['fused_gbps'] / p['copy_resident_gbps']:.0%}); numpy ISR "
             f"{p['numpy_isr_seconds'] * 1e3:.0f} ms = {p['numpy_isr_seconds'] / p['run_isr_seconds']:.1f}× ours"
         )
-    print(f"ISR {isr_s * 1e3:.1f} ms per CCD: {fraction:.0%} of a plain numpy copy's bandwidth (both into new memory, "
-          f"timed in turn; target ≥ 80 %), {fraction_resident:.0%} with both into touched memory; {np_s / isr_s:.1f}× faster "
+    print(f"ISR {isr_s * 1e3:.1f} ms per CCD: {fraction:.0%} of a plain numpy copy's bandwidth (both into new arrays, "
+          f"{pages}, timed in turn; target ≥ 80 %), {fraction_resident:.0%} with both into touched memory; {np_s / isr_s:.1f}× faster "
           f"than numpy")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

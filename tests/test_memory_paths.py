@@ -153,3 +153,55 @@ def test_planes_reused_restores_the_allocator_when_the_block_raises():
     y = np.ones((2048, 4096), np.float32)
     del y  # a mapping again: unmapped when freed
     assert _rss_mb() - before < 8
+
+
+_KEEP_SCRIPT = """
+import json, resource, sys
+import numpy as np
+from lsstpipe.runtime.memory import keep_freed_memory, planes_reused, return_large_frees
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+return_large_frees()  # as a worker that keeps nothing starts; keep_freed_memory overrides it
+ok = keep_freed_memory()
+base = rss_mb()
+shape = (2048, 4096)  # 32 MB planes
+a = np.ones(shape, np.float32)
+del a
+rest = rss_mb()  # the freed plane stays resident
+with planes_reused() as inside:  # a worker's chain block: nothing changes, nothing given back
+    b = np.ones(shape, np.float32)
+    c = np.ones(shape, np.float32)  # beyond the kept memory: the heap grows
+    del b, c
+after = rss_mb()
+f0 = faults()
+d = np.ones(shape, np.float32)
+json.dump({"ok": ok, "inside": inside, "base": base, "rest": rest, "after": after, "refaults": faults() - f0},
+          sys.stdout)
+"""
+
+
+def test_keep_freed_memory_serves_the_next_ccd_from_the_last_ones_pages():
+    """After keep_freed_memory, a freed plane stays resident and is the memory of the next allocation (no page
+    faulted in again), planes_reused keeps that too, and the heap only grows to the largest working set.
+    In a process of its own: the setting lasts for the rest of the process."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not _glibc():
+        pytest.skip("glibc's allocator only")
+    proc = subprocess.run([sys.executable, "-c", _KEEP_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["ok"] and r["inside"], r
+    assert r["rest"] - r["base"] > 30, r  # the freed plane stays resident
+    assert 24 < r["after"] - r["rest"] < 40, r  # the block's first plane was it; its second grew the heap, kept too
+    assert r["refaults"] < 100, r  # vs ~8192 4-kB (or 16 2-MB) pages for a fresh 32 MB plane

@@ -79,6 +79,7 @@ BAD_CONFIGS = [
     ("worker: {calibs: bogus}\n", ["worker: calibs must be one of auto, db, truth", "not 'bogus'"]),
     ("worker: {fetch_timeout_s: .nan}\n", ["worker: fetch_timeout_s must be a number of seconds > 0, not nan"]),
     ("worker: {level1: 'no'}\n", ["worker: level1 must be true or false, not 'no'"]),
+    ("worker: {keep_memory: 1}\n", ["worker: keep_memory must be true or false, not 1"]),
     ("archive: {heartbeat_s: 0}\n", ["archive: heartbeat_s must be a number of seconds > 0, not 0"]),
     ("archive: {keep_rafts: 0}\n", ["archive: keep_rafts must be an integer ≥ 1, not 0"]),
     ("archive: {compress: 'yes'}\n", ["archive: compress must be true or false, not 'yes'"]),

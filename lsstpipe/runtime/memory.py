@@ -13,6 +13,13 @@ gigabyte of image planes, most of them the same size. :func:`planes_reused` serv
 the heap, where a plane freed by one stage is the memory of the next stage's plane, and gives everything
 free back to the system when the chain ends: the worker's memory at rest is what :func:`return_large_frees`
 leaves, its peak a little above the chain's own (``benchmarks/ccd_chain.py``).
+
+A worker that runs CCD after CCD can go further: :func:`keep_freed_memory` serves every allocation from the
+heap for the rest of the process and keeps what is freed there, so from its second CCD on the whole cycle
+(loading the inputs, the chain, writing the outputs) runs in pages it has already touched and none is
+faulted in again. On a full-size CCD that takes ~0.7 s off the chain on this project's VMs (~5.0 → ~4.3 s);
+the price is memory at rest: the cycle's high-water mark (~1.2 GB) stays resident between CCDs instead of
+~0.5 GB, while the peak stays where it was. It is the worker's default (``worker.keep_memory``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import ctypes.util
 import functools
 from collections.abc import Iterator
 
-__all__ = ["return_large_frees", "planes_reused"]
+__all__ = ["keep_freed_memory", "return_large_frees", "planes_reused"]
 
 # glibc's mallopt parameter numbers and defaults (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -31,6 +38,10 @@ _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
+_NO_TRIM = 2**31 - 1  # the largest value mallopt takes: no free top of the heap is ever that large
+
+_kept = False
+"""Whether :func:`keep_freed_memory` is in force (for the rest of the process)."""
 
 
 @functools.cache
@@ -57,6 +68,24 @@ def return_large_frees(threshold: int = 4 << 20) -> bool:
     return libc is not None and bool(libc[0](_M_MMAP_THRESHOLD, int(threshold)))
 
 
+def keep_freed_memory() -> bool:
+    """From now on, serve every allocation from the heap and keep freed memory there for the next ones.
+
+    For a process that runs one CCD after another (a worker rank): from the second CCD on, its planes,
+    its inputs' and its readers' buffers are the memory the previous CCD used and freed, already resident,
+    so no page is faulted in and zeroed again. The process's memory at rest stays at the high-water mark
+    of its heap. Returns False where the C library has no ``mallopt`` (not glibc): nothing is changed.
+    Inside it, :func:`planes_reused` changes nothing.
+    """
+    global _kept
+    libc = _libc()
+    if libc is None:
+        return False
+    mallopt = libc[0]
+    _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NO_TRIM))
+    return _kept
+
+
 @contextlib.contextmanager
 def planes_reused() -> Iterator[bool]:
     """Within the block, large allocations come from the heap and stay there when freed, for the next ones.
@@ -69,8 +98,8 @@ def planes_reused() -> Iterator[bool]:
     Not for blocks that run in parallel threads; the process-wide settings apply to every thread meanwhile.
     """
     libc = _libc()
-    if libc is None:
-        yield False
+    if libc is None or _kept:
+        yield _kept  # after keep_freed_memory every block is served so: nothing to set or give back
         return
     mallopt, trim = libc
     trim(0)
