@@ -80,7 +80,7 @@ class WorkerSettings:
     """Associate, store in the APDB and send alerts (False: the science chain only)."""
     keep_memory: bool = True
     """Keep the memory a CCD freed for the next CCD (:func:`lsstpipe.runtime.memory.keep_freed_memory`): no
-    page is faulted in again from the second CCD on (~0.7 s less per full-size CCD), and the rank holds its
+    page is faulted in again from the second CCD on (~0.27 s less per full-size CCD), and the rank holds its
     high-water mark (~1.2 GB for a full-size CCD) between CCDs. False: a CCD's free memory goes back to the
     system after its chain (~0.5 GB at rest), and each CCD pays for its pages again."""
 
