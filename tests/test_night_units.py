@@ -230,6 +230,34 @@ print(before, "lsstpipe.pipelines.ap" in sys.modules, "lsstpipe.pipelines.inputs
     assert run.stdout.split() == ["False", "True", "True", "False"]  # Level 1 only where the rank runs it
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_worker_applies_its_memory_setting_when_it_starts(tmp_path, keep):
+    """worker.keep_memory: the rank keeps freed memory for the next CCD (glibc), or gives it back."""
+    import platform
+
+    from lsstpipe.repo import Repository
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's allocator only")
+    Repository(tmp_path / "repo").create({"camera": "mini", "seed": 1})
+    code = f"""
+from pathlib import Path
+from lsstpipe.repo import Repository
+from lsstpipe.runtime import memory
+from lsstpipe.runtime.worker import Worker, WorkerSettings
+
+class Post:
+    rank = 1
+Worker(Post(), Repository(Path({str(tmp_path / "repo")!r})), Path({str(tmp_path / "out")!r}),
+       WorkerSettings(keep_memory={keep}), dmcs=1)
+with memory.planes_reused() as applied:
+    print(memory._kept, applied)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == [str(keep), "True"]  # kept for good, or set around each chain
+
+
 class _RecordingPost:
     """Rank 0's postman, keeping what it was asked to send."""
 
