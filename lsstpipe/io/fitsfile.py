@@ -26,34 +26,38 @@ def read_image(hdu, cut: tuple[slice, slice] | None = None, dtype=np.float32, ba
     order is held. Compressed HDUs and scaled ones (BSCALE/BZERO, BLANK) are read through astropy's
     ``section``, which gives the same values; an HDU whose data is in memory is cut from it.
     """
-    shape = hdu.shape if not isinstance(hdu, fits.CompImageHDU) else None
-    ny, nx = shape if shape is not None and len(shape) == 2 else (0, 0)
+
+    def through_astropy(pixels) -> np.ndarray:
+        return np.ascontiguousarray(pixels[cut] if cut is not None else pixels[...], dtype=dtype)
+
+    if isinstance(hdu, fits.CompImageHDU):
+        return through_astropy(hdu.section)  # only the tiles the cut covers
+    info = None if "data" in hdu.__dict__ else hdu.fileinfo()
+    path = getattr(info["file"], "name", None) if info else None
+    if path is None:
+        return through_astropy(hdu.data)  # already in memory, or not from a file
+    hdr = hdu.header
+    if (len(hdu.shape) != 2 or hdr.get("BSCALE", 1) != 1 or hdr.get("BZERO", 0) != 0 or "BLANK" in hdr
+            or hdr["BITPIX"] not in _BITPIX):  # fmt: skip
+        return through_astropy(hdu.section)  # astropy scales and blanks: the rows the cut covers
+    ny, nx = hdu.shape
     rows, cols = cut if cut is not None else (slice(None), slice(None))
     y0, y1, ystep = rows.indices(ny)
     x0, x1, xstep = cols.indices(nx)
-    hdr = hdu.header
-    info = None if isinstance(hdu, fits.CompImageHDU) or "data" in hdu.__dict__ else hdu.fileinfo()
-    plain = (shape is not None and len(shape) == 2 and ystep == 1 and xstep == 1 and hdr.get("BSCALE", 1) == 1
-             and hdr.get("BZERO", 0) == 0 and "BLANK" not in hdr and hdr["BITPIX"] in _BITPIX
-             and info is not None and getattr(info["file"], "name", None))  # fmt: skip
-    if not plain:
-        if not isinstance(hdu, fits.CompImageHDU) and (info is None or not getattr(info["file"], "name", None)):
-            pixels = hdu.data  # already in memory, or not from a file
-        else:
-            pixels = hdu.section  # only the rows (tiles) the cut covers
-        return np.ascontiguousarray(pixels[cut] if cut is not None else pixels[...], dtype=dtype)
+    if ystep != 1 or xstep != 1:
+        return through_astropy(hdu.section)
     out = np.empty((max(y1 - y0, 0), max(x1 - x0, 0)), dtype)
     if out.size == 0:
         return out
     word = np.dtype(_BITPIX[hdr["BITPIX"]])
     band = max(1, min(y1 - y0, band_bytes // (nx * word.itemsize)))
     buf = np.empty((band, nx), word)
-    with open(info["file"].name, "rb") as f:
+    with open(path, "rb") as f:
         for y in range(y0, y1, band):
             n = min(band, y1 - y)
             f.seek(info["datLoc"] + y * nx * word.itemsize)
             if f.readinto(memoryview(buf[:n]).cast("B")) != n * nx * word.itemsize:
-                raise OSError(f"{info['file'].name}: HDU {hdu.name or '?'} ends before row {y + n} of {ny} (truncated "
+                raise OSError(f"{path}: HDU {hdu.name or '?'} ends before row {y + n} of {ny} (truncated "
                               "file): write or copy it again")  # fmt: skip
             out[y - y0 : y - y0 + n] = buf[:n, x0:x1]
     return out
