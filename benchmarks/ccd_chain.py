@@ -106,10 +106,9 @@ def hwm_mb() -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from lsstpipe.runtime.memory import keep_freed_memory, planes_reused, return_large_frees
+    from lsstpipe.runtime.memory import planes_reused, worker_allocator
 
-    return_large_frees()  # as a worker rank does at start-up (lsstpipe.runtime.worker.Worker)
-    kept = not args.return_memory and keep_freed_memory()
+    kept = worker_allocator(keep=not args.return_memory)  # as a worker rank does at start-up
     camera, detector = QUICK if args.quick else FULL
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ccd_chain_"))
     try:

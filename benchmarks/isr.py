@@ -64,7 +64,7 @@ from kernels.overscan import overscan_levels  # noqa: E402
 from lsstpipe.camera import get_camera  # noqa: E402
 from lsstpipe.pipelines.exposure import MaskBit  # noqa: E402
 from lsstpipe.pipelines.isr import IsrCalibs, IsrConfig, amp_layout, bias_from_column_pattern, run_isr  # noqa: E402
-from lsstpipe.runtime.memory import keep_freed_memory, return_large_frees  # noqa: E402
+from lsstpipe.runtime.memory import worker_allocator  # noqa: E402
 from lsstpipe.sim import sky as skymod  # noqa: E402
 from lsstpipe.sim.exposure import render_exposure  # noqa: E402
 from lsstpipe.sim.instrument import make_signature  # noqa: E402
@@ -231,8 +231,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     repeat = 2 if args.quick else args.repeat
     dets = DETECTORS[:1] if args.quick else DETECTORS
-    return_large_frees()  # the worker's allocator settings (lsstpipe.runtime.worker.Worker)
-    kept = not args.return_memory and keep_freed_memory()
+    kept = worker_allocator(keep=not args.return_memory)  # the worker's allocator settings
     pages = "the worker's kept memory: pages touched before" if kept else "fresh pages"
     planes = _seven_planes()  # rendered once for the three loops
     stream, stream_new = stream7_gbps(planes, repeat)

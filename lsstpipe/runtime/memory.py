@@ -31,7 +31,7 @@ import ctypes.util
 import functools
 from collections.abc import Iterator
 
-__all__ = ["keep_freed_memory", "return_large_frees", "planes_reused"]
+__all__ = ["keep_freed_memory", "return_large_frees", "planes_reused", "worker_allocator"]
 
 # glibc's mallopt parameter numbers and defaults (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -85,6 +85,16 @@ def keep_freed_memory() -> bool:
     mallopt = libc[0]
     _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NO_TRIM))
     return _kept
+
+
+def worker_allocator(keep: bool) -> bool:
+    """A worker rank's allocator settings (``worker.keep_memory``), set once at its start: freed memory kept
+    for the next CCD (:func:`keep_freed_memory`) when ``keep``, else image planes unmapped when freed
+    (:func:`return_large_frees`; :func:`planes_reused` around each chain). Returns whether memory is kept."""
+    if keep and keep_freed_memory():
+        return True
+    return_large_frees()
+    return False
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from lsstpipe.archive.storage import RawImageCache
 from lsstpipe.camera.geometry import DetectorType
 from lsstpipe.repo import Repository, write_json
 from lsstpipe.runtime import focal_plane
-from lsstpipe.runtime.memory import keep_freed_memory, planes_reused, return_large_frees
+from lsstpipe.runtime.memory import planes_reused, worker_allocator
 from lsstpipe.runtime.messages import (
     CcdData,
     CcdRequest,
@@ -120,8 +120,7 @@ class Worker:
                  level1: Any = None, string: Any = None) -> None:  # fmt: skip
         from lsstpipe.camera import get_camera
 
-        if not (settings.keep_memory and keep_freed_memory()):  # a CCD's pages are the next CCD's
-            return_large_frees()  # or image planes unmapped when freed: the rank's memory at rest stays small
+        worker_allocator(settings.keep_memory)  # a CCD's pages are the next CCD's, or given back
         self.post, self.repo, self.out, self.settings, self.dmcs = postman, repo, out, settings, dmcs
         self.camera = get_camera(repo.read_config()["camera"])
         self.level1 = level1
